@@ -1,0 +1,106 @@
+"""The Analysis interface and the registry that finds analyses by name.
+
+An analysis is one class: it declares what it needs from the pass (`requires`), sees every batch once
+(`update`), keeps only bounded, mergeable state (`state_dict` / `merge`), and turns that state into a data-only
+report section (`finalize`). The pipeline owns the loop; adding an analysis is one module with `@register`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Type
+
+import torch
+
+from reportgen.config import ConfigError
+
+if TYPE_CHECKING:
+    from reportgen.capture import Captures
+    from reportgen.models import LoadedModel
+    from reportgen.report import Section
+
+ANALYSES: Dict[str, Type["Analysis"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an analysis selectable as `analysis=[..., name]`."""
+
+    def decorate(cls: Type["Analysis"]) -> Type["Analysis"]:
+        if name in ANALYSES:
+            raise ValueError(f"analysis '{name}' is registered twice ({ANALYSES[name]} and {cls})")
+        cls.name = name
+        ANALYSES[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_analysis(name: str) -> Type["Analysis"]:
+    """The analysis class registered as `name`; ConfigError listing the known names otherwise."""
+    if name not in ANALYSES:
+        raise ConfigError("analysis", name, "a registered analysis", sorted(ANALYSES))
+    return ANALYSES[name]
+
+
+@dataclass
+class Requirements:
+    """What an analysis needs captured during the pass. Names are qualified module names (`layer4.1.conv2`)."""
+
+    activations: List[str] = field(default_factory=list)  # outputs captured on every call of these modules
+    gradients: List[str] = field(default_factory=list)  # outputs made autograd leaves (d score / d activation)
+
+
+@dataclass
+class Batch:
+    """One batch as analyses see it."""
+
+    indices: torch.Tensor  # (B,) position of each image in the sorted file list
+    paths: List[str]  # (B,) paths relative to the dataset root, posix separators
+    images: torch.Tensor  # (B, 3, H, W) uint8 on the CPU: the resized, cropped input as a person would see it
+    inputs: torch.Tensor  # (B, 3, H, W) float, normalised, on the run device: what the model got
+    labels: torch.Tensor  # (B,) dataset class index per image on the run device, -1 when unlabelled
+
+
+@dataclass
+class RunContext:
+    """Facts about the run every analysis may read; filled by the pipeline before analyses are built."""
+
+    model: torch.nn.Module
+    loaded: "LoadedModel"
+    dataset_classes: List[str]  # folder class names, in label-index order (empty when unlabelled)
+    num_images: int  # images the scan found (before decode failures)
+    device: torch.device
+    results_dir: Path  # where an analysis may stream per-image rows (e.g. predictions.csv)
+    report: Any  # the ReportConfig node (thumbnail size, gallery size, ...)
+
+
+class Analysis:
+    """Base class. Subclasses set `Config` (a dataclass of their options) and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, cfg: Any, ctx: RunContext):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def requires(self) -> Requirements:
+        """Layers and signals this analysis needs from the pass (resolved names, checked by the capture engine)."""
+        return Requirements()
+
+    def begin(self, example: Batch) -> None:
+        """Called once with the first batch, before the loop (e.g. a one-image probe for shapes and FLOPs)."""
+
+    def update(self, batch: Batch, logits: torch.Tensor, captures: "Captures") -> None:
+        """Fold one batch into the state. Keep work on the device; move only small results to the CPU."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The mergeable state (tensors, arrays, plain Python) from which `finalize` can be computed."""
+        return {}
+
+    def merge(self, state: Dict[str, Any]) -> None:
+        """Fold another shard's `state_dict()` into this one; merging is exact and order-independent."""
+
+    def finalize(self) -> Optional["Section"]:
+        """Turn the state into a data-only report section (None: nothing to show)."""
+        return None

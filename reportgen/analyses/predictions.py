@@ -1,0 +1,267 @@
+"""`predictions`: top-k classes per image, and accuracy, per-class accuracy and confusion where folders are labels.
+
+Per-image rows stream to `results/predictions.csv` as batches arrive; everything kept in memory is bounded
+(counts, fixed-bin histograms, and a few galleries of at most `report.gallery_size` thumbnails).
+Folder names are matched to the model's class names (case, `_` and `-` ignored); accuracy counts only images whose
+folder matched a class, and the report says how many did.
+"""
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from reportgen import plots
+from reportgen.analyses.base import Analysis, Batch, RunContext, register
+from reportgen.reducers import BoundedTop, FixedHistogram
+from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
+from reportgen.thumbnails import thumbnail
+
+CONFIDENCE_EDGES = np.linspace(0.0, 1.0, 21)
+
+
+@dataclass
+class PredictionsConfig:
+    top_k: int = 5  # classes listed per image (and top-k accuracy)
+    low_confidence: float = 0.5  # top-1 probability under this is flagged as low confidence
+
+
+def normalise_class_name(name: str) -> str:
+    """'Golden_Retriever' and 'golden retriever' match; so do 'tench, Tinca tinca'-style first names."""
+    return re.sub(r"[\s_\-]+", " ", str(name).split(",")[0]).strip().lower()
+
+
+def match_labels(dataset_classes: List[str], model_classes: List[str]) -> np.ndarray:
+    """For each folder class, the model output index with the same normalised name, or -1."""
+    lookup: Dict[str, int] = {}
+    for index, name in enumerate(model_classes):
+        lookup.setdefault(normalise_class_name(name), index)
+    return np.array([lookup.get(normalise_class_name(c), -1) for c in dataset_classes], dtype=np.int64)
+
+
+def display_names(class_names: List[str], num_outputs: int) -> List[str]:
+    """One readable name per logit: the known names, then 'class i' for any output without one."""
+    return [class_names[i] if i < len(class_names) else f"class {i}" for i in range(num_outputs)]
+
+
+@register("predictions")
+class Predictions(Analysis):
+    Config = PredictionsConfig
+
+    def __init__(self, cfg: Any, ctx: RunContext):
+        super().__init__(cfg, ctx)
+        self.label_to_output = match_labels(ctx.dataset_classes, ctx.loaded.class_names)  # (n_folder_classes,)
+        self.num_outputs: Optional[int] = None
+        self.images = 0
+        self.nonfinite = 0
+        self.evaluated = 0  # labelled images whose folder matched a model class
+        self.correct_top1 = 0
+        self.correct_topk = 0
+        self.confusion: Optional[np.ndarray] = None  # (n_folder_classes, num_outputs) counts
+        self.hist_correct = FixedHistogram(CONFIDENCE_EDGES)
+        self.hist_wrong = FixedHistogram(CONFIDENCE_EDGES)
+        self.hist_unlabelled = FixedHistogram(CONFIDENCE_EDGES)
+        size = int(ctx.report.gallery_size)
+        self.first = BoundedTop(size)  # first images of the folder, by index
+        self.least_confident = BoundedTop(size)
+        self.confident_mistakes = BoundedTop(size)
+        self._csv_file = None
+        self._csv = None
+
+    def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+        logits = logits.detach().float()  # (B, K)
+        if self.num_outputs is None:
+            self.num_outputs = logits.shape[1]
+            self.confusion = np.zeros((len(self.ctx.dataset_classes), self.num_outputs), dtype=np.int64)
+        finite = torch.isfinite(logits).all(dim=1)  # (B,)
+        probs = torch.softmax(logits, dim=1)  # (B, K)
+        k = min(int(self.cfg.top_k), self.num_outputs)
+        top_probs, top_idx = probs.topk(k, dim=1)  # (B, k)
+        mapping = torch.as_tensor(self.label_to_output, device=logits.device)
+        labels = batch.labels
+        target = torch.full_like(labels, -1)
+        labelled = labels >= 0
+        if mapping.numel():
+            target[labelled] = mapping[labels[labelled]]
+        # one device->host copy for the whole batch
+        top_probs, top_idx, target, labels, finite = (t.cpu().numpy() for t in (top_probs, top_idx, target, labels,
+                                                                                 finite))
+        indices = batch.indices.cpu().numpy()
+        self.images += len(indices)
+        self.nonfinite += int((~finite).sum())
+        evaluated = target >= 0
+        hit1 = evaluated & (top_idx[:, 0] == target)
+        hitk = evaluated & (top_idx == target[:, None]).any(axis=1)
+        self.evaluated += int(evaluated.sum())
+        self.correct_top1 += int(hit1.sum())
+        self.correct_topk += int(hitk.sum())
+        for label, pred in zip(labels[labels >= 0], top_idx[labels >= 0, 0]):
+            self.confusion[label, pred] += 1
+        self.hist_correct.add(top_probs[hit1, 0])
+        self.hist_wrong.add(top_probs[evaluated & ~hit1, 0])
+        self.hist_unlabelled.add(top_probs[~evaluated, 0])
+        self._write_rows(batch, indices, labels, top_idx, top_probs)
+        for row, index in enumerate(indices):
+            p1 = float(top_probs[row, 0])
+            candidates = [(self.first, -float(index)), (self.least_confident, -p1 if np.isfinite(p1) else 1.0)]
+            if evaluated[row] and not hit1[row]:
+                candidates.append((self.confident_mistakes, p1))
+            wanted = [(heap, score) for heap, score in candidates if heap.accepts(score, int(index))]
+            if not wanted:
+                continue
+            item = {
+                "index": int(index), "path": batch.paths[row], "label": int(labels[row]),
+                "target": int(target[row]), "top_idx": top_idx[row].tolist(), "top_probs": top_probs[row].tolist(),
+                "thumb": thumbnail(batch.images[row], int(self.ctx.report.thumbnail_size)),
+            }
+            for heap, score in wanted:
+                heap.push(score, int(index), item)
+
+    def _write_rows(self, batch: Batch, indices, labels, top_idx, top_probs) -> None:
+        names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)
+        if self._csv is None:
+            self._csv_file = open(self.ctx.results_dir / "predictions.csv", "w", newline="", encoding="utf-8")
+            self._csv = csv.writer(self._csv_file)
+            self._csv.writerow(["path", "label", "top1_index", "top1_name", "top1_prob", "topk_indices",
+                                "topk_names", "topk_probs"])
+        for row in range(len(indices)):
+            label = self.ctx.dataset_classes[labels[row]] if labels[row] >= 0 else ""
+            self._csv.writerow([
+                batch.paths[row], label, int(top_idx[row, 0]), names[top_idx[row, 0]], f"{top_probs[row, 0]:.6f}",
+                " ".join(str(int(i)) for i in top_idx[row]), "|".join(names[i] for i in top_idx[row]),
+                " ".join(f"{p:.6f}" for p in top_probs[row]),
+            ])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "num_outputs": self.num_outputs, "images": self.images, "nonfinite": self.nonfinite,
+            "evaluated": self.evaluated, "correct_top1": self.correct_top1, "correct_topk": self.correct_topk,
+            "confusion": self.confusion, "hist_correct": self.hist_correct, "hist_wrong": self.hist_wrong,
+            "hist_unlabelled": self.hist_unlabelled, "first": self.first, "least_confident": self.least_confident,
+            "confident_mistakes": self.confident_mistakes,
+        }
+
+    def merge(self, state: Dict[str, Any]) -> None:
+        if state["num_outputs"] is None:
+            return
+        if self.num_outputs is None:
+            self.num_outputs = state["num_outputs"]
+            self.confusion = np.zeros_like(state["confusion"])
+        for key in ("images", "nonfinite", "evaluated", "correct_top1", "correct_topk"):
+            setattr(self, key, getattr(self, key) + state[key])
+        self.confusion += state["confusion"]
+        for key in ("hist_correct", "hist_wrong", "hist_unlabelled", "first", "least_confident",
+                    "confident_mistakes"):
+            getattr(self, key).merge(state[key])
+
+    def finalize(self) -> Optional[Section]:
+        if self._csv_file is not None:
+            self._csv_file.close()
+        section = Section(id="predictions", title="Predictions")
+        if not self.images:
+            section.elements.append(Text("No image was processed, so there are no predictions."))
+            return section
+        names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)
+        dpi = int(self.ctx.report.figure_dpi)
+        k = min(int(self.cfg.top_k), self.num_outputs or 0)
+        facts: List[Any] = [("images", self.images), ("model outputs", self.num_outputs)]
+        low = int(self.hist_correct.counts[: self._low_bin()].sum() + self.hist_wrong.counts[: self._low_bin()].sum()
+                  + self.hist_unlabelled.counts[: self._low_bin()].sum())
+        if self.evaluated:
+            facts += [("top-1 accuracy", f"{self.correct_top1 / self.evaluated:.1%} ({self.correct_top1}/"
+                                         f"{self.evaluated})"),
+                      (f"top-{k} accuracy", f"{self.correct_topk / self.evaluated:.1%}")]
+        facts.append((f"top-1 probability < {self.cfg.low_confidence:g}", f"{low} images"))
+        section.elements.append(KeyValues(facts))
+        section.summary = (f"top-1 accuracy {self.correct_top1 / self.evaluated:.1%} on {self.evaluated} labelled "
+                           f"images" if self.evaluated else f"{self.images} images, no matching labels")
+        self._label_notes(section)
+        if self.nonfinite:
+            section.alerts.append(Alert("error", f"{self.nonfinite} images produced NaN or Inf logits; their "
+                                                 f"predictions are meaningless"))
+        if low:
+            section.alerts.append(Alert("info", f"{low} of {self.images} images have top-1 probability under "
+                                                f"{self.cfg.low_confidence:g} (see 'Least confident')"))
+        if self.evaluated:
+            self._accuracy_elements(section, names, dpi)
+        section.elements.append(plots.stacked_histogram(
+            [self.hist_correct.counts, self.hist_wrong.counts, self.hist_unlabelled.counts], CONFIDENCE_EDGES,
+            ["correct", "wrong", "no label"], name="confidence", xlabel="top-1 probability",
+            caption="Top-1 probability over the folder", dpi=dpi))
+        section.elements.append(self._gallery("First images", self.first, names,
+                                               "the first images of the sorted folder"))
+        section.elements.append(self._gallery("Least confident", self.least_confident, names,
+                                              "lowest top-1 probability first"))
+        if self.evaluated:
+            section.elements.append(self._gallery("Most confident mistakes", self.confident_mistakes, names,
+                                                  "wrong top-1 with the highest probability first"))
+        return section
+
+    def _low_bin(self) -> int:
+        return int(np.searchsorted(CONFIDENCE_EDGES, float(self.cfg.low_confidence), side="left"))
+
+    def _label_notes(self, section: Section) -> None:
+        classes = self.ctx.dataset_classes
+        if not classes:
+            section.elements.append(Text("The folder has no class subfolders, so there is no accuracy."))
+            return
+        unmatched = [c for c, m in zip(classes, self.label_to_output) if m < 0]
+        if len(unmatched) == len(classes):
+            section.alerts.append(Alert("warning", "No folder name matches a model class name, so accuracy is not "
+                                                   "computed (set model.labels_file to name the model's classes)",
+                                        details=unmatched))
+        elif unmatched:
+            section.alerts.append(Alert("info", f"{len(unmatched)} of {len(classes)} folder classes match no model "
+                                                f"class; their images are left out of accuracy", details=unmatched))
+
+    def _accuracy_elements(self, section: Section, names: List[str], dpi: int) -> None:
+        classes = self.ctx.dataset_classes
+        rows = []
+        per_class = []
+        for i, name in enumerate(classes):
+            target = int(self.label_to_output[i])
+            total = int(self.confusion[i].sum())
+            if target < 0 or total == 0:
+                continue
+            correct = int(self.confusion[i, target])
+            wrong = self.confusion[i].copy()
+            wrong[target] = 0
+            confused = f"{names[int(wrong.argmax())]} ({int(wrong.max())})" if wrong.max() > 0 else ""
+            rows.append([name, total, correct, round(correct / total, 4), confused])
+            per_class.append((name, correct / total))
+        section.elements.append(Table(["class", "images", "correct", "accuracy", "most often predicted instead"],
+                                      rows, caption="Per-class top-1 accuracy"))
+        section.elements.append(plots.horizontal_bars([a for _, a in per_class], [n for n, _ in per_class],
+                                                      name="per_class_accuracy", xlabel="top-1 accuracy",
+                                                      xlim=(0, 1), dpi=dpi, highlight_below=0.5,
+                                                      caption="Per-class accuracy (red: under 50%)"))
+        matched = [i for i, m in enumerate(self.label_to_output) if m >= 0]
+        columns = [int(self.label_to_output[i]) for i in matched]
+        others = np.delete(self.confusion[matched], columns, axis=1).sum(axis=1, keepdims=True)
+        matrix = np.concatenate([self.confusion[matched][:, columns], others], axis=1)
+        col_labels = [names[c] for c in columns] + (["other"] if others.any() else [])
+        if not others.any():
+            matrix = matrix[:, :-1]
+        section.elements.append(plots.confusion_matrix(matrix, [classes[i] for i in matched], col_labels,
+                                                       name="confusion", dpi=dpi,
+                                                       caption="Confusion matrix (rows: folder class; 'other': "
+                                                               "any model class without a folder)"))
+
+    def _gallery(self, title: str, heap: BoundedTop, names: List[str], note: str) -> Gallery:
+        items = []
+        order = heap.items()
+        if heap is self.first:
+            order = sorted(order, key=lambda e: e[1])
+        for _, _, item in order:
+            lines = [f"{names[i]} {p:.1%}" for i, p in zip(item["top_idx"], item["top_probs"])]
+            status = "neutral"
+            if item["target"] >= 0:
+                status = "ok" if item["top_idx"][0] == item["target"] else "bad"
+            if item["label"] >= 0:
+                lines.insert(0, f"label: {self.ctx.dataset_classes[item['label']]}")
+            items.append(GalleryItem(image=item["thumb"], title=item["path"], lines=lines, status=status))
+        return Gallery(title=title, items=items, note=note)

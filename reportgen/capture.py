@@ -1,0 +1,158 @@
+"""The hook engine: one set of forward hooks for the union of what all analyses asked for.
+
+Used as a context manager around the whole pass. On entry it checks every requested layer name, puts the model in
+eval mode and (when gradients are wanted) freezes the parameters; on exit, on every path including exceptions, it
+removes every hook and restores the mode and each parameter's `requires_grad`.
+
+Gradients cheaply (see shared/DESIGN.md): a hooked layer whose gradient is wanted returns
+`output.detach().requires_grad_()`, so autograd records only the part of the network after it, and
+`torch.autograd.grad(score, captures[layer])` differentiates just that head.
+"""
+from __future__ import annotations
+
+import difflib
+from collections import defaultdict
+from dataclasses import dataclass, field, is_dataclass, fields
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from reportgen.config import ConfigError
+
+
+@dataclass
+class Captures:
+    """Tensors captured during one batch, keyed by call: `layer4` for the first call, `layer4#2` for the second."""
+
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: Dict[str, str] = field(default_factory=dict)  # key -> why the capture is partial (tuple output, ...)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def calls(self, layer: str) -> List[str]:
+        """Every key captured for `layer`, in call order."""
+        return [k for k in self.tensors if k == layer or k.startswith(layer + "#")]
+
+
+def call_key(layer: str, call: int) -> str:
+    """Key of the n-th (1-based) call of a layer within a batch."""
+    return layer if call == 1 else f"{layer}#{call}"
+
+
+def primary_tensor(output: Any) -> Optional[torch.Tensor]:
+    """The tensor an analysis means by "the output": the output itself, or the first tensor inside a
+    tuple/list/dict/dataclass output (e.g. nn.MultiheadAttention returns (out, weights))."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        items: Iterable[Any] = output
+    elif isinstance(output, dict):
+        items = output.values()
+    elif is_dataclass(output):
+        items = (getattr(output, f.name) for f in fields(output))
+    else:
+        return None
+    for item in items:
+        tensor = primary_tensor(item)
+        if tensor is not None:
+            return tensor
+    return None
+
+
+def resolve_layer_names(model: nn.Module, names: Iterable[str], key: str = "analysis layers") -> List[str]:
+    """Check that every name is a qualified module name of `model`; ConfigError with close matches otherwise."""
+    modules = dict(model.named_modules())
+    resolved = []
+    for name in names:
+        if name not in modules:
+            raise ConfigError(key, name, "a module name of the model", sorted(n for n in modules if n))
+        resolved.append(name)
+    return resolved
+
+
+class CaptureEngine:
+    """Context manager owning every hook of the pass; `captures` holds the current batch's tensors."""
+
+    def __init__(self, model: nn.Module, activations: Iterable[str] = (), gradients: Iterable[str] = ()):
+        self.model = model
+        self.activations = sorted(set(activations))
+        self.gradients = sorted(set(gradients))
+        self.captures = Captures()
+        self._handles: List[Any] = []
+        self._calls: Dict[str, int] = defaultdict(int)
+        self._was_training = model.training
+        self._requires_grad: Dict[str, bool] = {}
+
+    @property
+    def needs_grad(self) -> bool:
+        return bool(self.gradients)
+
+    def __enter__(self) -> "CaptureEngine":
+        wanted = resolve_layer_names(self.model, self.activations + self.gradients)
+        modules = dict(self.model.named_modules())
+        try:
+            self.model.eval()
+            if self.needs_grad:
+                for name, param in self.model.named_parameters():
+                    self._requires_grad[name] = param.requires_grad
+                    param.requires_grad_(False)
+            for name in sorted(set(wanted)):
+                hook = self._make_hook(name, as_leaf=name in self.gradients)
+                self._handles.append(modules[name].register_forward_hook(hook))
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        params = dict(self.model.named_parameters())
+        for name, flag in self._requires_grad.items():
+            params[name].requires_grad_(flag)
+        self._requires_grad.clear()
+        self.model.train(self._was_training)
+
+    def start_batch(self) -> Captures:
+        """Forget the previous batch's tensors (so memory stays bounded) and reset call counters."""
+        self.captures = Captures()
+        self._calls.clear()
+        return self.captures
+
+    def _make_hook(self, name: str, as_leaf: bool):
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            self._calls[name] += 1
+            key = call_key(name, self._calls[name])
+            tensor = primary_tensor(output)
+            if tensor is None:
+                self.captures.notes[key] = f"output of type {type(output).__name__} holds no tensor"
+                return None
+            if not isinstance(output, torch.Tensor):
+                self.captures.notes[key] = f"first tensor of a {type(output).__name__} output"
+            if as_leaf and isinstance(output, torch.Tensor) and torch.is_grad_enabled():
+                leaf = output.detach().requires_grad_()  # gradients flow from here to the score only
+                self.captures.tensors[key] = leaf
+                return leaf
+            # clone: a later in-place op (e.g. ReLU(inplace=True)) must not overwrite what was captured
+            self.captures.tensors[key] = tensor.detach().clone()
+            return None
+
+        return hook
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Hooks currently registered on any module of `model` (tests assert this returns to zero)."""
+    total = 0
+    for module in model.modules():
+        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        total += len(module._backward_hooks) + len(getattr(module, "_backward_pre_hooks", {}))
+    return total

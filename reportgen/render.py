@@ -1,0 +1,127 @@
+"""The one place that knows Jinja2: turns a data-only Page into `report/index.html` plus `report/assets/`.
+
+Figures and thumbnails are written as files (small JPEG/PNG) and referenced by relative paths, so the page stays
+light and loads lazily. The folder is built under a temporary name and renamed at the end, so a killed run never
+leaves a report that looks complete. Autoescape is on for every template: file names, labels and config values are
+always text, never markup.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from PIL import Image
+
+from reportgen.report import Figure, Gallery, Page, Table
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+IMAGE_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
+
+
+def environment() -> Environment:
+    return Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
+                       trim_blocks=True, lstrip_blocks=True)
+
+
+def render_report(page: Page, report_dir: Path, image_format: str = "jpeg") -> Path:
+    """Write the page and its assets into `report_dir` (atomically replacing it); returns index.html's path."""
+    report_dir = Path(report_dir)
+    partial = report_dir.with_name(report_dir.name + f".partial-{os.getpid()}")
+    if partial.exists():
+        shutil.rmtree(partial)
+    (partial / "assets").mkdir(parents=True)
+    writer = _AssetWriter(partial / "assets", image_format)
+    for section in page.sections:
+        section.elements = [_view(element, section.id, writer) for element in section.elements]
+    html = environment().get_template("base.html").render(page=page)
+    (partial / "index.html").write_text(html, encoding="utf-8")
+    if report_dir.exists():
+        shutil.rmtree(report_dir)
+    os.replace(partial, report_dir)
+    return report_dir / "index.html"
+
+
+class _AssetWriter:
+    """Names and writes asset files; names come from section ids and counters, never from user strings."""
+
+    def __init__(self, folder: Path, image_format: str):
+        self.folder = folder
+        self.image_format = image_format if image_format in IMAGE_SUFFIX else "jpeg"
+        self.counter = 0
+
+    def write(self, stem: str, data: bytes, suffix: str) -> str:
+        self.counter += 1
+        name = f"{_slug(stem)}-{self.counter}{suffix}"
+        (self.folder / name).write_bytes(data)
+        return f"assets/{name}"
+
+    def write_image(self, stem: str, image: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        pil = Image.fromarray(np.ascontiguousarray(image))
+        if self.image_format == "jpeg":
+            pil.save(buffer, format="JPEG", quality=85)
+        else:
+            pil.save(buffer, format=self.image_format.upper())
+        return self.write(stem, buffer.getvalue(), IMAGE_SUFFIX[self.image_format])
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "asset"
+
+
+def _view(element: Any, section_id: str, writer: _AssetWriter) -> Any:
+    """The template-facing form of an element: assets written, cells formatted."""
+    if isinstance(element, Figure):
+        src = writer.write(f"{section_id}-{element.name}", element.data, "." + element.format)
+        return _Obj(kind="figure", src=src, caption=element.caption, width=element.width, height=element.height)
+    if isinstance(element, Gallery):
+        items = []
+        for item in element.items:
+            src = writer.write_image(f"{section_id}-img", item.image)
+            items.append(_Obj(src=src, title=item.title, lines=list(item.lines), status=item.status,
+                              width=item.image.shape[1], height=item.image.shape[0]))
+        return _Obj(kind="gallery", title=element.title, note=element.note, items=items)
+    if isinstance(element, Table):
+        return _table_view(element, f"{section_id}-table-{id(element) % 100000}")
+    return element
+
+
+def _table_view(table: Table, table_id: str) -> "_Obj":
+    rows = table.rows
+    cut = 0
+    if table.max_rows is not None and len(rows) > table.max_rows:
+        cut = len(rows) - table.max_rows
+        rows = rows[: table.max_rows]
+    keep = [i for i in range(len(table.columns)) if i != table.indent]
+    shown_rows = []
+    for row in rows:
+        depth = int(row[table.indent]) if table.indent is not None else 0
+        shown_rows.append(_Obj(depth=depth, cells=[_cell(row[i]) for i in keep]))
+    max_depth = max((r.depth for r in shown_rows), default=1)
+    return _Obj(kind="table", id=table_id, caption=table.caption, collapsed=table.collapsed, indent=table.indent,
+                shown_columns=[table.columns[i] for i in keep], shown_rows=shown_rows, cut=cut, csv=table.csv,
+                max_depth=max(1, max_depth), default_depth=max(1, max_depth))
+
+
+def _cell(value: Any) -> "_Obj":
+    if isinstance(value, bool) or value is None:
+        return _Obj(text="" if value is None else str(value), value="" if value is None else str(value), numeric=False)
+    if isinstance(value, (int, np.integer)):
+        return _Obj(text=f"{int(value):,}", value=int(value), numeric=True)
+    if isinstance(value, (float, np.floating)):
+        text = f"{value:.4g}" if np.isfinite(value) else str(value)
+        return _Obj(text=text, value=float(value), numeric=True)
+    return _Obj(text=str(value), value=str(value), numeric=False)
+
+
+class _Obj:
+    """Attribute bag for templates."""
+
+    def __init__(self, **kwargs: Any):
+        self.__dict__.update(kwargs)

@@ -1,0 +1,112 @@
+"""Data-only report elements: what a section says, with no HTML in it.
+
+Analyses build these from numbers and arrays; `render.py` alone turns them into files and HTML. Every element has a
+`kind` that names its template in `templates/elements/<kind>.html`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+@dataclass
+class Alert:
+    """Something a reader must not miss; shown in the alerts block at the top and in its section."""
+
+    level: str  # error | warning | info
+    message: str
+    details: List[str] = field(default_factory=list)  # e.g. the failed file names (the page collapses long lists)
+    kind: str = "alert"
+
+
+@dataclass
+class KeyValues:
+    """A short list of facts (label -> value)."""
+
+    items: List[Tuple[str, Any]]
+    kind: str = "keyvalues"
+
+
+@dataclass
+class Text:
+    """A paragraph of plain text (escaped; no markup)."""
+
+    text: str
+    kind: str = "text"
+
+
+@dataclass
+class Table:
+    """Rows of cells under column headers; sortable by clicking a header. `indent` (a column index) indents the
+    first column by that column's integer value, for module trees."""
+
+    columns: List[str]
+    rows: List[List[Any]]
+    caption: str = ""
+    max_rows: Optional[int] = None  # rows beyond this are cut, with a note pointing to `csv`
+    csv: Optional[str] = None  # name of the results file with every row, e.g. "summary.csv"
+    indent: Optional[int] = None  # column holding a depth; that column is hidden, the first column indented
+    collapsed: bool = False  # start folded (<details>)
+    kind: str = "table"
+
+
+@dataclass
+class Figure:
+    """A rendered figure (PNG or SVG bytes) with a caption."""
+
+    data: bytes
+    name: str  # file stem in assets/, unique within the section
+    caption: str = ""
+    format: str = "png"  # png | svg
+    width: int = 0  # pixels, so the page can reserve space before the image loads
+    height: int = 0
+    kind: str = "figure"
+
+
+@dataclass
+class GalleryItem:
+    """One thumbnail with its caption lines; `status` colours the frame (ok | bad | neutral)."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    title: str
+    lines: Sequence[str] = ()
+    status: str = "neutral"
+
+
+@dataclass
+class Gallery:
+    """A bounded grid of thumbnails; a click opens the image full-size."""
+
+    title: str
+    items: List[GalleryItem]
+    note: str = ""
+    kind: str = "gallery"
+
+
+@dataclass
+class Section:
+    """One analysis's part of the report."""
+
+    id: str  # anchor, unique in the page
+    title: str
+    elements: List[Any] = field(default_factory=list)
+    alerts: List[Alert] = field(default_factory=list)
+    summary: str = ""  # one line under the title
+
+
+@dataclass
+class Page:
+    """The whole report: overview facts first, then every alert, then one section per analysis."""
+
+    title: str
+    subtitle: str
+    overview: KeyValues
+    versions: KeyValues
+    command: str  # the command line that reproduces the run
+    generated: str  # timestamp
+    version: str  # reportgen version
+    banners: List[str] = field(default_factory=list)  # unmissable warnings (e.g. random weights)
+    alerts: List[Alert] = field(default_factory=list)
+    sections: List[Section] = field(default_factory=list)

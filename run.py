@@ -1,0 +1,38 @@
+"""Entry point: compose the Hydra config, run the pipeline, print the report path.
+
+    python run.py                                   # the offline demo
+    python run.py model=resnet50 dataset.root=DIR   # a torchvision model on your folder
+    python run.py -m model=resnet18,convnext_tiny   # a sweep: one report per model
+"""
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from reportgen.config import ConfigError, check_cli_overrides, register_configs
+
+register_configs()
+log = logging.getLogger("reportgen")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from reportgen.models import ModelLoadError
+    from reportgen.pipeline import RunError, run
+
+    try:
+        index = run(cfg)
+    except (ConfigError, ModelLoadError, RunError) as exc:
+        log.error("%s", exc)
+        sys.exit(1)
+    print(f"report: {index}")
+
+
+if __name__ == "__main__":
+    try:
+        check_cli_overrides([a for a in sys.argv[1:] if "=" in a and not a.startswith("-")])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    main()
