@@ -10,7 +10,6 @@ Gradients cheaply (see shared/DESIGN.md): a hooked layer whose gradient is wante
 """
 from __future__ import annotations
 
-import difflib
 from collections import defaultdict
 from dataclasses import dataclass, field, is_dataclass, fields
 from typing import Any, Dict, Iterable, List, Optional

@@ -120,7 +120,8 @@ class ImageFolderDataset(Dataset):
             image = self.preprocess.to_uint8(decode_image(self.scan.root / rel))  # (3, H, W) uint8
             return {"index": index, "image": image, "error": None}
         except Exception as exc:  # any decoder error (truncated, not an image, bomb, ...) is a per-file failure
-            return {"index": index, "image": None, "error": f"{type(exc).__name__}: {exc}"}
+            reason = f"{type(exc).__name__}: {exc}".replace(str(self.scan.root / rel), rel)  # no machine paths
+            return {"index": index, "image": None, "error": reason}
 
 
 @dataclass

@@ -16,10 +16,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm import tqdm
 
-import reportgen
 from reportgen.analyses import Analysis, Batch, RunContext, get_analysis
 from reportgen.capture import CaptureEngine, primary_tensor
 from reportgen.config import Precision, to_container

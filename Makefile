@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:  make demo  (report of the offline demo)   make test  (the test suite)
+# Both create .venv and install everything first. Override the torch pins for other machines, e.g.
+#   make test TORCH_SPEC="torch torchvision"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup system-deps demo test clean-outputs
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+# graphviz (dot) for graph diagrams and Chromium for browser tests; installed with apt-get where we are root.
+system-deps:
+	@if command -v dot >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q graphviz chromium; \
+	else echo "note: install graphviz (dot) and chromium with your package manager for graph diagrams and browser tests"; fi
+
+setup: system-deps $(VENV)/.installed
+
+demo: setup
+	$(PY) run.py
+
+test: setup
+	$(PY) -m pytest -q
+
+clean-outputs:
+	rm -rf outputs/*/ outputs/multirun

@@ -1,0 +1,107 @@
+"""The hook engine: captures equal a plain forward hook's, per call, safe from in-place ops; hooks never leak."""
+import pytest
+import torch
+
+from reportgen.capture import CaptureEngine, count_hooks, primary_tensor
+from reportgen.config import ConfigError
+from tests.tiny_models import ExplodingNet, TinyNet
+
+
+def plain_hook_outputs(model, x, names):
+    """Reference: plain forward hooks that clone every output of the named modules, in call order."""
+    seen = {n: [] for n in names}
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: seen[n].append(o.detach().clone()))
+               for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_captures_equal_plain_hooks_per_call_and_survive_inplace_relu():
+    model = TinyNet().eval()
+    x = torch.rand(2, 3, 5, 5)
+    reference = plain_hook_outputs(model, x, ["conv", "shared", "fc"])
+    with CaptureEngine(model, activations=["conv", "shared", "fc"]) as engine:
+        captures = engine.start_batch()
+        with torch.inference_mode():
+            model(x)
+    assert captures.calls("shared") == ["shared", "shared#2"]
+    assert torch.equal(captures["shared"], reference["shared"][0])
+    assert torch.equal(captures["shared#2"], reference["shared"][1])
+    assert torch.equal(captures["fc"], reference["fc"][0])
+    # conv's output is overwritten in place by ReLU(inplace=True) right after; the capture keeps the pre-ReLU values
+    pre_relu = torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias)
+    assert (pre_relu < 0).any(), "the test input must produce negative pre-activations"
+    assert torch.equal(captures["conv"], pre_relu)
+    assert count_hooks(model) == 0
+
+
+def test_start_batch_resets_call_counts():
+    model = TinyNet().eval()
+    with CaptureEngine(model, activations=["shared"]) as engine:
+        for _ in range(2):
+            captures = engine.start_batch()
+            with torch.inference_mode():
+                model(torch.rand(1, 3, 4, 4))
+            assert sorted(captures.tensors) == ["shared", "shared#2"]
+
+
+def test_gradient_leaf_matches_full_backward():
+    model = TinyNet().eval()
+    x = torch.rand(3, 3, 4, 4)
+    # reference: full autograd through everything, gradient of the summed class-0 score w.r.t. fc's input activation
+    activation = {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        activation["pool"] = output
+
+    handle = model.pool.register_forward_hook(keep)
+    model(x)[:, 0].sum().backward()
+    handle.remove()
+    expected = activation["pool"].grad.clone()
+    model.zero_grad()
+    with CaptureEngine(model, gradients=["pool"]) as engine:
+        captures = engine.start_batch()
+        with torch.enable_grad():
+            logits = model(x)
+            (grad,) = torch.autograd.grad(logits[:, 0].sum(), captures["pool"])
+        assert all(not p.requires_grad for p in model.parameters()), "parameters are frozen during the pass"
+    assert torch.allclose(grad, expected, atol=1e-7)
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad restored"
+    assert count_hooks(model) == 0
+
+
+def test_hooks_removed_and_mode_restored_after_exception_in_forward():
+    model = ExplodingNet()
+    model.train()
+    blue = torch.zeros(1, 3, 4, 4)
+    blue[:, 2] = 1.0
+    with pytest.raises(ValueError, match="boom"):
+        with CaptureEngine(model, activations=["conv"], gradients=["pool"]) as engine:
+            engine.start_batch()
+            assert not model.training
+            with torch.enable_grad():
+                model(blue)
+    assert count_hooks(model) == 0
+    assert model.training, "train mode restored"
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_unknown_layer_name_fails_before_any_hook_with_close_match():
+    model = TinyNet()
+    with pytest.raises(ConfigError) as info:
+        with CaptureEngine(model, activations=["sharde"]):
+            pass
+    assert "Did you mean 'shared'" in str(info.value)
+    assert count_hooks(model) == 0
+
+
+def test_primary_tensor_of_nested_outputs():
+    a, b = torch.ones(1), torch.zeros(1)
+    assert primary_tensor((None, [a, b])) is a
+    assert primary_tensor({"logits": b, "aux": a}) is b
+    assert primary_tensor("text") is None

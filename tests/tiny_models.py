@@ -1,0 +1,72 @@
+"""Tiny models with hand-set weights, so expected numbers are exact. Importable as `tests.tiny_models.<factory>`
+from a Hydra `_target_`, which is how the end-to-end tests load them."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+LAST_BUILT: dict = {}  # factory name -> the module it returned most recently (tests inspect hooks on it)
+
+
+class TinyNet(nn.Module):
+    """(B, 3, H, W) -> (B, 3) logits. `shared` is called twice (a reused module); `act` is an in-place ReLU that
+    runs right after `conv`, whose captured output must not be overwritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, kernel_size=1, bias=True)
+        self.act = nn.ReLU(inplace=True)
+        self.shared = nn.Conv2d(2, 2, kernel_size=1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2, 3)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0]]).view(2, 3, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.0, 0.5]))
+            self.shared.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]).view(2, 2, 1, 1))
+            self.fc.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]]))
+            self.fc.bias.copy_(torch.tensor([0.0, 0.0, 0.25]))
+        self.class_names = ["red", "green", "blue"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv(x))  # (B, 2, H, W)
+        x = self.shared(self.shared(x))  # (B, 2, H, W), the same module twice
+        return self.fc(self.pool(x).flatten(1))  # (B, 3)
+
+
+class TiedNet(nn.Module):
+    """Two Linear layers sharing one weight tensor (tied weights are counted once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.enc = nn.Linear(12, 12)
+        self.dec = nn.Linear(12, 12)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dec(self.enc(self.pool(x).flatten(1))))
+
+
+class ExplodingNet(TinyNet):
+    """Raises inside forward when the batch holds a blue-dominant image, after hooks have run on earlier layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.conv(x))
+        if (x[:, 2].mean(dim=(1, 2)) > 0.5).any():
+            raise ValueError("boom: blue image")
+        return self.fc(self.pool(out).flatten(1))
+
+
+def tiny_net() -> TinyNet:
+    LAST_BUILT["tiny_net"] = TinyNet().eval()
+    return LAST_BUILT["tiny_net"]
+
+
+def exploding_net() -> ExplodingNet:
+    LAST_BUILT["exploding_net"] = ExplodingNet().eval()
+    return LAST_BUILT["exploding_net"]
+
+
+def not_a_module() -> str:
+    return "I am a string"
