@@ -1,0 +1,59 @@
+"""`summary` numbers against independent code: model.parameters(), torchinfo, FlopCounterMode."""
+import pytest
+import torch
+import torchinfo
+import torchvision
+from torch.utils.flop_counter import FlopCounterMode
+
+from reportgen.analyses.summary import count_parameters, profile_modules
+from tests.tiny_models import TiedNet, TinyNet
+
+
+def flop_counter_total(model, x):
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def test_tied_weights_counted_once():
+    model = TiedNet()
+    total, trainable = count_parameters(model)
+    assert total == trainable == sum(p.numel() for p in model.parameters()) == 12 * 12 + 12 + 12 + 12 * 3 + 3
+    # torchinfo counts the tied 12x12 weight twice (351): it is an oracle for untied models only
+    assert torchinfo.summary(model, input_size=(1, 3, 8, 8), verbose=0).total_params == total + 144
+
+
+def test_parameter_counts_equal_torchinfo_on_resnet18():
+    model = torchvision.models.resnet18(weights=None)
+    stats = torchinfo.summary(model, input_size=(1, 3, 64, 64), verbose=0)
+    assert count_parameters(model) == (stats.total_params, stats.trainable_params)
+    for param in model.layer1.parameters():
+        param.requires_grad_(False)
+    stats = torchinfo.summary(model, input_size=(1, 3, 64, 64), verbose=0)
+    assert count_parameters(model) == (stats.total_params, stats.trainable_params)
+
+
+def test_reused_module_gets_one_row_per_call_with_exact_flops():
+    model = TinyNet().eval()
+    x = torch.rand(1, 3, 4, 4)
+    rows, total = profile_modules(model, x)
+    by_name = {r["name"]: r for r in rows}
+    assert [r["name"] for r in rows] == ["conv", "act", "shared", "shared#2", "pool", "fc"]
+    # 1x1 conv 2->2 on 4x4: 2 FLOPs per multiply-add, 2*2*16 multiply-adds
+    assert by_name["shared"]["flops"] == by_name["shared#2"]["flops"] == 2 * 2 * 2 * 16
+    assert by_name["conv"]["flops"] == 2 * 3 * 2 * 16  # bias adds are not counted by FlopCounterMode
+    assert by_name["fc"]["flops"] == 2 * 2 * 3
+    assert total == flop_counter_total(model, x) == sum(r["flops"] for r in rows)
+    assert by_name["shared#2"]["params"] == 4 and by_name["shared"]["input_shape"] == "1×2×4×4"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_torchvision_totals_equal_parameters_and_flop_counter(arch):
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    x = torch.rand(1, 3, 224, 224)
+    rows, total = profile_modules(model, x)
+    assert total == flop_counter_total(model, x)
+    assert count_parameters(model)[0] == sum(p.numel() for p in model.parameters())
+    top_level = [r for r in rows if r["depth"] == 1]
+    assert sum(r["flops"] for r in top_level) == total  # children add up to the whole for these sequential nets
