@@ -8,6 +8,8 @@ import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from reportgen.config import ConfigError, check_cli_overrides, register_configs
@@ -19,12 +21,15 @@ log = logging.getLogger("reportgen")
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from reportgen.models import ModelLoadError
-    from reportgen.pipeline import RunError, run
+    from reportgen.pipeline import RunError, record_failure, run
 
     try:
         index = run(cfg)
     except (ConfigError, ModelLoadError, RunError) as exc:
         log.error("%s", exc)
+        record_failure(cfg, exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return  # a sweep goes on with its other jobs; this one's manifest says it failed
         sys.exit(1)
     print(f"report: {index}")
 

@@ -96,15 +96,22 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     return index
 
 
+def record_failure(cfg: DictConfig, exc: BaseException, out_dir: Optional[Path] = None) -> None:
+    """Write `results/manifest.json` with status "failed" and the error, so a sweep index can show the job."""
+    out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
+    (out_dir / "results").mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "results" / "manifest.json", {
+        "status": "failed", "error": f"{type(exc).__name__}: {exc}", "reportgen": reportgen_version(),
+        "command": command_line(), "config": to_container(cfg), "versions": library_versions(),
+    })
+
+
 def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: torch.nn.Module,
               device: torch.device, analyses: List[Analysis], failed: List[Tuple[str, str]]):
     """Iterate the loader once; returns (images processed, capture notes)."""
     runtime = cfg.runtime
     dataset = ImageFolderDataset(scan, loaded.preprocess)
     loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers), pin_memory=device.type == "cuda")
-    requirements = [a.requires() for a in analyses]
-    activations = [n for r in requirements for n in r.activations]
-    gradients = [n for r in requirements for n in r.gradients]
     precision = Precision(_enum_name(runtime.precision))
     labels_lookup = torch.tensor(scan.labels + [-1], dtype=torch.int64)
     processed = 0
@@ -119,6 +126,9 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
         first_batch = _to_batch(first, scan, loaded, device, labels_lookup, runtime.channels_last)
         for analysis in analyses:
             analysis.begin(first_batch)
+        requirements = [a.requires() for a in analyses]  # after begin: defaults may depend on a probe forward
+        activations = [n for r in requirements for n in r.activations]
+        gradients = [n for r in requirements for n in r.gradients]
         with CaptureEngine(model, activations, gradients) as engine:
             raw: Optional[RawBatch] = first
             batch: Optional[Batch] = first_batch

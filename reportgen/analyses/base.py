@@ -85,7 +85,8 @@ class Analysis:
         self.ctx = ctx
 
     def requires(self) -> Requirements:
-        """Layers and signals this analysis needs from the pass (resolved names, checked by the capture engine)."""
+        """Layers and signals this analysis needs from the pass (resolved names, checked by the capture engine).
+        Called after `begin`, so defaults may use what a probe forward found."""
         return Requirements()
 
     def begin(self, example: Batch) -> None:
