@@ -64,7 +64,7 @@ class PreprocessConfig:
     crop: Optional[int] = None  # centre crop size in pixels (null: weights' value, else 224)
     mean: Optional[List[float]] = None  # per-channel normalisation mean, RGB order (null: weights' or ImageNet)
     std: Optional[List[float]] = None  # per-channel normalisation std, RGB order (null: weights' or ImageNet)
-    interpolation: str = "bilinear"  # resize filter: bilinear | bicubic | nearest
+    interpolation: Optional[str] = None  # resize filter: bilinear | bicubic | nearest (null: weights' or bilinear)
 
 
 @dataclass

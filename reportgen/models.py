@@ -97,11 +97,12 @@ def _load_torchvision(cfg: DictConfig) -> LoadedModel:
     builder = torchvision.models.get_model_builder(arch)
     try:
         module = builder(weights=weights, **kwargs)
-    except TypeError as exc:
-        raise ModelLoadError(f"torchvision.models.{arch}(**{kwargs}) failed: {exc} (check model.kwargs)") from exc
+    except (TypeError, ValueError) as exc:  # unknown kwarg, or num_classes that contradicts pretrained weights
+        raise ModelLoadError(f"torchvision.models.{arch}(weights={cfg.weights}, **{kwargs}) failed: {exc} "
+                             f"(check model.kwargs)") from exc
     except (OSError, RuntimeError) as exc:
         raise ModelLoadError(_offline_message(weights, arch, exc)) from exc
-    class_names = _class_names(module, meta_weights.meta.get("categories"))
+    class_names = _class_names(module, _categories_if_same_head(meta_weights, kwargs.get("num_classes")))
     return LoadedModel(
         module=module,
         name=arch,
@@ -154,11 +155,12 @@ def _load_checkpoint(cfg: DictConfig) -> LoadedModel:
     weights_enum(cfg.arch)  # validates the name
     state = _read_state_dict(path, trust=cfg.trust_checkpoint)
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
-    module, notes = _build_and_load(cfg.arch, state, kwargs, path)
+    module, notes, num_classes = _build_and_load(cfg.arch, state, kwargs, path)
     default_weights = weights_enum(cfg.arch).DEFAULT
     return LoadedModel(module=module, name=cfg.arch, source="checkpoint", weights=f"checkpoint {path.name}",
                        random_init=False, preprocess=Preprocess.resolve(cfg.preprocess, default_weights.transforms()),
-                       class_names=_class_names(module, default_weights.meta.get("categories")), notes=notes)
+                       class_names=_class_names(module, _categories_if_same_head(default_weights, num_classes)),
+                       notes=notes)
 
 
 def is_torchscript(path: Path) -> bool:
@@ -209,6 +211,7 @@ def _build_and_load(arch: str, state: Dict[str, torch.Tensor], kwargs: Dict[str,
     notes: List[str] = []
     expected = module.state_dict()
     mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    head = None
     if mismatched and "num_classes" not in kwargs:
         head = _classifier_out_features(state, mismatched, expected)
         if head is not None:
@@ -230,7 +233,7 @@ def _build_and_load(arch: str, state: Dict[str, torch.Tensor], kwargs: Dict[str,
         lines.append("  check model.arch (and model.kwargs, e.g. num_classes) against how the checkpoint was made")
         raise ModelLoadError("\n".join(lines))
     module.load_state_dict(state, strict=True)
-    return module, notes
+    return module, notes, kwargs.get("num_classes", head if notes else None)
 
 
 def _classifier_out_features(state, mismatched, expected) -> Optional[int]:
@@ -260,6 +263,15 @@ def _load_target(cfg: DictConfig) -> LoadedModel:
     return LoadedModel(module=module, name=type(module).__name__, source="target", weights=target_name,
                        random_init=random_init, preprocess=Preprocess.resolve(cfg.preprocess),
                        class_names=_class_names(module, None))
+
+
+def _categories_if_same_head(weights: Any, num_classes: Optional[int]) -> Optional[List[str]]:
+    """The weights' category names, unless the model was built with a different number of outputs (a fine-tuned
+    head's outputs are not ImageNet's classes, so naming them 'tench', 'goldfish', ... would be wrong)."""
+    categories = weights.meta.get("categories")
+    if categories is None or (num_classes is not None and int(num_classes) != len(categories)):
+        return None
+    return categories
 
 
 def _class_names(module: torch.nn.Module, categories: Optional[List[str]]) -> List[str]:
