@@ -4,6 +4,11 @@ Used as a context manager around the whole pass. On entry it checks every reques
 eval mode and (when gradients are wanted) freezes the parameters; on exit, on every path including exceptions, it
 removes every hook and restores the mode and each parameter's `requires_grad`.
 
+Attention weights: torchvision's ViT calls nn.MultiheadAttention with need_weights=False, so a forward hook sees
+(out, None). For the requested attention modules only, a forward pre-hook with kwargs sets need_weights=True and
+average_attn_weights=False; the forward hook stores the (B, heads, N, N) weights and hands the caller back
+(out, None) as it asked, so the model's own code sees what it expects.
+
 Gradients cheaply (see shared/DESIGN.md): a hooked layer whose gradient is wanted returns
 `output.detach().requires_grad_()`, so autograd records only the part of the network after it, and
 `torch.autograd.grad(score, captures[layer])` differentiates just that head.
@@ -26,6 +31,7 @@ class Captures:
 
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
     notes: Dict[str, str] = field(default_factory=dict)  # key -> why the capture is partial (tuple output, ...)
+    attention: Dict[str, torch.Tensor] = field(default_factory=dict)  # key -> (B, heads, N, N) attention weights
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.tensors[key]
@@ -77,10 +83,12 @@ def resolve_layer_names(model: nn.Module, names: Iterable[str], key: str = "anal
 class CaptureEngine:
     """Context manager owning every hook of the pass; `captures` holds the current batch's tensors."""
 
-    def __init__(self, model: nn.Module, activations: Iterable[str] = (), gradients: Iterable[str] = ()):
+    def __init__(self, model: nn.Module, activations: Iterable[str] = (), gradients: Iterable[str] = (),
+                 attention: Iterable[str] = ()):
         self.model = model
         self.activations = sorted(set(activations))
         self.gradients = sorted(set(gradients))
+        self.attention = sorted(set(attention))
         self.captures = Captures()
         self._handles: List[Any] = []
         self._calls: Dict[str, int] = defaultdict(int)
@@ -93,7 +101,12 @@ class CaptureEngine:
 
     def __enter__(self) -> "CaptureEngine":
         wanted = resolve_layer_names(self.model, self.activations + self.gradients)
+        resolve_layer_names(self.model, self.attention, key="attention layers")
         modules = dict(self.model.named_modules())
+        for name in self.attention:
+            if not isinstance(modules[name], nn.MultiheadAttention):
+                raise ConfigError("attention layers", name, "an nn.MultiheadAttention module",
+                                  sorted(n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)))
         try:
             self.model.eval()
             if self.needs_grad:
@@ -103,6 +116,10 @@ class CaptureEngine:
             for name in sorted(set(wanted)):
                 hook = self._make_hook(name, as_leaf=name in self.gradients)
                 self._handles.append(modules[name].register_forward_hook(hook))
+            for name in self.attention:
+                pre_hook, hook = self._make_attention_hooks(name)
+                self._handles.append(modules[name].register_forward_pre_hook(pre_hook, with_kwargs=True))
+                self._handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             self._restore()
             raise
@@ -146,6 +163,25 @@ class CaptureEngine:
             return None
 
         return hook
+
+
+    def _make_attention_hooks(self, name: str):
+        asked: List[bool] = []  # need_weights the caller asked for, per pending call
+
+        def pre_hook(module: nn.Module, args: Any, kwargs: Dict[str, Any]):
+            asked.append(bool(kwargs.get("need_weights", True)))
+            kwargs = dict(kwargs, need_weights=True, average_attn_weights=False)
+            return args, kwargs
+
+        def hook(module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> Any:
+            caller_wanted = asked.pop() if asked else True
+            out, weights = output
+            self._calls[f"attention:{name}"] += 1
+            key = call_key(name, self._calls[f"attention:{name}"])
+            self.captures.attention[key] = weights.detach()  # (B, heads, N, N)
+            return output if caller_wanted else (out, None)
+
+        return pre_hook, hook
 
 
 def count_hooks(model: nn.Module) -> int:

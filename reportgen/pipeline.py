@@ -129,7 +129,8 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
         requirements = [a.requires() for a in analyses]  # after begin: defaults may depend on a probe forward
         activations = [n for r in requirements for n in r.activations]
         gradients = [n for r in requirements for n in r.gradients]
-        with CaptureEngine(model, activations, gradients) as engine:
+        attention = [n for r in requirements for n in r.attention]
+        with CaptureEngine(model, activations, gradients, attention) as engine:
             raw: Optional[RawBatch] = first
             batch: Optional[Batch] = first_batch
             while raw is not None:

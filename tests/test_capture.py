@@ -105,3 +105,36 @@ def test_primary_tensor_of_nested_outputs():
     assert primary_tensor((None, [a, b])) is a
     assert primary_tensor({"logits": b, "aux": a}) is b
     assert primary_tensor("text") is None
+
+
+def test_forced_attention_weights_equal_a_direct_need_weights_call_and_outputs_are_unchanged():
+    from reportgen.demo.models import demo_vit
+
+    model = demo_vit(pretrained=False).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        plain = model(x)
+    layers = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(4)]
+    inputs = {}
+    handle = model.encoder.layers.encoder_layer_2.ln_1.register_forward_hook(lambda m, i, o: inputs.setdefault("x", o))
+    with CaptureEngine(model, attention=layers) as engine:
+        captures = engine.start_batch()
+        with torch.inference_mode():
+            hooked = model(x)
+    handle.remove()
+    assert torch.allclose(hooked, plain, atol=1e-5)
+    assert sorted(captures.attention) == sorted(layers)
+    mha = model.encoder.layers.encoder_layer_2.self_attention
+    with torch.no_grad():
+        _, direct = mha(inputs["x"], inputs["x"], inputs["x"], need_weights=True, average_attn_weights=False)
+    got = captures.attention[layers[2]]
+    assert got.shape == (2, mha.num_heads, 65, 65)
+    assert torch.allclose(got, direct, atol=1e-6)
+    assert torch.allclose(got.sum(-1), torch.ones(2, mha.num_heads, 65), atol=1e-5)
+    assert count_hooks(model) == 0
+
+
+def test_attention_request_on_a_non_attention_module_is_a_config_error():
+    with pytest.raises(ConfigError, match="MultiheadAttention"):
+        with CaptureEngine(TinyNet(), attention=["conv"]):
+            pass

@@ -48,6 +48,8 @@ class Requirements:
 
     activations: List[str] = field(default_factory=list)  # outputs captured on every call of these modules
     gradients: List[str] = field(default_factory=list)  # outputs made autograd leaves (d score / d activation)
+    attention: List[str] = field(default_factory=list)  # nn.MultiheadAttention modules whose per-head weights
+    # are forced on (need_weights=True, average_attn_weights=False) and captured as `<name>` -> (B, heads, N, N)
 
 
 @dataclass
