@@ -100,7 +100,11 @@ class CaptureEngine:
         return bool(self.gradients)
 
     def __enter__(self) -> "CaptureEngine":
-        wanted = resolve_layer_names(self.model, self.activations + self.gradients)
+        leaf_calls: Dict[str, set] = defaultdict(set)  # layer -> call numbers made leaves ("layer#2" -> 2)
+        for key in self.gradients:
+            layer, _, call = key.partition("#")
+            leaf_calls[layer].add(int(call) if call else 1)
+        wanted = resolve_layer_names(self.model, self.activations + list(leaf_calls))
         resolve_layer_names(self.model, self.attention, key="attention layers")
         modules = dict(self.model.named_modules())
         for name in self.attention:
@@ -114,7 +118,7 @@ class CaptureEngine:
                     self._requires_grad[name] = param.requires_grad
                     param.requires_grad_(False)
             for name in sorted(set(wanted)):
-                hook = self._make_hook(name, as_leaf=name in self.gradients)
+                hook = self._make_hook(name, leaf_calls.get(name, set()))
                 self._handles.append(modules[name].register_forward_hook(hook))
             for name in self.attention:
                 pre_hook, hook = self._make_attention_hooks(name)
@@ -144,7 +148,9 @@ class CaptureEngine:
         self._calls.clear()
         return self.captures
 
-    def _make_hook(self, name: str, as_leaf: bool):
+    def _make_hook(self, name: str, leaf_calls: set):
+        """Capture every call's output; the calls in `leaf_calls` (1-based) become autograd leaves. Only those:
+        a reused module whose every call were a leaf would cut the graph between its own calls."""
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             self._calls[name] += 1
             key = call_key(name, self._calls[name])
@@ -154,7 +160,7 @@ class CaptureEngine:
                 return None
             if not isinstance(output, torch.Tensor):
                 self.captures.notes[key] = f"first tensor of a {type(output).__name__} output"
-            if as_leaf and isinstance(output, torch.Tensor) and torch.is_grad_enabled():
+            if self._calls[name] in leaf_calls and isinstance(output, torch.Tensor) and torch.is_grad_enabled():
                 leaf = output.detach().requires_grad_()  # gradients flow from here to the score only
                 self.captures.tensors[key] = leaf
                 return leaf

@@ -49,6 +49,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
             choices = sorted(schema.keys())
             raise ConfigError(f"analysis.{name}" + (f".{key}" if key else ""), key,
                               f"a valid option of {name} ({str(exc).splitlines()[0]})", choices) from exc
+        ANALYSES[name].check_config(typed[name])
     return typed
 
 

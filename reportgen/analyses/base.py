@@ -47,7 +47,8 @@ class Requirements:
     """What an analysis needs captured during the pass. Names are qualified module names (`layer4.1.conv2`)."""
 
     activations: List[str] = field(default_factory=list)  # outputs captured on every call of these modules
-    gradients: List[str] = field(default_factory=list)  # outputs made autograd leaves (d score / d activation)
+    gradients: List[str] = field(default_factory=list)  # outputs made autograd leaves (d score / d activation);
+    # `layer` is its first call, `layer#2` the second
     attention: List[str] = field(default_factory=list)  # nn.MultiheadAttention modules whose per-head weights
     # are forced on (need_weights=True, average_attn_weights=False) and captured as `<name>` -> (B, heads, N, N)
 
@@ -85,6 +86,10 @@ class Analysis:
     def __init__(self, cfg: Any, ctx: RunContext):
         self.cfg = cfg
         self.ctx = ctx
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        """Raise ConfigError for option values the Config types cannot rule out (called before any work)."""
 
     def requires(self) -> Requirements:
         """Layers and signals this analysis needs from the pass (resolved names, checked by the capture engine).
