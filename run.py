@@ -23,14 +23,21 @@ def main(cfg: DictConfig) -> None:
     from reportgen.models import ModelLoadError
     from reportgen.pipeline import RunError, record_failure, run
 
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         index = run(cfg)
     except (ConfigError, ModelLoadError, RunError) as exc:
         log.error("%s", exc)
         record_failure(cfg, exc)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        if sweeping:
             return  # a sweep goes on with its other jobs; this one's manifest says it failed
         sys.exit(1)
+    except Exception as exc:  # an unexpected error: in a sweep, record it and let the other jobs run
+        if not sweeping:
+            raise
+        log.exception("job failed")
+        record_failure(cfg, exc)
+        return
     print(f"report: {index}")
 
 

@@ -125,3 +125,23 @@ class _Obj:
 
     def __init__(self, **kwargs: Any):
         self.__dict__.update(kwargs)
+
+
+def render_index(sweep_dir: Path, rows: List[Any], figures: List[Figure]) -> Path:
+    """Write a sweep's comparison page `<sweep_dir>/index.html` (figures into `<sweep_dir>/index_assets/`)."""
+    import datetime as dt
+
+    sweep_dir = Path(sweep_dir)
+    assets = sweep_dir / "index_assets"
+    assets.mkdir(exist_ok=True)
+    writer = _AssetWriter(assets, "png")
+    views = [_view(f, "index", writer) for f in figures]
+    for view in views:
+        view.src = f"index_assets/{Path(view.src).name}"
+    html = environment().get_template("index.html").render(
+        title=f"Sweep {sweep_dir.parent.name}/{sweep_dir.name}", rows=rows, figures=views,
+        ok=sum(r.status == "ok" for r in rows), generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
+    tmp = sweep_dir / f"index.html.tmp-{os.getpid()}"
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, sweep_dir / "index.html")
+    return sweep_dir / "index.html"

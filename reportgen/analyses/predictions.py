@@ -18,6 +18,7 @@ import torch
 from reportgen import plots
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.reducers import BoundedTop, FixedHistogram
+from reportgen.results import write_json
 from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
 from reportgen.thumbnails import thumbnail
 
@@ -166,6 +167,7 @@ class Predictions(Analysis):
             section.elements.append(Text("No image was processed, so there are no predictions."))
             return section
         names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)
+        self._write_totals(names)
         dpi = int(self.ctx.report.figure_dpi)
         k = min(int(self.cfg.top_k), self.num_outputs or 0)
         facts: List[Any] = [("images", self.images), ("model outputs", self.num_outputs)]
@@ -218,11 +220,10 @@ class Predictions(Analysis):
             section.alerts.append(Alert("info", f"{len(unmatched)} of {len(classes)} folder classes match no model "
                                                 f"class; their images are left out of accuracy", details=unmatched))
 
-    def _accuracy_elements(self, section: Section, names: List[str], dpi: int) -> None:
-        classes = self.ctx.dataset_classes
+    def _per_class_rows(self, names: List[str]) -> List[List[Any]]:
+        """[folder class, images, correct, accuracy, most often predicted instead] for every matched class."""
         rows = []
-        per_class = []
-        for i, name in enumerate(classes):
+        for i, name in enumerate(self.ctx.dataset_classes):
             target = int(self.label_to_output[i])
             total = int(self.confusion[i].sum())
             if target < 0 or total == 0:
@@ -232,7 +233,23 @@ class Predictions(Analysis):
             wrong[target] = 0
             confused = f"{names[int(wrong.argmax())]} ({int(wrong.max())})" if wrong.max() > 0 else ""
             rows.append([name, total, correct, round(correct / total, 4), confused])
-            per_class.append((name, correct / total))
+        return rows
+
+    def _write_totals(self, names: List[str]) -> None:
+        """results/predictions.json: the numbers a sweep index compares across models."""
+        k = min(int(self.cfg.top_k), self.num_outputs or 0)
+        write_json(self.ctx.results_dir / "predictions.json", {
+            "images": self.images, "evaluated": self.evaluated, "top_k": k,
+            "top1_accuracy": self.correct_top1 / self.evaluated if self.evaluated else None,
+            "topk_accuracy": self.correct_topk / self.evaluated if self.evaluated else None,
+            "nonfinite_logits": self.nonfinite,
+            "per_class_accuracy": {row[0]: row[3] for row in self._per_class_rows(names)},
+        })
+
+    def _accuracy_elements(self, section: Section, names: List[str], dpi: int) -> None:
+        classes = self.ctx.dataset_classes
+        rows = self._per_class_rows(names)
+        per_class = [(row[0], row[2] / row[1]) for row in rows]
         section.elements.append(Table(["class", "images", "correct", "accuracy", "most often predicted instead"],
                                       rows, caption="Per-class top-1 accuracy"))
         section.elements.append(plots.horizontal_bars([a for _, a in per_class], [n for n, _ in per_class],
