@@ -184,18 +184,22 @@ def filter_grid(tiles: np.ndarray, name: str, caption: str = "", dpi: int = 110,
 
 def weight_heatmap(matrix: np.ndarray, name: str, caption: str = "", dpi: int = 110, title: str = "",
                    row_groups: Sequence[tuple] = (), xlabel: str = "input", ylabel: str = "output",
-                   original_shape: Optional[tuple] = None) -> Figure:
-    """A weight matrix (rows: outputs, columns: inputs) on a diverging colormap centred at 0 (RdBu_r, symmetric
-    limits ±max|w|) with a colorbar. NaN cells (non-finite weights) are drawn black. `original_shape` is the
-    (rows, columns) before any downsampling, so the axes count original rows and columns. `row_groups` is
-    (first_row, label) per block in original rows, e.g. the q, k, v thirds of an attention in_proj_weight: a line
-    and a label each. Small matrices (≤ 64 cells) also print each value."""
+                   original_shape: Optional[tuple] = None, saturate_percentile: float = 99.0) -> Figure:
+    """A weight matrix (rows: outputs, columns: inputs) on a diverging colormap centred at 0 (RdBu_r) with a
+    colorbar. The limits are symmetric, ±(the `saturate_percentile` percentile of |w|): one outlier weight would
+    otherwise wash every other cell out to white; cells beyond it saturate (the colorbar shows arrows). NaN cells
+    (non-finite weights) are drawn black. `original_shape` is the (rows, columns) before any downsampling, so the
+    axes count original rows and columns. `row_groups` is (first_row, label) per block in original rows, e.g. the
+    q, k, v thirds of an attention in_proj_weight: a line and a label each. Small matrices (≤ 64 cells) also print
+    each value."""
     from matplotlib import colormaps
 
     matrix = np.asarray(matrix, dtype=np.float64)
     finite = np.isfinite(matrix)
-    limit = float(np.abs(matrix[finite]).max()) if finite.any() else 1.0
-    limit = limit if limit > 0 else 1.0
+    magnitude = np.abs(matrix[finite])
+    peak = float(magnitude.max()) if magnitude.size else 0.0
+    limit = float(np.percentile(magnitude, saturate_percentile)) if magnitude.size else 0.0
+    limit = limit if limit > 0 else (peak if peak > 0 else 1.0)
     n_rows, n_cols = matrix.shape
     ratio = float(np.clip(n_rows / max(n_cols, 1), 0.35, 1.6))
     width = 6.0 if n_rows * n_cols > 64 else 3.6
@@ -222,7 +226,8 @@ def weight_heatmap(matrix: np.ndarray, name: str, caption: str = "", dpi: int = 
     ax.set_ylabel(ylabel, fontsize=8)
     if title:
         ax.set_title(_short(title, 60), fontsize=8)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="weight")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="weight",
+                 extend="both" if peak > limit else "neither")
     return to_figure(fig, name, caption, dpi)
 
 
@@ -246,14 +251,15 @@ def map_grid(maps: List[np.ndarray], titles: List[str], name: str, cmap: str = "
 
 
 def to_image_figure(fig: MplFigure, name: str, caption: str = "", dpi: int = 110,
-                    image_format: str = "jpeg") -> Figure:
+                    image_format: str = "jpeg", tight: bool = True) -> Figure:
     """Render a figure as JPEG/WebP/PNG (`report.image_format`): photo-like figures (maps laid over images) are
-    many times smaller as JPEG than as PNG."""
+    many times smaller as JPEG than as PNG. `tight=False` keeps the figure's own layout (one draw, not two)."""
     FigureCanvasAgg(fig)
     fmt = image_format if image_format in ("jpeg", "png", "webp") else "jpeg"
     buffer = io.BytesIO()
     options = {"pil_kwargs": {"quality": 85}} if fmt in ("jpeg", "webp") else {}
-    fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight", facecolor="white", **options)
+    fig.savefig(buffer, format=fmt, dpi=dpi, bbox_inches="tight" if tight else None, facecolor="white",
+                **options)
     from PIL import Image
 
     data = buffer.getvalue()
@@ -265,32 +271,42 @@ def to_image_figure(fig: MplFigure, name: str, caption: str = "", dpi: int = 110
 def overlay_grid(tiles: Sequence[Sequence[Optional[np.ndarray]]], row_labels: Sequence[str],
                  col_labels: Sequence[str], name: str, cmap: str, caption: str = "", dpi: int = 110,
                  image_format: str = "jpeg", colorbar_label: str = "") -> Figure:
-    """Rows x columns of ready-made (H, W, 3) uint8 tiles (e.g. maps laid over images; None leaves a cell empty),
-    row labels on the left, column labels on top, and one colorbar of `cmap` over [0, 1] for all of them."""
+    """Rows x columns of ready-made (H, W, 3) uint8 tiles (e.g. maps laid over images; None leaves a cell empty)
+    as one mosaic at the tiles' own resolution, row labels on the left, column labels on top, and one colorbar of
+    `cmap` over [0, 1] for all of them. One image in one Axes: fast however many tiles there are."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
+    gap = 4
     rows, columns = len(tiles), max((len(r) for r in tiles), default=1)
-    fig = MplFigure(figsize=(1.05 * columns + 1.2, 1.08 * rows + 0.35))
-    axes = fig.subplots(rows, columns, squeeze=False)
-    for r in range(rows):
-        for c in range(columns):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            tile = tiles[r][c] if c < len(tiles[r]) else None
+    present = [t for r in tiles for t in r if t is not None]
+    tile_h = max((t.shape[0] for t in present), default=1)
+    tile_w = max((t.shape[1] for t in present), default=1)
+    mosaic = np.full((rows * (tile_h + gap) - gap, columns * (tile_w + gap) - gap, 3), 255, dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
             if tile is not None:
-                ax.imshow(tile, interpolation="bilinear")
-            if r == 0 and c < len(col_labels):
-                ax.set_title(_short(col_labels[c], 16), fontsize=7)
-            if c == 0 and r < len(row_labels):
-                ax.set_ylabel(_short(row_labels[r], 18), fontsize=6)
-    fig.subplots_adjust(wspace=0.04, hspace=0.08)
-    fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap), ax=axes.ravel().tolist(), fraction=0.02,
-                 pad=0.01, label=colorbar_label)
-    return to_image_figure(fig, name, caption, dpi, image_format)
+                top, left = r * (tile_h + gap), c * (tile_w + gap)
+                mosaic[top: top + tile.shape[0], left: left + tile.shape[1]] = tile
+    height, width = mosaic.shape[0] / dpi, mosaic.shape[1] / dpi  # inches at one mosaic pixel per output pixel
+    fig = MplFigure(figsize=(width + 1.6, height + 0.4))
+    ax = fig.add_axes((1.2 / (width + 1.6), 0.05 / (height + 0.4), width / (width + 1.6), height / (height + 0.4)))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.xaxis.tick_top()
+    ax.set_xticks([c * (tile_w + gap) + tile_w / 2 for c in range(columns)],
+                  labels=[_short(l, 16) for l in list(col_labels)[:columns]] + [""] * (columns - len(col_labels)),
+                  fontsize=7)
+    ax.set_yticks([r * (tile_h + gap) + tile_h / 2 for r in range(rows)],
+                  labels=[_short(l, 22) for l in list(row_labels)[:rows]] + [""] * (rows - len(row_labels)),
+                  fontsize=6)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    bar = fig.add_axes((1.0 - 0.32 / (width + 1.6), 0.15, 0.08 / (width + 1.6), 0.7))
+    fig.colorbar(ScalarMappable(norm=Normalize(0.0, 1.0), cmap=cmap), cax=bar, label=colorbar_label)
+    bar.tick_params(labelsize=6)
+    bar.yaxis.label.set_size(7)
+    return to_image_figure(fig, name, caption, dpi, image_format, tight=False)
 
 
 def layer_head_heatmap(values: np.ndarray, layer_labels: Sequence[str], name: str, label: str, caption: str = "",
@@ -388,4 +404,216 @@ def grouped_bars(values: np.ndarray, series: Sequence[str], groups: Sequence[str
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return to_figure(fig, name, caption, dpi)
+
+
+def _fit_tile(image: np.ndarray, height: int, width: int, smooth: bool = True) -> np.ndarray:
+    """(h, w, 3) uint8 -> (height, width, 3) uint8, aspect kept, centred on white; `smooth` False: nearest
+    neighbour (feature-map cells stay crisp squares)."""
+    from PIL import Image
+
+    image = np.ascontiguousarray(image)
+    scale = min(height / image.shape[0], width / image.shape[1])
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))  # (w, h) for PIL
+    method = Image.Resampling.BILINEAR if smooth else Image.Resampling.NEAREST
+    resized = np.asarray(Image.fromarray(image).resize(size, method))
+    out = np.full((height, width, 3), 255, dtype=np.uint8)
+    top, left = (height - resized.shape[0]) // 2, (width - resized.shape[1]) // 2
+    out[top:top + resized.shape[0], left:left + resized.shape[1]] = resized
+    return out
+
+
+def _mosaic_figure(mosaic: np.ndarray, dpi: int, margins: tuple) -> tuple:
+    """A figure showing `mosaic` pixel for pixel inside (left, right, top, bottom) margins in pixels; returns
+    (figure, axes) with the axes in mosaic pixel coordinates. One axes for a whole grid of pictures: drawing
+    hundreds of small axes is what makes matplotlib slow."""
+    left, right, top, bottom = margins
+    height, width = mosaic.shape[:2]
+    total_w, total_h = width + left + right, height + top + bottom
+    fig = MplFigure(figsize=(total_w / dpi, total_h / dpi))
+    ax = fig.add_axes((left / total_w, bottom / total_h, width / total_w, height / total_h))
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xlim(-0.5, width - 0.5)
+    ax.set_ylim(height - 0.5, -0.5)
+    ax.set_axis_off()
+    return fig, ax
+
+
+def activation_rows(rows: Sequence[tuple], name: str, caption: str = "", dpi: int = 110,
+                    image_format: str = "jpeg", cmap: str = "viridis", overlay_label: str = "channel mean",
+                    title: str = "") -> Figure:
+    """Feature maps of a few images at one layer, one row per image: the input, a map laid over it, and a block of
+    channel maps (two rows of tiles when more than 8), each tile labelled with its channel index. Every channel map
+    of the figure shares one colour scale (1st to 99.5th percentile of the drawn values) and one colorbar, so tiles
+    compare across channels and images. `rows`: (label, image (H, W, 3) uint8, overlay (H, W, 3) uint8 or None,
+    maps (N, h, w), channel ids (N,)). Drawn as one mosaic image (fast at any number of tiles)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    n_maps = max([len(r[3]) for r in rows] + [1])
+    tile_rows = 2 if n_maps > 8 else 1
+    tile_cols = -(-n_maps // tile_rows)
+    tile, gap, row_gap = 60, 3, 10
+    big = 2 * tile + gap  # input and overlay side, pixels
+    side = tile if tile_rows == 2 else big  # channel tile side
+    start = 2 * big + 2 * gap + 8  # x of the first channel tile
+    width = start + tile_cols * (side + gap) - gap
+    height = len(rows) * (big + row_gap) - row_gap
+    values = np.concatenate([np.asarray(r[3], dtype=np.float64).ravel() for r in rows] + [np.zeros(0)])
+    values = values[np.isfinite(values)]
+    low, high = (np.percentile(values, [1.0, 99.5]) if values.size else (0.0, 1.0))
+    high = high if high > low else low + 1e-6
+    norm = Normalize(float(low), float(high))
+    palette = colormaps[cmap]
+    mosaic = np.full((height, width, 3), 255, dtype=np.uint8)
+    labels = []  # (x, y, text) of channel indices
+    for i, (_, image, overlay, maps, channel_ids) in enumerate(rows):
+        y0 = i * (big + row_gap)
+        mosaic[y0:y0 + big, 0:big] = _fit_tile(image, big, big)
+        if overlay is not None:
+            mosaic[y0:y0 + big, big + gap:2 * big + gap] = _fit_tile(overlay, big, big)
+        for j, (channel_map, channel) in enumerate(zip(maps, channel_ids)):
+            r, c = divmod(j, tile_cols)
+            rgb = (palette(norm(np.nan_to_num(np.asarray(channel_map, dtype=np.float64))))[..., :3] * 255 + 0.5)
+            x, y = start + c * (side + gap), y0 + r * (side + gap)
+            mosaic[y:y + side, x:x + side] = _fit_tile(rgb.astype(np.uint8), side, side, smooth=False)
+            labels.append((x + 2, y + 2, str(int(channel))))
+    fig, ax = _mosaic_figure(mosaic, dpi, (22, 70, 34 if title else 18, 2))
+    if title:
+        ax.text(-20, -20, title, ha="left", va="bottom", fontsize=8, fontweight="bold")
+    for x, y, text in labels:
+        ax.text(x, y, text, ha="left", va="top", fontsize=5, color="white",
+                bbox=dict(facecolor="black", alpha=0.55, edgecolor="none", pad=0.5))
+    for i, row in enumerate(rows):
+        ax.text(-4, i * (big + row_gap) + big / 2, _short(row[0], 24), rotation=90, ha="right", va="center",
+                fontsize=6)
+    for x, text, align in ((big / 2, "input", "center"), (big + gap + big / 2, overlay_label, "center"),
+                           (start, "strongest channels of each image (by mean); channel index in the corner",
+                            "left")):
+        ax.text(x, -4, text, ha=align, va="bottom", fontsize=6.5)
+    total_w, total_h = fig.get_figwidth() * dpi, fig.get_figheight() * dpi
+    bar_h = min(height, 2 * big + row_gap)
+    top = 34 if title else 18
+    cax = fig.add_axes(((width + 22 + 10) / total_w, (total_h - top - bar_h) / total_h, 9 / total_w, bar_h / total_h))
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax, extend="both")
+    bar.ax.tick_params(labelsize=6)
+    bar.set_label("activation", fontsize=6.5)
+    return to_image_figure(fig, name, caption, dpi, image_format)
+
+
+def crop_grid(tiles: Sequence[Sequence[Optional[tuple]]], row_labels: Sequence[str], name: str, caption: str = "",
+              dpi: int = 110, image_format: str = "jpeg", title: str = "") -> Figure:
+    """Rows of image crops (e.g. the images that excite one channel most, best first): each tile is (image
+    (h, w, 3) uint8, caption (up to two short lines), marker (y, x) in tile pixels or None), drawn as one mosaic
+    with the caption under each tile and the marker as a ring."""
+    rows = max(1, len(tiles))
+    columns = max([len(r) for r in tiles] + [1])
+    side, gap, caption_h = 84, 4, 20
+    width = columns * (side + gap) - gap
+    height = rows * (side + caption_h + gap) - gap
+    mosaic = np.full((height, width, 3), 255, dtype=np.uint8)
+    marks, texts = [], []
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            if tile is None:
+                continue
+            image, text, marker = tile
+            x, y = c * (side + gap), r * (side + caption_h + gap)
+            mosaic[y:y + side, x:x + side] = _fit_tile(image, side, side)
+            texts.append((x + side / 2, y + side + 1, text))
+            if marker is not None:
+                scale = min(side / image.shape[0], side / image.shape[1])
+                offset_y = (side - round(image.shape[0] * scale)) // 2
+                offset_x = (side - round(image.shape[1] * scale)) // 2
+                marks.append((x + offset_x + (marker[1] + 0.5) * scale - 0.5,
+                              y + offset_y + (marker[0] + 0.5) * scale - 0.5))
+    fig, ax = _mosaic_figure(mosaic, dpi, (16, 2, 18 if title else 2, 2))
+    if title:
+        ax.text(-14, -4, title, ha="left", va="bottom", fontsize=8, fontweight="bold")
+    if marks:
+        points = np.array(marks)
+        ax.scatter(points[:, 0], points[:, 1], s=60, facecolors="none", edgecolors="#00e5ff", linewidths=1.2)
+    for x, y, text in texts:
+        ax.text(x, y, text, ha="center", va="top", fontsize=5.5, linespacing=1.1)
+    for r, label in enumerate(row_labels[:rows]):
+        ax.text(-4, r * (side + caption_h + gap) + side / 2, _short(label, 22), rotation=90, ha="right",
+                va="center", fontsize=6)
+    return to_image_figure(fig, name, caption, dpi, image_format)
+
+
+def percentile_bars(labels: Sequence[str], quantiles: np.ndarray, means: np.ndarray, name: str, xlabel: str,
+                    caption: str = "", dpi: int = 110, linthresh: float = 1e-2) -> Figure:
+    """One row per layer: a whisker from the 1st to the 99th percentile, a box from the 25th to the 75th, a tick
+    at the median and a dot at the mean (`quantiles` (L, 5) in that order), on a symmetric-log axis so layers of
+    very different scales share one figure."""
+    quantiles = np.asarray(quantiles, dtype=np.float64)
+    count = len(labels)
+    fig = MplFigure(figsize=(6.4, max(1.6, 0.3 * count + 0.9)))
+    ax = fig.add_subplot()
+    for i in range(count):
+        p01, p25, p50, p75, p99 = quantiles[i]
+        if not np.all(np.isfinite(quantiles[i])):
+            continue
+        ax.plot([p01, p99], [i, i], color=GREY, linewidth=1.0, solid_capstyle="butt")
+        ax.barh(i, p75 - p25, left=p25, height=0.55, color=BLUE, alpha=0.8)
+        ax.plot([p50, p50], [i - 0.3, i + 0.3], color="black", linewidth=1.2)
+        if np.isfinite(means[i]):
+            ax.plot(means[i], i, "o", color=RED, markersize=3)
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_yticks(range(count), labels=[_short(l, 30) for l in labels], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.axvline(0.0, color=GREY, linewidth=0.6, linestyle=":")
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(axis="x", labelsize=7)
+    return to_figure(fig, name, caption, dpi)
+
+
+def fraction_lines(labels: Sequence[str], series: Sequence[tuple], name: str, ylabel: str, caption: str = "",
+                   dpi: int = 110) -> Figure:
+    """Fractions (0..1) per layer in call order as lines with markers, one line per (label, values) in `series`;
+    the y axis in percent."""
+    count = len(labels)
+    fig = MplFigure(figsize=(float(np.clip(0.45 * count + 3.0, 5.0, 10.0)), 2.9))
+    ax = fig.add_subplot()
+    colours = [RED, BLUE, "#e0a030", GREY]
+    for i, (label, values) in enumerate(series):
+        ax.plot(range(count), 100.0 * np.asarray(values, dtype=np.float64), marker="o", markersize=3.5,
+                linewidth=1.2, color=colours[i % len(colours)], label=label)
+    slanted = count > 4 or max([len(str(l)) for l in labels] + [0]) > 10
+    ax.set_xticks(range(count), labels=[_short(l, 30) for l in labels], rotation=35 if slanted else 0,
+                  ha="right" if slanted else "center", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-3, 103)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(frameon=False, fontsize=7)
+    return to_figure(fig, name, caption, dpi)
+
+
+def embedding_scatter(points: np.ndarray, groups: np.ndarray, group_names: Sequence[str], name: str, xlabel: str,
+                      ylabel: str, caption: str = "", dpi: int = 110, legend_title: str = "") -> Figure:
+    """2-D points (e.g. PCA of features), coloured by group (class index; -1 grey "none"); a legend up to 20
+    groups. Rasterised, so a folder of 100k images stays a small PNG."""
+    from matplotlib import colormaps
+
+    points = np.asarray(points, dtype=np.float64)
+    groups = np.asarray(groups)
+    present = sorted(int(g) for g in np.unique(groups))
+    palette = colormaps["tab10" if len(present) <= 10 else "tab20"]
+    size = float(np.clip(1200.0 / max(len(points), 1) ** 0.5, 2.0, 22.0))
+    fig = MplFigure(figsize=(6.4, 4.6))
+    ax = fig.add_subplot()
+    for i, group in enumerate(present):
+        mask = groups == group
+        colour = GREY if group < 0 else palette(i % palette.N)
+        label = "none" if group < 0 else (group_names[group] if group < len(group_names) else str(group))
+        ax.scatter(points[mask, 0], points[mask, 1], s=size, color=colour, alpha=0.75, linewidths=0,
+                   label=_short(label, 24), rasterized=True)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.25)
+    if len(present) <= 20:
+        ax.legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), title=legend_title or None,
+                  title_fontsize=7, markerscale=max(1.0, 20.0 / size) ** 0.5)
     return to_figure(fig, name, caption, dpi)
