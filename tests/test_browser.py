@@ -1,0 +1,49 @@
+"""Reports in a real browser: no errors, every image loads, nothing leaves the folder, no script from data runs."""
+import json
+import os
+import shutil
+
+import pytest
+
+from reportgen.pipeline import run
+from tests.browser import CHROMIUM, open_page
+from tests.conftest import compose_config
+from tests.test_pipeline import TINY
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="Chromium is not installed (make system-deps / apt-get install chromium)")
+
+
+def assert_clean(check):
+    assert check.console_errors == [] and check.page_errors == [] and check.dialogs == []
+    assert check.outside_requests == []
+    assert check.broken_images == [] and check.images > 0
+    assert check.missing_anchors == []
+
+
+def test_demo_report_in_chromium(tmp_path):
+    cfg = compose_config(["runtime.progress=false", "analysis=[summary,predictions,gradcam]"])
+    index = run(cfg, out_dir=tmp_path / "demo")
+    check = open_page(index, screenshot=tmp_path / "demo.png")
+    assert_clean(check)
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    manifest = json.loads((tmp_path / "demo" / "results" / "manifest.json").read_text())
+    assert manifest["counts"]["processed"] == 240
+
+
+def test_file_and_label_names_are_text_not_markup(colour_folder, tmp_path):
+    evil_label = "<img src=x onerror=alert(1)>"
+    shutil.move(colour_folder / "red", colour_folder / evil_label)
+    # '/' cannot be part of a file name, so this "name" is a folder '"><script>alert(1)<' holding 'script>.jpg'
+    evil_file = colour_folder / "green" / '"><script>alert(1)</script>.jpg'
+    evil_file.parent.mkdir()
+    shutil.copy(colour_folder / evil_label / "red_0.png", evil_file)
+    (colour_folder / "blue" / "<b>bold<b>.jpg").write_bytes(b"not an image")  # a failed file with markup in it
+    cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "report.title='<script>alert(2)</script>'",
+                                 "analysis=[summary,predictions,gradcam]"])
+    index = run(cfg, out_dir=tmp_path / "run")
+    html = index.read_text(encoding="utf-8")
+    assert "<script>alert" not in html and "<img src=x" not in html and "<b>bold" not in html and "&lt;b&gt;bold&lt;b&gt;.jpg" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html and "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in html
+    check = open_page(index)
+    assert_clean(check)
