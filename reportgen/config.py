@@ -94,6 +94,7 @@ class DatasetConfig:
     )  # file suffixes scanned, case-insensitive
     labels: LabelMode = LabelMode.auto  # class labels from first-level subfolders
     limit: Optional[int] = None  # process only the first N files of the sorted list
+    max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (PIL's default limit)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class RuntimeConfig:
     channels_last: bool = False  # NHWC memory format for convolutions (faster on recent GPUs)
     seed: int = 0  # seeds torch/numpy/random for anything stochastic (e.g. random-init weights)
     progress: bool = True  # tqdm progress bar with images/s
+    strict: bool = False  # stop at the first unreadable file instead of listing it and going on
 
 
 @dataclass

@@ -87,9 +87,14 @@ def _relative(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def decode_image(path: Path) -> Image.Image:
-    """Open any PIL-readable image as upright RGB: first frame, EXIF orientation applied, every mode converted."""
+def decode_image(path: Path, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open any PIL-readable image as upright RGB: first frame, EXIF orientation applied, every mode converted.
+    An image over `max_pixels` is refused (PIL only warns between 1x and 2x its limit; here it is always an error)."""
     with Image.open(path) as image:
+        if image.width * image.height > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{image.width}x{image.height} = {image.width * image.height:,} pixels is over dataset.max_pixels "
+                f"({max_pixels:,}): refused as a possible decompression bomb")
         image.seek(0)
         image.load()
         image = ImageOps.exif_transpose(image)
@@ -105,9 +110,11 @@ def decode_image(path: Path) -> Image.Image:
 class ImageFolderDataset(Dataset):
     """Decodes and crops one file per item; failures come back as a reason string instead of an exception."""
 
-    def __init__(self, scan: ScanResult, preprocess: Preprocess, indices: Optional[Sequence[int]] = None):
+    def __init__(self, scan: ScanResult, preprocess: Preprocess, indices: Optional[Sequence[int]] = None,
+                 max_pixels: int = Image.MAX_IMAGE_PIXELS):
         self.scan = scan
         self.preprocess = preprocess
+        self.max_pixels = int(max_pixels)
         self.indices = list(range(len(scan.paths))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -117,7 +124,7 @@ class ImageFolderDataset(Dataset):
         index = self.indices[item]
         rel = self.scan.paths[index]
         try:
-            image = self.preprocess.to_uint8(decode_image(self.scan.root / rel))  # (3, H, W) uint8
+            image = self.preprocess.to_uint8(decode_image(self.scan.root / rel, self.max_pixels))  # (3, H, W) uint8
             return {"index": index, "image": image, "error": None}
         except Exception as exc:  # any decoder error (truncated, not an image, bomb, ...) is a per-file failure
             reason = f"{type(exc).__name__}: {exc}".replace(str(self.scan.root / rel), rel)  # no machine paths

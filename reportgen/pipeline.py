@@ -7,6 +7,7 @@ The loop is the only place that touches batches: decode in workers -> device (no
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import random
 import sys
@@ -43,6 +44,9 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     timings: Dict[str, float] = {}
     analysis_cfgs = validate(cfg)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
+    if _finished_run(out_dir):
+        raise RunError(f"{out_dir} already holds a finished run; choose another output folder "
+                       f"(hydra.run.dir=...) rather than overwrite it")
     results_dir = out_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.runtime.seed))
@@ -67,6 +71,8 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
                      device=device, results_dir=results_dir, report=cfg.report)
     analyses: List[Analysis] = [get_analysis(name)(acfg, ctx) for name, acfg in analysis_cfgs.items()]
     failed: List[Tuple[str, str]] = list(scan.skipped)
+    if failed and cfg.runtime.strict:
+        raise RunError(f"runtime.strict=true and {failed[0][0]} was skipped: {failed[0][1]}")
 
     with _timed(timings, "pass"):
         processed, capture_notes = _one_pass(cfg, scan, loaded, model, device, analyses, failed)
@@ -110,7 +116,7 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
               device: torch.device, analyses: List[Analysis], failed: List[Tuple[str, str]]):
     """Iterate the loader once; returns (images processed, capture notes)."""
     runtime = cfg.runtime
-    dataset = ImageFolderDataset(scan, loaded.preprocess)
+    dataset = ImageFolderDataset(scan, loaded.preprocess, max_pixels=int(cfg.dataset.max_pixels))
     loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers), pin_memory=device.type == "cuda")
     precision = Precision(_enum_name(runtime.precision))
     labels_lookup = torch.tensor(scan.labels + [-1], dtype=torch.int64)
@@ -120,7 +126,8 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
                     desc="reportgen", dynamic_ncols=True)
     batches = iter(loader)
     try:
-        first = _next_good_batch(batches, scan, failed, progress)
+        strict = bool(runtime.strict)
+        first = _next_good_batch(batches, scan, failed, progress, strict)
         if first is None:
             return 0, notes
         first_batch = _to_batch(first, scan, loaded, device, labels_lookup, runtime.channels_last)
@@ -154,16 +161,21 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
                 notes.update(captures.notes)
                 processed += len(batch.paths)
                 progress.update(len(batch.paths))
-                raw = _next_good_batch(batches, scan, failed, progress)
+                raw = _next_good_batch(batches, scan, failed, progress, strict)
                 batch = None
     finally:
         progress.close()
     return processed, notes
 
 
-def _next_good_batch(batches, scan: ScanResult, failed: List[Tuple[str, str]], progress) -> Optional[RawBatch]:
-    """Next batch with at least one decoded image; failures of every batch go to the ledger."""
+def _next_good_batch(batches, scan: ScanResult, failed: List[Tuple[str, str]], progress,
+                     strict: bool = False) -> Optional[RawBatch]:
+    """Next batch with at least one decoded image; failures of every batch go to the ledger (or, with
+    runtime.strict, stop the run)."""
     for raw in batches:
+        if strict and raw.failed:
+            index, reason = raw.failed[0]
+            raise RunError(f"runtime.strict=true and {scan.paths[index]} could not be read: {reason}")
         for index, reason in raw.failed:
             failed.append((scan.paths[index], reason))
             log.warning("skipped %s: %s", scan.paths[index], reason)
@@ -188,8 +200,10 @@ def _to_batch(raw: RawBatch, scan: ScanResult, loaded: LoadedModel, device: torc
 def _page(cfg, loaded: LoadedModel, scan: ScanResult, root: Path, device: torch.device, processed: int,
           failed: List[Tuple[str, str]], timings: Dict[str, float], throughput: float, sections: List[Section],
           capture_notes: Dict[str, str]) -> Page:
-    dataset_label = cfg.dataset.root if cfg.dataset.root else f"demo folder ({cfg.dataset.synthetic}, generated)"
-    title = cfg.report.title or f"{loaded.name} on {Path(str(dataset_label)).name or dataset_label}"
+    # the page is shared: it names the folder, not where it lies on this machine (results/manifest.json has that)
+    dataset_label = (Path(str(cfg.dataset.root)).resolve().name if cfg.dataset.root
+                     else f"demo folder ({cfg.dataset.synthetic}, generated)")
+    title = cfg.report.title or f"{loaded.name} on {dataset_label}"
     banners, alerts = [], []
     if loaded.random_init:
         banners.append("Random weights: this model was not trained, so its predictions and attributions mean "
@@ -224,9 +238,24 @@ def _page(cfg, loaded: LoadedModel, scan: ScanResult, root: Path, device: torch.
     ])
     versions = KeyValues(sorted(library_versions().items()))
     return Page(title=title, subtitle=f"{processed} images · {loaded.name} · {loaded.weights}", overview=overview,
-                versions=versions, command=command_line(),
+                versions=versions, command=_without_machine_paths(command_line(), root),
                 generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"), version=reportgen_version(),
                 banners=banners, alerts=alerts, sections=sections)
+
+
+def _without_machine_paths(text: str, root: Path) -> str:
+    """The command as shown in a shared page: the dataset folder's absolute path shortened to its name."""
+    for form in {str(root), str(root.resolve())}:
+        text = text.replace(form, f".../{root.resolve().name}")
+    return text
+
+
+def _finished_run(out_dir: Path) -> bool:
+    """True when `out_dir` already holds a successful run's manifest (never overwrite a finished report)."""
+    try:
+        return json.loads((out_dir / "results" / "manifest.json").read_text())["status"] == "ok"
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def default_out_dir() -> Path:

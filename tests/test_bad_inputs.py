@@ -1,0 +1,68 @@
+"""End to end on a messy folder: every readable image processed, every unreadable one listed with its reason, the
+run goes on; runtime.strict makes the first failure fatal; an empty folder is a clear error."""
+import csv
+
+import pytest
+
+from reportgen.data import scan_folder
+from reportgen.pipeline import RunError, run
+from tests.bad_corpus import build_corpus
+from tests.conftest import compose_config
+from tests.test_pipeline import TINY
+
+BOMB_LIMIT = ["dataset.max_pixels=1000000"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    return build_corpus(tmp_path / "messy")
+
+
+def test_every_readable_image_processed_every_other_file_listed(corpus, tmp_path):
+    root, good, bad = corpus
+    cfg = compose_config(TINY + [f"dataset.root={root}", "runtime.batch_size=4"] + BOMB_LIMIT)
+    index = run(cfg, out_dir=tmp_path / "run")
+    with open(tmp_path / "run" / "results" / "predictions.csv", newline="", encoding="utf-8") as handle:
+        processed = {row["path"] for row in csv.DictReader(handle)}
+    with open(tmp_path / "run" / "results" / "failed.csv", newline="", encoding="utf-8") as handle:
+        failed = {row["path"]: row["reason"] for row in csv.DictReader(handle)}
+    assert processed == good
+    assert set(failed) == set(bad)
+    for path, words in bad.items():
+        assert words in failed[path].lower(), (path, failed[path])
+    html = index.read_text(encoding="utf-8")
+    assert "&lt;b&gt;html&lt;b&gt;.png" in html and "<b>html" not in html
+    assert "Ünïcödé 猫.png" in html
+    assert str(root) not in html, "no absolute machine paths in the page"
+
+
+def test_scan_labels_on_the_messy_folder(corpus):
+    root, good, _ = corpus
+    scan = scan_folder(root, [".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"])
+    assert scan.class_names == ["cats", "dogs"]  # empty_class holds no image; hidden folders are skipped
+    labels = dict(zip(scan.paths, scan.labels))
+    assert labels["root_level.png"] == -1 and labels["cats/plain.jpg"] == 0 and labels["dogs/a/b/c/d/e/deep.png"] == 1
+    assert scan.paths == sorted(scan.paths)
+
+
+def test_strict_stops_at_the_first_failure(corpus, tmp_path):
+    root, _, _ = corpus
+    cfg = compose_config(TINY + [f"dataset.root={root}", "runtime.strict=true"] + BOMB_LIMIT)
+    with pytest.raises(RunError, match="runtime.strict"):
+        run(cfg, out_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "report" / "index.html").exists()
+
+
+def test_no_images_at_all_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
+    cfg = compose_config(TINY + [f"dataset.root={tmp_path / 'empty'}"])
+    with pytest.raises(RunError, match="no image files"):
+        run(cfg, out_dir=tmp_path / "run")
+
+
+def test_a_finished_run_is_never_overwritten(colour_folder, tmp_path):
+    cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[predictions]"])
+    run(cfg, out_dir=tmp_path / "run")
+    with pytest.raises(RunError, match="already holds a finished run"):
+        run(cfg, out_dir=tmp_path / "run")
