@@ -66,3 +66,12 @@ def test_a_finished_run_is_never_overwritten(colour_folder, tmp_path):
     run(cfg, out_dir=tmp_path / "run")
     with pytest.raises(RunError, match="already holds a finished run"):
         run(cfg, out_dir=tmp_path / "run")
+
+
+def test_nan_logits_are_counted_and_alerted_not_crashing(colour_folder, tmp_path):
+    cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "model.target._target_=tests.tiny_models.nan_net",
+                                 "analysis=[summary,predictions,gradcam]"])
+    index = run(cfg, out_dir=tmp_path / "run")
+    html = index.read_text(encoding="utf-8")
+    assert "4 images produced NaN or Inf logits" in html  # the 4 readable green images
+    assert "Grad-CAM" in html and "Architecture summary" in html

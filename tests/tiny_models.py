@@ -70,3 +70,16 @@ def exploding_net() -> ExplodingNet:
 
 def not_a_module() -> str:
     return "I am a string"
+
+
+class NaNNet(TinyNet):
+    """Returns NaN logits for green-dominant images (a numerically broken model)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        green = (x[:, 1].mean(dim=(1, 2)) > 0.5)[:, None]  # (B, 1)
+        return torch.where(green, torch.full_like(logits, float("nan")), logits)
+
+
+def nan_net() -> NaNNet:
+    return NaNNet().eval()
