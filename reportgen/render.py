@@ -18,7 +18,7 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from PIL import Image
 
-from reportgen.report import Figure, Gallery, Page, Table
+from reportgen.report import Figure, Gallery, Graph, Page, Table
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 IMAGE_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
@@ -87,6 +87,10 @@ def _view(element: Any, section_id: str, writer: _AssetWriter) -> Any:
             items.append(_Obj(src=src, title=item.title, lines=list(item.lines), status=item.status,
                               width=item.image.shape[1], height=item.image.shape[0]))
         return _Obj(kind="gallery", title=element.title, note=element.note, items=items)
+    if isinstance(element, Graph):
+        src = writer.write(f"{section_id}-{element.name}", element.svg, ".svg") if element.svg else None
+        return _Obj(kind="graph", title=element.title, src=src, dot_file=element.dot_file, caption=element.caption,
+                    note=element.note, width=element.width, height=element.height)
     if isinstance(element, Table):
         return _table_view(element, f"{section_id}-table-{id(element) % 100000}")
     return element

@@ -66,6 +66,27 @@ class Figure:
 
 
 @dataclass
+class Graph:
+    """A graphviz drawing shown in a pan/zoom viewer, with its DOT source in results/. `svg` is None when it could
+    not be drawn (no graphviz, too large, timed out); `note` then says why.
+
+    The page shows it as `<img src="assets/....svg">`, not inline: an SVG loaded as an image runs no script and
+    fetches nothing whatever a module name contains, and a 1000-node drawing stays out of the page's DOM. The viewer
+    zooms by resizing the image in a scrolling box (templates/script.js), so it stays sharp. The price: the browser's
+    find does not search text inside the drawing."""
+
+    title: str
+    svg: Optional[bytes]  # sanitized SVG (see reportgen/dot.py), written to assets/ by render.py
+    name: str  # file stem in assets/, unique within the section
+    dot_file: str  # DOT source in results/, e.g. "graph_modules.dot" (empty when there is none)
+    caption: str = ""
+    note: str = ""
+    width: int = 0  # natural size in CSS pixels, so the viewer can fit it before the image loads
+    height: int = 0
+    kind: str = "graph"
+
+
+@dataclass
 class GalleryItem:
     """One thumbnail with its caption lines; `status` colours the frame (ok | bad | neutral)."""
 
