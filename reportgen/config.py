@@ -106,6 +106,7 @@ class ReportConfig:
     gallery_size: int = 48  # images per gallery (bounded so reports stay small)
     image_format: str = "jpeg"  # thumbnails: jpeg | png | webp
     figure_dpi: int = 110  # resolution of matplotlib figures
+    single_file: bool = False  # also write <run>/report.html with every image inlined (for mail; warns > 50 MB)
 
 
 @dataclass

@@ -85,7 +85,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     write_failed(results_dir / "failed.csv", failed)
     page = _page(cfg, loaded, scan, root, device, processed, failed, timings, throughput, sections, capture_notes)
     with _timed(timings, "render"):
-        index = render_report(page, out_dir / "report", str(cfg.report.image_format))
+        index = render_report(page, out_dir / "report", str(cfg.report.image_format), bool(cfg.report.single_file))
     timings["total"] = time.perf_counter() - started
     write_json(results_dir / "manifest.json", {
         "status": "ok", "reportgen": reportgen_version(), "command": command_line(),
@@ -96,7 +96,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
                   "random_init": loaded.random_init, "num_class_names": len(loaded.class_names)},
         "device": str(device), "precision": _enum_name(cfg.runtime.precision),
         "images_per_second": throughput, "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "report": "report/index.html",
+        "report": index.relative_to(out_dir).as_posix(),
     })
     log.info("report: %s (total %.1f s)", index, timings["total"])
     return index

@@ -7,7 +7,9 @@ always text, never markup.
 """
 from __future__ import annotations
 
+import base64
 import io
+import logging
 import os
 import re
 import shutil
@@ -20,6 +22,7 @@ from PIL import Image
 
 from reportgen.report import Figure, Gallery, Graph, Page, Table
 
+log = logging.getLogger("reportgen")
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 IMAGE_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 
@@ -29,8 +32,9 @@ def environment() -> Environment:
                        trim_blocks=True, lstrip_blocks=True)
 
 
-def render_report(page: Page, report_dir: Path, image_format: str = "jpeg") -> Path:
-    """Write the page and its assets into `report_dir` (atomically replacing it); returns index.html's path."""
+def render_report(page: Page, report_dir: Path, image_format: str = "jpeg", single_file: bool = False) -> Path:
+    """Write the page and its assets into `report_dir` (atomically replacing it); returns index.html's path.
+    With `single_file`, also `<report_dir>/../report.html` with every asset inlined, and return that path."""
     report_dir = Path(report_dir)
     partial = report_dir.with_name(report_dir.name + f".partial-{os.getpid()}")
     if partial.exists():
@@ -44,7 +48,37 @@ def render_report(page: Page, report_dir: Path, image_format: str = "jpeg") -> P
     if report_dir.exists():
         shutil.rmtree(report_dir)
     os.replace(partial, report_dir)
+    if single_file:
+        return write_single_file(report_dir, report_dir.parent / "report.html")
     return report_dir / "index.html"
+
+
+SINGLE_FILE_WARN_BYTES = 50 * 1024 * 1024
+_MIME = {".jpg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".svg": "image/svg+xml"}
+
+
+def write_single_file(report_dir: Path, out_path: Path) -> Path:
+    """One self-contained HTML file: every `assets/...` reference replaced by a data: URI, for mailing.
+    Links to results/ still point beside it (they work where the run folder travels with it)."""
+    html = (report_dir / "index.html").read_text(encoding="utf-8")
+
+    def inline(match: "re.Match[str]") -> str:
+        path = report_dir / "assets" / match.group(2)
+        if not path.is_file():
+            return match.group(0)
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'{match.group(1)}="data:{_MIME.get(path.suffix, "application/octet-stream")};base64,{data}"'
+
+    html = re.sub(r'\b(src|href)="assets/([A-Za-z0-9._-]+)"', inline, html)
+    html = html.replace('href="../results/', 'href="results/')
+    tmp = out_path.with_name(out_path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, out_path)
+    size = out_path.stat().st_size
+    if size > SINGLE_FILE_WARN_BYTES:
+        log.warning("single-file report %s is %.0f MB: mail clients and browsers struggle past ~50 MB; lower "
+                    "report.gallery_size or share the report folder instead", out_path, size / 2**20)
+    return out_path
 
 
 class _AssetWriter:
@@ -84,7 +118,8 @@ def _view(element: Any, section_id: str, writer: _AssetWriter) -> Any:
         items = []
         for item in element.items:
             src = writer.write_image(f"{section_id}-img", item.image)
-            items.append(_Obj(src=src, title=item.title, lines=list(item.lines), status=item.status,
+            full = writer.write_image(f"{section_id}-full", item.full) if item.full is not None else src
+            items.append(_Obj(src=src, full=full, title=item.title, lines=list(item.lines), status=item.status,
                               width=item.image.shape[1], height=item.image.shape[0]))
         return _Obj(kind="gallery", title=element.title, note=element.note, items=items)
     if isinstance(element, Graph):

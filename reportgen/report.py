@@ -94,6 +94,7 @@ class GalleryItem:
     title: str
     lines: Sequence[str] = ()
     status: str = "neutral"
+    full: Optional[np.ndarray] = None  # (H, W, 3) uint8 shown on click (e.g. the whole model input); None: image
 
 
 @dataclass

@@ -75,3 +75,26 @@ document.querySelectorAll(".graph-view").forEach(function (view) {
   view.addEventListener("pointercancel", endDrag);
   fit();
 });
+// Lightbox: a click on a gallery thumbnail shows the full-size image over the page (Esc or a click closes it).
+// No navigation, so it also works in the single-file report, where images are data: URIs.
+(function () {
+  var box = null;
+  function close() { if (box) { box.remove(); box = null; } }
+  document.addEventListener("click", function (event) {
+    var link = event.target.closest ? event.target.closest("a.zoom") : null;
+    if (!link) { if (box && event.target === box) close(); return; }
+    event.preventDefault();
+    close();
+    box = document.createElement("div");
+    box.className = "lightbox";
+    var img = document.createElement("img");
+    img.src = link.getAttribute("href");
+    img.alt = link.querySelector("img") ? link.querySelector("img").alt : "";
+    var caption = document.createElement("div");
+    caption.textContent = img.alt;
+    box.appendChild(img);
+    box.appendChild(caption);
+    document.body.appendChild(box);
+  });
+  document.addEventListener("keydown", function (event) { if (event.key === "Escape") close(); });
+})();

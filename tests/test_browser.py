@@ -47,3 +47,39 @@ def test_file_and_label_names_are_text_not_markup(colour_folder, tmp_path):
     assert "&lt;img src=x onerror=alert(1)&gt;" in html and "&lt;script&gt;alert(1)&lt;/script&gt;.jpg" in html
     check = open_page(index)
     assert_clean(check)
+
+
+def test_single_file_report_is_self_contained_and_clean(colour_folder, tmp_path):
+    cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "report.single_file=true",
+                                 "analysis=[summary,predictions,gradcam]"])
+    path = run(cfg, out_dir=tmp_path / "run")
+    assert path == tmp_path / "run" / "report.html"
+    html = path.read_text(encoding="utf-8")
+    assert 'src="assets/' not in html and 'href="assets/' not in html and "data:image/jpeg;base64," in html
+    moved = tmp_path / "mailed" / "inbox"  # opened somewhere else entirely: nothing may be missing
+    moved.mkdir(parents=True)
+    shutil.copy(path, moved / "report.html")
+    check = open_page(moved / "report.html")
+    assert_clean(check)
+
+
+def test_thumbnail_click_opens_the_full_image(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import CHROMIUM_ARGS
+
+    cfg = compose_config(["runtime.progress=false", "analysis=[predictions]", "dataset.limit=12", "report.thumbnail_size=32",
+                          "runtime.num_workers=0"])
+    index = run(cfg, out_dir=tmp_path / "run")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(index.resolve().as_uri())
+        page.click("a.zoom >> nth=0")
+        size = page.evaluate("""() => new Promise(done => { const img = document.querySelector('.lightbox img');
+            const report = () => done([img.naturalWidth, img.naturalHeight]);
+            img.complete ? report() : (img.onload = report); })""")
+        assert size == [64, 64]  # the full model input (the demo crop), not the thumbnail
+        page.keyboard.press("Escape")
+        assert page.query_selector(".lightbox") is None
+        browser.close()
