@@ -6,8 +6,8 @@ removes every hook and restores the mode and each parameter's `requires_grad`.
 
 Attention weights: torchvision's ViT calls nn.MultiheadAttention with need_weights=False, so a forward hook sees
 (out, None). For the requested attention modules only, a forward pre-hook with kwargs sets need_weights=True and
-average_attn_weights=False; the forward hook stores the (B, heads, N, N) weights and hands the caller back
-(out, None) as it asked, so the model's own code sees what it expects.
+average_attn_weights=False; the forward hook stores the (B, heads, N, N) weights and hands the caller back what it
+asked for ((out, None), or head-averaged weights by default), so the model's own code sees what it expects.
 
 Gradients cheaply (see shared/DESIGN.md): a hooked layer whose gradient is wanted returns
 `output.detach().requires_grad_()`, so autograd records only the part of the network after it, and
@@ -172,22 +172,31 @@ class CaptureEngine:
 
 
     def _make_attention_hooks(self, name: str):
-        asked: List[bool] = []  # need_weights the caller asked for, per pending call
+        asked: List[tuple] = []  # (need_weights, average_attn_weights) the caller asked for, per pending call
 
         def pre_hook(module: nn.Module, args: Any, kwargs: Dict[str, Any]):
-            asked.append(bool(kwargs.get("need_weights", True)))
+            # arguments after (query, key, value) given by position become keywords, so forcing them cannot clash
+            kwargs = dict(kwargs, **dict(zip(_MHA_OPTIONAL_ARGS, args[3:])))
+            asked.append((bool(kwargs.get("need_weights", True)), bool(kwargs.get("average_attn_weights", True))))
             kwargs = dict(kwargs, need_weights=True, average_attn_weights=False)
-            return args, kwargs
+            return args[:3], kwargs
 
         def hook(module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> Any:
-            caller_wanted = asked.pop() if asked else True
+            caller_wanted, caller_averaged = asked.pop() if asked else (True, False)
             out, weights = output
             self._calls[f"attention:{name}"] += 1
             key = call_key(name, self._calls[f"attention:{name}"])
             self.captures.attention[key] = weights.detach()  # (B, heads, N, N)
-            return output if caller_wanted else (out, None)
+            if not caller_wanted:
+                return out, None
+            # the caller gets what it asked for: head-averaged weights by default, as nn.MultiheadAttention does
+            return (out, weights.mean(dim=-3)) if caller_averaged else output
 
         return pre_hook, hook
+
+
+# nn.MultiheadAttention.forward's parameters after (query, key, value), in order
+_MHA_OPTIONAL_ARGS = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
 
 
 def count_hooks(model: nn.Module) -> int:

@@ -289,13 +289,18 @@ def overlay_grid(tiles: Sequence[Sequence[Optional[np.ndarray]]], row_labels: Se
                 top, left = r * (tile_h + gap), c * (tile_w + gap)
                 mosaic[top: top + tile.shape[0], left: left + tile.shape[1]] = tile
     height, width = mosaic.shape[0] / dpi, mosaic.shape[1] / dpi  # inches at one mosaic pixel per output pixel
-    fig = MplFigure(figsize=(width + 1.6, height + 0.4))
-    ax = fig.add_axes((1.2 / (width + 1.6), 0.05 / (height + 0.4), width / (width + 1.6), height / (height + 0.4)))
+    tops = [_short(l, 16) for l in list(col_labels)[:columns]] + [""] * (columns - len(col_labels))
+    longest = max((len(t) for t in tops), default=0) * 0.055  # inches of 7 pt text
+    rotate = longest > tile_w / dpi  # labels wider than a tile would overlap: slant them
+    top = 0.15 + (longest * 0.71 if rotate else 0.2)
+    fig = MplFigure(figsize=(width + 1.6, height + top + 0.05))
+    total_h = height + top + 0.05
+    ax = fig.add_axes((1.2 / (width + 1.6), 0.05 / total_h, width / (width + 1.6), height / total_h))
     ax.imshow(mosaic, interpolation="nearest")
     ax.xaxis.tick_top()
-    ax.set_xticks([c * (tile_w + gap) + tile_w / 2 for c in range(columns)],
-                  labels=[_short(l, 16) for l in list(col_labels)[:columns]] + [""] * (columns - len(col_labels)),
-                  fontsize=7)
+    ax.set_xticks([c * (tile_w + gap) + tile_w / 2 for c in range(columns)], labels=tops, fontsize=7,
+                  rotation=45 if rotate else 0, ha="left" if rotate else "center",
+                  rotation_mode="anchor" if rotate else "default")
     ax.set_yticks([r * (tile_h + gap) + tile_h / 2 for r in range(rows)],
                   labels=[_short(l, 22) for l in list(row_labels)[:rows]] + [""] * (rows - len(row_labels)),
                   fontsize=6)
@@ -324,13 +329,13 @@ def layer_head_heatmap(values: np.ndarray, layer_labels: Sequence[str], name: st
     image = ax.imshow(np.ma.masked_invalid(values), cmap=palette, vmin=vmin, vmax=vmax, aspect="auto",
                       interpolation="nearest")
     if annotate and n_layers * n_heads <= 400:
-        finite = values[np.isfinite(values)]
-        middle = (float(finite.min()) + float(finite.max())) / 2 if finite.size else 0.0
+        low, high = image.get_clim()  # text colour from the cell's place on the colour scale, not the data range
         for i in range(n_layers):
             for j in range(n_heads):
                 if np.isfinite(values[i, j]):
+                    dark = (values[i, j] - low) < 0.5 * (high - low)
                     ax.text(j, i, format(values[i, j], annotate), ha="center", va="center", fontsize=6,
-                            color="white" if values[i, j] < middle else "black")
+                            color="white" if dark else "black")
     ax.set_xticks(range(n_heads), labels=[str(h) for h in range(n_heads)], fontsize=7)
     ax.set_yticks(range(n_layers), labels=[_short(l, 32) for l in layer_labels], fontsize=7)
     ax.set_xlabel("head")

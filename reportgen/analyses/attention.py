@@ -1,0 +1,592 @@
+"""`attention`: where a transformer's attention goes, for every image of the folder, inside the one pass.
+
+Two kinds of attention layers:
+- `nn.MultiheadAttention` (torchvision's ViT and any model using it): the capture engine forces per-head weights
+  (B, heads, N, N) on for the hooked modules. With a class token (token 0, the other N - 1 tokens filling the patch
+  grid) a layer's map is the class token's attention to each patch; without one, the attention each patch receives
+  (summed over queries: 1 is its fair share under uniform attention). Attention rollout (Abnar & Zuidema 2020) runs
+  over every self-attention layer of the model in call order (all captured, even those not shown), batched with bmm.
+- torchvision Swin's `ShiftedWindowAttention` (v1, v2): its probabilities never leave `shifted_window_attention`, so
+  the block's `norm1` output (the attention's input, found and checked on a one-image probe) is captured and the
+  probabilities are recomputed exactly (`reportgen.attention_math.swin_window_attention`). Its map is the attention
+  each patch receives from the queries of its own (shifted) window, summed over them (1 = its fair share, whatever
+  the size of the region the shift mask leaves it) and averaged over heads.
+  There is no class token and no rollout (windows and patch merging change the token grid between stages).
+
+Dataset statistics stream and merge exactly: per layer and head, the mean entropy of the query rows (nats, ln S for
+a uniform row over S keys) and the mean attention distance (input pixels between query and key patches, weighted
+by attention renormalised over patch keys), both averaged over queries and images.
+
+`results/attention.npz` (raw values, not normalised): `paths` (N,); `rollout` (N, gh, gw) when rollout ran; per
+shown layer `cls_<layer>` (N, gh, gw) head-averaged class-token maps, or `received_<layer>` for layers without a
+class token (Swin), `<layer>` being the call key with every non-alphanumeric run replaced by `_`; `layers` (L,)
+call keys, `heads` (L,), `keys` (L,) keys per query row, `entropy` and `distance` (L, max heads; NaN past a layer's
+heads). Per-image maps stream to disk during the pass, so memory does not grow with the folder.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reportgen import plots
+from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
+from reportgen.analyses.predictions import display_names
+from reportgen.attention_math import (centre_window, grid_distances, is_swin_attention, mean_distance, rollout,
+                                      row_entropy, swin_window_attention, token_layout, windows_to_grid)
+from reportgen.config import ConfigError
+from reportgen.layers import named_modules, select_layers
+from reportgen.overlays import HEATMAP_ALPHA, HEATMAP_CMAP, heat_on_thumbnail
+from reportgen.reducers import BoundedTop
+from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
+from reportgen.streams import RowStore
+from reportgen.thumbnails import thumbnail
+
+DEFAULT_MAX_HEADS = 16  # heads drawn per layer when `heads` is null, so 24-head layers stay readable
+
+
+@dataclass
+class AttentionConfig:
+    layers: Optional[List[str]] = None  # attention modules shown (name, glob, re:, type:, depth: patterns); null:
+    # every nn.MultiheadAttention and Swin window attention of the model
+    n_images: int = 8  # first images of the folder drawn with their maps (the npz has every image)
+    heads: Optional[List[int]] = None  # head indices drawn in the per-head figures (null: the first 16; []: none)
+    rollout: bool = True  # attention rollout over every self-attention layer (all captured, even those not shown)
+    discard_ratio: float = 0.0  # fraction of each layer's lowest head-averaged weights zeroed before rollout
+    # (vit-explain's option, sharper maps); 0 is Abnar & Zuidema as published
+    matrix: bool = True  # token x token heatmap of the first image per shown layer (Swin: the central window)
+
+
+@dataclass
+class LayerInfo:
+    """What one shown layer call turned out to be on the first batch."""
+
+    key: str  # call key (`encoder.layers.encoder_layer_0.self_attention`, `blocks.0.attn#2`)
+    kind: str  # mha | swin
+    heads: int
+    keys: int  # keys per query row (N for ViT, tokens per window for Swin)
+    grid: Optional[Tuple[int, int]]  # (gh, gw) of the map, None when the tokens form no patch grid
+    class_token: bool  # map is the class token's row (else attention received, summed over queries)
+
+    @property
+    def field(self) -> str:
+        """Its array name in attention.npz: `cls_<key>` or `received_<key>`, non-alphanumeric runs as `_`."""
+        return ("cls_" if self.class_token else "received_") + re.sub(r"[^0-9A-Za-z]+", "_", self.key).strip("_")
+
+
+def is_attention(name: str, module: nn.Module) -> bool:
+    """The layer filter for `layers`: modules whose attention this analysis can read (a `select_layers` where)."""
+    return isinstance(module, nn.MultiheadAttention) or is_swin_attention(module)
+
+
+def short_names(names: List[str]) -> List[str]:
+    """Names without the dotted components all of them share at the start and end (`encoder.layers.X.self_attention`
+    -> `X`), so figure labels stay short; a single name is kept whole."""
+    if len(names) < 2:
+        return list(names)
+    parts = [n.split(".") for n in names]
+    lead = 0
+    while all(len(p) > lead + 1 for p in parts) and len({p[lead] for p in parts}) == 1:
+        lead += 1
+    tail = 0
+    while all(len(p) > lead + tail + 1 for p in parts) and len({p[-1 - tail] for p in parts}) == 1:
+        tail += 1
+    return [".".join(p[lead: len(p) - tail]) for p in parts]
+
+
+def fit_tile(thumb: np.ndarray, columns: int, largest: int, width: int = 1000) -> np.ndarray:
+    """The thumbnail resized so a figure row of `columns` tiles fits the page's ~1000 px content width at one
+    figure pixel per screen pixel (labels stay legible): at least 48 px, at most `largest` (small inputs such as
+    the 64 px demo are enlarged, bilinearly, up to that)."""
+    side = min(largest, max(48, (width - 160) // max(columns, 1) - 4))
+    longest = max(thumb.shape[:2])
+    if longest == side:
+        return thumb
+    scale = side / longest
+    size = (max(1, round(thumb.shape[0] * scale)), max(1, round(thumb.shape[1] * scale)))
+    image = torch.from_numpy(thumb).permute(2, 0, 1)[None].float()  # (1, 3, h, w)
+    resized = F.interpolate(image, size=size, mode="bilinear", antialias=scale < 1, align_corners=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()  # (h, w, 3)
+
+
+def tile_columns(layers: int, heads: int, rollout: bool) -> int:
+    """Columns of the widest overlay figure (by layer: input, layers, rollout; per head: mean, heads), so every
+    figure uses one tile size."""
+    return max(layers + 1 + int(rollout), heads + 1)
+
+
+@register("attention")
+class Attention(Analysis):
+    Config = AttentionConfig
+
+    def __init__(self, cfg: Any, ctx: RunContext):
+        super().__init__(cfg, ctx)
+        if int(cfg.n_images) < 0:
+            raise ConfigError("analysis.attention.n_images", cfg.n_images, "an integer >= 0")
+        if not 0.0 <= float(cfg.discard_ratio) < 1.0:
+            raise ConfigError("analysis.attention.discard_ratio", cfg.discard_ratio, "a fraction in [0, 1)")
+        if cfg.heads is not None and any(int(h) < 0 for h in cfg.heads):
+            raise ConfigError("analysis.attention.heads", list(cfg.heads), "head indices >= 0")
+        modules = named_modules(ctx.model)
+        if cfg.layers is None:
+            shown = [n for n, m in modules.items() if is_attention(n, m)]
+        else:
+            shown = select_layers(ctx.model, list(cfg.layers), "analysis.attention.layers", where=is_attention)
+        self.modules = modules
+        self.shown_mha = [n for n in shown if isinstance(modules[n], nn.MultiheadAttention)]
+        self.shown_swin = [n for n in shown if is_swin_attention(modules[n])]
+        self.rollout_mha = ([n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
+                            if cfg.rollout else [])
+        self.swin_inputs: Dict[str, str] = {}  # Swin attention module -> module whose output is its input
+        self.layers: Dict[str, LayerInfo] = {}  # call key -> info, in call order (fixed on the first batch)
+        self.stats: Dict[str, Dict[str, Any]] = {}  # call key -> {entropy, distance: (heads,) sums, images}
+        self.rollout_info: Optional[Dict[str, Any]] = None  # {layers, tokens, grid, class_token} once it ran
+        self.notes: List[str] = []
+        self._distance_cache: Dict[tuple, torch.Tensor] = {}
+        self._pending: Dict[str, torch.Tensor] = {}  # call key -> (2, heads) entropy/distance sums on the device
+        self._pending_images: Dict[str, int] = {}
+        self.images = 0
+        self.store: Optional[RowStore] = None
+        self.first = BoundedTop(int(cfg.n_images))  # the first images, by file index, with their maps
+        self.matrix = BoundedTop(1 if cfg.matrix else 0)  # the first image's token x token matrices
+
+    @property
+    def applicable(self) -> bool:
+        return bool(self.shown_mha or self.shown_swin)
+
+    def begin(self, example: Batch) -> None:
+        if self.shown_swin:
+            self.swin_inputs = self._find_swin_inputs(example.inputs[:1])
+            for name in self.shown_swin:
+                if name not in self.swin_inputs:
+                    self.notes.append(f"{name}: its input is not the output of any module, so its attention "
+                                      f"could not be recomputed")
+
+    def _find_swin_inputs(self, example: torch.Tensor) -> Dict[str, str]:
+        """For each shown Swin attention module, a module whose output object is the attention's input, found on a
+        one-image probe forward (v1: the block's `norm1`; v2 normalises after attention, so the previous block or
+        the stage's patch embedding); the analysis captures that output and recomputes the attention from it."""
+        inputs: Dict[str, torch.Tensor] = {}
+        outputs: List[Tuple[str, Any]] = []  # (module name, output) in the order forwards finished
+        handles = []
+        try:
+            for name in self.shown_swin:
+                handles.append(self.modules[name].register_forward_pre_hook(
+                    lambda m, args, name=name: inputs.setdefault(name, args[0])))
+            for other, module in self.modules.items():
+                handles.append(module.register_forward_hook(
+                    lambda m, i, o, other=other: outputs.append((other, o))))
+            with torch.no_grad():
+                self.ctx.model(example)
+        finally:
+            for handle in handles:
+                handle.remove()
+        found = {}
+        for name, tensor in inputs.items():
+            block = name.rsplit(".", 1)[0] + "." if "." in name else ""
+            match = [other for other, output in outputs if output is tensor and other != name
+                     and not other.startswith(name + ".")]
+            siblings = [other for other in match if other.startswith(block)]
+            if match:
+                found[name] = (siblings or match)[-1]
+        return found
+
+    def requires(self) -> Requirements:
+        return Requirements(attention=sorted(set(self.shown_mha + self.rollout_mha)),
+                            activations=sorted(set(self.swin_inputs.values())))
+
+    def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+        if not self.applicable:
+            return
+        with torch.no_grad():
+            self._update(batch, logits, captures)
+
+    def _update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+        size = len(batch.paths)
+        height, width = batch.inputs.shape[-2:]
+        per_head: Dict[str, torch.Tensor] = {}  # call key -> (B, heads, gh, gw) maps
+        matrices: Dict[str, torch.Tensor] = {}  # call key -> (B, T, T) head-averaged token x token attention
+        first_batch = self.images == 0  # layers, fields and notes are fixed on the first batch
+        for key, weights in captures.attention.items():  # call order
+            if key.split("#")[0] not in self.shown_mha or (not first_batch and key not in self.layers):
+                continue
+            if weights.dim() != 4 or weights.shape[0] != size:
+                if first_batch:
+                    self.notes.append(f"{key}: attention of shape {tuple(weights.shape)} is not per image "
+                                      f"(batch {size}), left out")
+                continue
+            weights = weights.float()  # (B, heads, N, S)
+            layout = token_layout(weights.shape[-1], height, width) if weights.shape[-2] == weights.shape[-1] else None
+            entropy = row_entropy(weights).mean(dim=-1)  # (B, heads)
+            distance = torch.full_like(entropy, float("nan"))
+            if layout is not None:
+                first, gh, gw = layout
+                patches = weights[:, :, first:, first:]  # (B, heads, P, P)
+                cells = self._distances(gh, gw, (height / gh, width / gw), weights.device)  # (P, P)
+                distance = mean_distance(patches, cells).mean(dim=-1)  # (B, heads)
+                rows = weights[:, :, 0, 1:] if first == 1 else weights.sum(dim=-2)  # (B, heads, P)
+                per_head[key] = rows.reshape(size, -1, gh, gw)  # (B, heads, gh, gw)
+                matrices[key] = weights.mean(dim=1)  # (B, N, N), reused by the rollout
+            elif first_batch:
+                self.notes.append(f"{key}: {weights.shape[-2]} queries x {weights.shape[-1]} keys do not form a "
+                                  f"patch grid of the {height}x{width} input; statistics only")
+            if first_batch:
+                self.layers[key] = LayerInfo(key, "mha", weights.shape[1], weights.shape[-1],
+                                             layout[1:] if layout else None, bool(layout and layout[0] == 1))
+            self._add_stats(key, entropy, distance)
+        for name in self.shown_swin:
+            if name not in self.swin_inputs:
+                continue
+            for call, source in enumerate(captures.calls(self.swin_inputs[name]), start=1):
+                key = name if call == 1 else f"{name}#{call}"
+                if not first_batch and key not in self.layers:
+                    continue
+                probs, layout = swin_window_attention(captures[source].detach().float(), self.modules[name])
+                cells = self._distances(*layout.window, (height / layout.height, width / layout.width),
+                                        probs.device)  # (T, T)
+                entropy = windows_to_grid(row_entropy(probs), layout).mean(dim=(-2, -1))  # (B, heads)
+                distance = windows_to_grid(mean_distance(probs, cells), layout).mean(dim=(-2, -1))  # (B, heads)
+                per_head[key] = windows_to_grid(probs.sum(dim=-2), layout)  # (B, heads, h, w) received
+                matrices[key] = probs[:, centre_window(layout)].mean(dim=1)  # (B, T, T)
+                if first_batch:
+                    self.layers[key] = LayerInfo(key, "swin", probs.shape[2], probs.shape[-1],
+                                                 (layout.height, layout.width), False)
+                self._add_stats(key, entropy, distance)
+        rolled = self._rollout(captures, matrices, size, height, width, first_batch) if self.rollout_mha else None
+        self._stream(batch, per_head, rolled)
+        self._keep_examples(batch, logits, per_head, matrices, rolled)
+        self.images += size
+
+    def _distances(self, rows: int, columns: int, cell: Tuple[float, float], device: torch.device) -> torch.Tensor:
+        """(P, P) grid distances in input pixels, computed once per grid and device."""
+        key = (rows, columns, cell, str(device))
+        if key not in self._distance_cache:
+            self._distance_cache[key] = grid_distances(rows, columns, cell, device=device)
+        return self._distance_cache[key]
+
+    def _add_stats(self, key: str, entropy: torch.Tensor, distance: torch.Tensor) -> None:
+        """Fold a batch's per-image (B, heads) means into running float64 sums kept on the device (no host sync
+        per batch); `_flush` moves them into `stats`."""
+        sums = torch.stack([entropy, distance]).double().sum(dim=1)  # (2, heads)
+        pending = self._pending.get(key)
+        self._pending[key] = sums if pending is None else pending + sums
+        self._pending_images[key] = self._pending_images.get(key, 0) + int(entropy.shape[0])
+
+    def _flush(self) -> None:
+        """Device sums -> `stats` (numpy float64), so state_dict / merge / finalize see everything."""
+        for key, sums in self._pending.items():
+            values = sums.cpu().numpy()
+            stats = self.stats.setdefault(key, {"entropy": 0.0, "distance": 0.0, "images": 0})
+            stats["entropy"] = stats["entropy"] + values[0]
+            stats["distance"] = stats["distance"] + values[1]
+            stats["images"] += self._pending_images[key]
+        self._pending.clear()
+        self._pending_images.clear()
+
+    def _rollout(self, captures: Any, averaged: Dict[str, torch.Tensor], size: int, height: int, width: int,
+                 first_batch: bool) -> Optional[torch.Tensor]:
+        """(B, gh, gw) rollout map: the class token's row over the patches, or, without a class token, the mean
+        row (what mean-pooled outputs draw from each patch). None when no self-attention chain fits a grid."""
+        chain = [(k, w) for k, w in captures.attention.items() if k.split("#")[0] in self.rollout_mha
+                 and w.dim() == 4 and w.shape[0] == size and w.shape[-1] == w.shape[-2]]
+        if not chain:
+            return None
+        tokens = chain[0][1].shape[-1]
+        left_out = [k for k, w in chain if w.shape[-1] != tokens]
+        chain = [(k, w) for k, w in chain if w.shape[-1] == tokens]
+        layout = token_layout(tokens, height, width)
+        if layout is None:
+            if first_batch:
+                self.notes.append(f"rollout: {tokens} tokens do not form a patch grid of the input; not computed")
+            return None
+        if first_batch:
+            if left_out:
+                self.notes.append(f"rollout: {len(left_out)} attention calls with a different token count left "
+                                  f"out ({', '.join(left_out[:4])})")
+            self.rollout_info = {"layers": [k for k, _ in chain], "tokens": tokens, "grid": layout[1:],
+                                 "class_token": layout[0] == 1}
+        layers = [averaged.get(k, w) for k, w in chain]  # head averages already taken for shown layers
+        result = rollout(layers, float(self.cfg.discard_ratio))  # (B, N, N)
+        first, gh, gw = layout
+        row = result[:, 0, 1:] if first == 1 else result.mean(dim=1)  # (B, P)
+        return row.reshape(size, gh, gw)  # (B, gh, gw)
+
+    def _stream(self, batch: Batch, per_head: Dict[str, torch.Tensor], rolled: Optional[torch.Tensor]) -> None:
+        """Append this batch's head-averaged maps and rollout to the on-disk store (one device->host copy each)."""
+        fields = {info.field: per_head[key].mean(dim=1) for key, info in self.layers.items()
+                  if key in per_head}  # (B, gh, gw) each
+        if rolled is not None:
+            fields["rollout"] = rolled
+        if not fields:
+            return
+        rows = {name: tensor.float().cpu().numpy() for name, tensor in fields.items()}
+        if self.store is None:
+            self.store = RowStore(self.ctx.results_dir / ".attention", self.ctx.num_images,
+                                  {name: (array.shape[1:], np.float32) for name, array in rows.items()})
+        self.store.append(batch.paths, **rows)
+
+    def _keep_examples(self, batch: Batch, logits: torch.Tensor, per_head: Dict[str, torch.Tensor],
+                       matrices: Dict[str, torch.Tensor], rolled: Optional[torch.Tensor]) -> None:
+        """Maps, thumbnail and prediction of the images that enter the bounded example sets."""
+        indices = batch.indices.tolist()
+        if not any(self.first.accepts(-i, i) or (matrices and self.matrix.accepts(-i, i)) for i in indices):
+            return  # the usual case after the first images: nothing leaves the device
+        probs = torch.softmax(logits.detach().float(), dim=1)  # (B, K)
+        confidence, predicted = (t.cpu() for t in probs.max(dim=1))  # (B,) each
+        for row, index in enumerate(indices):
+            if self.first.accepts(-index, index):
+                self.first.push(-index, index, {
+                    "index": index, "path": batch.paths[row],
+                    "thumb": thumbnail(batch.images[row], int(self.ctx.report.thumbnail_size)),
+                    "predicted": int(predicted[row]), "confidence": float(confidence[row]),
+                    "heads": {key: maps[row].cpu() for key, maps in per_head.items()},  # (heads, gh, gw)
+                    "rollout": rolled[row].cpu() if rolled is not None else None})
+            if matrices and self.matrix.accepts(-index, index):
+                self.matrix.push(-index, index, {"path": batch.paths[row],
+                                                 "matrices": {k: m[row].cpu().numpy() for k, m in matrices.items()}})
+
+    def state_dict(self) -> Dict[str, Any]:
+        self._flush()
+        return {"layers": self.layers, "stats": self.stats, "rollout_info": self.rollout_info, "notes": self.notes,
+                "images": self.images, "first": self.first, "matrix": self.matrix}
+
+    def merge(self, state: Dict[str, Any]) -> None:
+        """Add another shard's sums; layers must match (same model). Its per-image maps stay in its own npz."""
+        self._flush()
+        for key, info in state["layers"].items():
+            self.layers.setdefault(key, info)
+        for key, theirs in state["stats"].items():
+            mine = self.stats.setdefault(key, {"entropy": 0.0, "distance": 0.0, "images": 0})
+            for name in ("entropy", "distance", "images"):
+                mine[name] = mine[name] + theirs[name]
+        self.rollout_info = self.rollout_info or state["rollout_info"]
+        self.notes.extend(n for n in state["notes"] if n not in self.notes)
+        self.images += state["images"]
+        self.first.merge(state["first"])
+        self.matrix.merge(state["matrix"])
+
+    def layer_statistics(self) -> Tuple[List[str], np.ndarray, np.ndarray]:
+        """(call keys, entropy, distance): (L, max heads) means over images, NaN past a layer's heads."""
+        self._flush()
+        keys = [k for k in self.layers if k in self.stats]
+        width = max((self.layers[k].heads for k in keys), default=0)
+        entropy = np.full((len(keys), width), np.nan)
+        distance = np.full((len(keys), width), np.nan)
+        for i, key in enumerate(keys):
+            stats = self.stats[key]
+            heads = self.layers[key].heads
+            entropy[i, :heads] = stats["entropy"] / max(stats["images"], 1)
+            distance[i, :heads] = stats["distance"] / max(stats["images"], 1)
+        return keys, entropy, distance
+
+    def finalize(self) -> Optional[Section]:
+        section = Section(id="attention", title="Attention")
+        keys, entropy, distance = self.layer_statistics()
+        summary = {"layers": np.array(keys, dtype=str),
+                   "heads": np.array([self.layers[k].heads for k in keys], dtype=np.int64),
+                   "keys": np.array([self.layers[k].keys for k in keys], dtype=np.int64),
+                   "entropy": entropy.astype(np.float32), "distance": distance.astype(np.float32)}
+        if self.store is not None:
+            self.store.pack(self.ctx.results_dir / "attention.npz", **summary)
+            self.store = None
+        elif keys:  # statistics only (no layer formed a patch grid)
+            np.savez_compressed(self.ctx.results_dir / "attention.npz", **summary)
+        if not self.applicable:
+            section.summary = "not applicable: no attention layers"
+            section.elements.append(Text(f"Not applicable: no attention layers ({type(self.ctx.model).__name__} has "
+                                         f"no nn.MultiheadAttention or Swin window attention)."))
+            return section
+        if not self.images:
+            section.elements.append(Text("No image was processed, so there are no attention maps."))
+            return section
+        for note in self.notes:
+            section.alerts.append(Alert("info", note))
+        labels = dict(zip(keys, short_names(keys)))
+        swin = any(info.kind == "swin" for info in self.layers.values())
+        section.summary = self._summary(keys, swin)
+        section.elements.append(KeyValues(self._facts(keys, swin)))
+        examples = self._examples()
+        section.elements.extend(self._overview_elements(examples, labels, swin))  # overview first,
+        if keys:
+            section.elements.extend(self._statistics_elements(keys, labels, entropy, distance))
+        section.elements.extend(self._matrix_elements(labels, swin))
+        section.elements.extend(self._head_figures(examples, swin))  # then the detail
+        return section
+
+    def _summary(self, keys: List[str], swin: bool) -> str:
+        heads = sorted({self.layers[k].heads for k in keys})
+        text = (f"{len(keys)} attention layers ({'/'.join(map(str, heads))} heads) over {self.images} images"
+                if keys else f"{self.images} images")
+        if self.rollout_info:
+            text += f"; rollout over {len(self.rollout_info['layers'])} layers"
+        elif swin:
+            text += "; Swin windowed attention (no class token, no rollout)"
+        return text
+
+    def _facts(self, keys: List[str], swin: bool) -> List[Tuple[str, Any]]:
+        facts: List[Tuple[str, Any]] = [("images", self.images), ("layers shown", len(keys))]
+        grids = sorted({info.grid for info in self.layers.values() if info.grid}, reverse=True)
+        if grids:
+            facts.append(("token grids", ", ".join(f"{gh}×{gw}" for gh, gw in grids)))
+        if any(info.class_token for info in self.layers.values()):
+            facts.append(("maps", "attention of the class token (token 0) to each patch, per head and averaged "
+                                  "over heads"))
+        elif swin:
+            window = int(round(self.layers[next(k for k in keys if self.layers[k].kind == 'swin')].keys ** 0.5))
+            facts.append(("maps", f"attention each patch receives from the queries of its {window}×{window} "
+                                  f"(shifted) window, summed over them (1 = its fair share) and averaged over heads; "
+                                  f"recomputed from each block's attention input, equal to torchvision's own "
+                                  f"computation"))
+        elif keys:
+            facts.append(("maps", "attention each patch receives, summed over all queries (no class token; 1 = its "
+                                  "fair share)"))
+        if self.rollout_info:
+            what = "class-token row" if self.rollout_info["class_token"] else "mean row"
+            ratio = float(self.cfg.discard_ratio)
+            facts.append(("rollout", f"Abnar & Zuidema 2020 over {len(self.rollout_info['layers'])} layers: heads "
+                                     f"averaged, identity added, rows renormalised, multiplied in call order; "
+                                     f"{what} over the patches"
+                                     + (f"; lowest {ratio:.0%} of weights discarded per layer" if ratio else "")))
+        elif swin:
+            facts.append(("rollout", "not computed: windows and patch merging change the token grid between "
+                                     "stages, so per-layer matrices do not chain"))
+        facts.append(("colour scale", f"each map min-max normalised per image to [0, 1], upsampled bilinearly, "
+                                      f"colormap {HEATMAP_CMAP} at {HEATMAP_ALPHA:.0%} opacity (bright = more)"))
+        facts.append(("results", "results/attention.npz: raw per-image maps of every image, entropy, distance"))
+        return facts
+
+    def _examples(self) -> List[Dict[str, Any]]:
+        """The kept first images in file order, each with a `tile`: its thumbnail sized for the widest figure."""
+        examples = sorted((item for _, _, item in self.first.items()), key=lambda item: item["index"])
+        mapped = [k for k in self.layers if self.layers[k].grid is not None]
+        if mapped:
+            widest = tile_columns(len(mapped), len(self._heads_shown(max(self.layers[k].heads for k in mapped))),
+                                  bool(self.rollout_info))
+            for e in examples:
+                e["tile"] = fit_tile(e["thumb"], widest, int(self.ctx.report.thumbnail_size))
+        return examples
+
+    def _what(self, swin: bool) -> str:
+        return ("class-token attention" if not swin and any(i.class_token for i in self.layers.values())
+                else "attention received")
+
+    def _overview_elements(self, examples: List[Dict[str, Any]], labels: Dict[str, str], swin: bool) -> List[Any]:
+        """The rollout gallery and one grid of every shown layer's head-averaged map over the first images."""
+        if not examples:
+            return []
+        report = self.ctx.report
+        dpi, image_format = int(report.figure_dpi), str(report.image_format)
+        names = display_names(self.ctx.loaded.class_names, max(e["predicted"] for e in examples) + 1)
+        elements: List[Any] = []
+        if self.rollout_info:
+            items = [GalleryItem(image=heat_on_thumbnail(e["thumb"], e["rollout"]), title=e["path"],
+                                 lines=[f"predicted: {names[e['predicted']]} {e['confidence']:.1%}"])
+                     for e in examples if e["rollout"] is not None]
+            elements.append(Gallery(title="Attention rollout", items=items,
+                                    note=f"the first {len(items)} images: how much each patch flows into the "
+                                         f"{'class token' if self.rollout_info['class_token'] else 'tokens'} "
+                                         f"through all {len(self.rollout_info['layers'])} layers"))
+        mapped = [k for k in self.layers if self.layers[k].grid is not None]
+        if mapped:
+            columns = ["input"] + [labels.get(k, k) for k in mapped] + (["rollout"] if self.rollout_info else [])
+            tiles = []
+            for e in examples:
+                row = [e["tile"]] + [heat_on_thumbnail(e["tile"], e["heads"][k].mean(dim=0)) if k in e["heads"]
+                                     else None for k in mapped]
+                if self.rollout_info:
+                    row.append(heat_on_thumbnail(e["tile"], e["rollout"]) if e["rollout"] is not None else None)
+                tiles.append(row)
+            elements.append(plots.overlay_grid(
+                tiles, [e["path"] for e in examples], columns, name="by_layer", cmap=HEATMAP_CMAP, dpi=dpi,
+                image_format=image_format, colorbar_label="per-image normalised",
+                caption=f"{self._what(swin).capitalize()} layer by layer, averaged over heads (columns: layers in "
+                        f"call order{', then rollout' if self.rollout_info else ''}; rows: the first images)"))
+        return elements
+
+    def _matrix_elements(self, labels: Dict[str, str], swin: bool) -> List[Any]:
+        """The seed's imshow(attention_weights): token x token attention of the first image, one panel per layer."""
+        matrix = self.matrix.items()
+        if not matrix or not self.cfg.matrix:
+            return []
+        item = matrix[0][2]
+        shown = [k for k in self.layers if k in item["matrices"]]
+        if not shown:
+            return []
+        token_note = ("the tokens of the window holding the image centre, row by row" if swin else
+                      "token 0 is the class token, then the patches row by row" if
+                      any(self.layers[k].class_token for k in shown) else "patches row by row")
+        return [plots.matrix_grid(
+            [item["matrices"][k] for k in shown], [labels.get(k, k) for k in shown], name="token_matrix",
+            dpi=int(self.ctx.report.figure_dpi), cmap="viridis", image_format=str(self.ctx.report.image_format),
+            caption=f"Token × token attention of {item['path']}, averaged over heads (rows: queries, columns: keys; "
+                    f"{token_note}); each layer on its own colour scale")]
+
+    def _head_figures(self, examples: List[Dict[str, Any]], swin: bool) -> List[Any]:
+        """One figure per shown layer: rows are the first images, columns the head average then each head."""
+        figures = []
+        report = self.ctx.report
+        dpi, image_format = int(report.figure_dpi), str(report.image_format)
+        mapped = [k for k in self.layers if self.layers[k].grid is not None]
+        for number, key in enumerate(mapped):
+            heads = self.layers[key].heads
+            chosen = self._heads_shown(heads)
+            if not chosen or not examples:
+                continue
+            tiles = []
+            for e in examples:
+                maps = e["heads"].get(key)
+                if maps is None:
+                    tiles.append([None] * (len(chosen) + 1))
+                    continue
+                tiles.append([heat_on_thumbnail(e["tile"], maps.mean(dim=0))]
+                             + [heat_on_thumbnail(e["tile"], maps[h]) for h in chosen])
+            more = f" (heads {len(chosen)} of {heads})" if len(chosen) < heads else ""
+            figures.append(plots.overlay_grid(
+                tiles, [e["path"] for e in examples], ["mean"] + [f"head {h}" for h in chosen],
+                name=f"heads_{number}", cmap=HEATMAP_CMAP, dpi=dpi, image_format=image_format,
+                colorbar_label="per-image normalised",
+                caption=f"Per-head {self._what(swin)}, layer {key}{more}"))
+        return figures
+
+    def _heads_shown(self, heads: int) -> List[int]:
+        """Head indices drawn for a layer with `heads` heads (config `heads`, else the first 16)."""
+        if self.cfg.heads is None:
+            return list(range(min(heads, DEFAULT_MAX_HEADS)))
+        return [int(h) for h in self.cfg.heads if int(h) < heads]
+
+    def _statistics_elements(self, keys: List[str], labels: Dict[str, str], entropy: np.ndarray,
+                             distance: np.ndarray) -> List[Any]:
+        dpi = int(self.ctx.report.figure_dpi)
+        short = [labels[k] for k in keys]
+        key_counts = sorted({self.layers[k].keys for k in keys})
+        normalised = entropy / np.log(np.array([max(self.layers[k].keys, 2) for k in keys], dtype=np.float64))[:, None]
+        elements: List[Any] = [plots.layer_head_heatmap(
+            normalised, short, name="entropy", label="entropy / ln(keys)", vmin=0.0, vmax=1.0, dpi=dpi,
+            caption=f"Mean attention entropy per layer and head over {self.images} images, as a fraction of a "
+                    f"uniform row's (0: every query attends to one key, sharp; 1: uniform over all "
+                    f"{'/'.join(map(str, key_counts))} keys, diffuse)")]
+        if np.isfinite(distance).any():
+            elements.append(plots.layer_head_scatter(
+                distance, short, name="distance", ylabel="mean attention distance (px)", dpi=dpi,
+                caption="Mean attention distance per head (input pixels between a query patch and the patches it "
+                        "attends to, attention-weighted; Dosovitskiy et al. 2021, fig. 7): local heads low, "
+                        "global heads high"))
+        rows = []
+        for i, key in enumerate(keys):
+            heads = self.layers[key].heads
+            ent = entropy[i, :heads]
+            dist = distance[i, :heads]
+            rows.append([labels[key], heads, float(ent.mean()), f"{int(ent.argmin())} ({ent.min():.3g})",
+                         f"{int(ent.argmax())} ({ent.max():.3g})",
+                         float(np.nanmean(dist)) if np.isfinite(dist).any() else None])
+        elements.append(Table(["layer", "heads", "mean entropy (nats)", "sharpest head", "most diffuse head",
+                               "mean distance (px)"], rows, collapsed=len(rows) > 12,
+                              caption=f"Attention statistics per layer over the folder (entropy of a uniform row: "
+                                      f"ln {'/'.join(map(str, key_counts))}; layer names and every head's values "
+                                      f"in attention.npz)"))
+        return elements
