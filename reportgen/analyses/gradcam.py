@@ -15,7 +15,6 @@ the CLS token, so its patch gradients are zero).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -32,6 +31,7 @@ from reportgen.overlays import HEATMAP_CMAP, heat_on_thumbnail, normalise_maps
 from reportgen.reducers import BoundedTop
 from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Text
 from reportgen.streams import RowStore
+from reportgen.tensors import to_grid
 from reportgen.thumbnails import thumbnail
 
 METHODS = ["gradcam", "gradcam++", "layercam", "hirescam"]
@@ -44,20 +44,6 @@ class GradCAMConfig:
     method: str = "gradcam"  # gradcam | gradcam++ | layercam | hirescam
     target: str = "predicted"  # predicted | label (folder class, else predicted) | a class index such as 207
     classes_shown: int = 12  # per-class mean CAMs drawn (the most frequent target classes)
-
-
-def to_grid(tensor: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) as is; token outputs (B, N, C) -> (B, C, g, g), dropping a leading CLS token when N = 1 + g*g."""
-    if tensor.dim() == 4:
-        return tensor
-    if tensor.dim() == 3:
-        batch, tokens, channels = tensor.shape
-        for skip in (1, 0):
-            side = math.isqrt(tokens - skip)
-            if side * side == tokens - skip and side > 0:
-                return tensor[:, skip:].transpose(1, 2).reshape(batch, channels, side, side)  # (B, C, g, g)
-    raise ValueError(f"cannot lay out an output of shape {tuple(tensor.shape)} as a spatial grid "
-                     f"(expected (B, C, h, w) or (B, [1 +] g*g, C) tokens)")
 
 
 def cam_from(method: str, activations: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -166,8 +152,11 @@ class GradCAM(Analysis):
             priority = (2.0 if wrong else 0.0) + (1.0 - float(conf_np[row]))
             if self.gallery.accepts(priority, index):
                 thumb = thumbnail(batch.images[row], int(self.ctx.report.thumbnail_size))
+                full = batch.images[row].permute(1, 2, 0).numpy()  # (H, W, 3): the model's input
+                cam = cams[row].detach().cpu()
                 self.gallery.push(priority, index, {
-                    "path": batch.paths[row], "overlay": heat_on_thumbnail(thumb, cams[row].detach().cpu()),
+                    "path": batch.paths[row], "overlay": heat_on_thumbnail(thumb, cam),
+                    "full": heat_on_thumbnail(full, cam),
                     "target": cls, "predicted": int(predicted_np[row]), "confidence": float(conf_np[row]),
                     "label": label, "wrong": wrong, "expected": expected})
         self.count += len(batch.paths)
@@ -222,7 +211,8 @@ class GradCAM(Analysis):
             if item["label"] >= 0:
                 lines.insert(0, f"label: {self.ctx.dataset_classes[item['label']]}")
             status = "neutral" if item["expected"] < 0 else ("bad" if item["wrong"] else "ok")
-            items.append(GalleryItem(image=item["overlay"], title=item["path"], lines=lines, status=status))
+            items.append(GalleryItem(image=item["overlay"], title=item["path"], lines=lines, status=status,
+                                     full=item["full"]))
         note = ("misclassified first, then lowest confidence" if len(self.label_to_output)
                 and (self.label_to_output >= 0).any() else "lowest confidence first")
         section.elements.append(Gallery(title="Class activation maps", items=items, note=note))

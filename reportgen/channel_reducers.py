@@ -1,0 +1,285 @@
+"""Streaming, mergeable reductions of layer activations: memory stays flat however large the folder, and the
+state of any split of the data merges into exactly the state of the whole.
+
+- `batch_reductions` runs on the device, on one batch of one layer: per-channel count, mean, M2 (float64), min, max,
+  zeros, saturated and non-finite counts, a fixed-edge histogram of the layer, and each image's per-channel spatial
+  maximum and its position. Only these small results cross to the CPU (`to_host`: one transfer).
+- `ChannelStats` merges per-batch moments with Chan et al.'s parallel update in float64, so mean and std equal a
+  two-pass computation over every value to rounding.
+- `ChannelTopK`: per channel, the k images with the highest spatial maximum; vectorised (C, k) arrays instead of C
+  heaps, same ordering as `reducers.BoundedTop` (larger score first, ties to the smaller image index).
+- `CovarianceMoments`: mean and centred second moment of feature vectors (float64, on the device), for a PCA of the
+  whole folder at the end.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+CHUNK_ELEMENTS = 1 << 22  # float64 values reduced at once (32 MiB), so a large layer never doubles in memory
+
+
+def symlog_edges(min_abs: float, max_abs: float, per_decade: int) -> np.ndarray:
+    """Histogram edges symmetric about 0, log-spaced from min_abs to max_abs on each side: one fixed set of edges
+    fits layers whose scales differ by orders of magnitude, and fixed edges keep shard histograms addable. The
+    middle bin [-min_abs, min_abs) holds 0; values beyond ±max_abs fall into the end bins. The edges are float32
+    numbers (returned as float64), so binning float32 activations on the device equals numpy's float64 binning."""
+    decades = np.log10(max_abs) - np.log10(min_abs)
+    positive = np.logspace(np.log10(min_abs), np.log10(max_abs), int(round(decades * per_decade)) + 1)
+    return np.concatenate([-positive[::-1], positive]).astype(np.float32).astype(np.float64)
+
+
+def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] = None,
+                     high: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    """Reduce one batch of one layer, (B, C, P) values, on its device.
+
+    Per channel (C,): `count` finite values, their `mean` and `m2` (sum of squared deviations; float64, computed
+    in channel blocks of at most CHUNK_ELEMENTS values), `min`, `max`, `zeros` (values == 0), `saturated`
+    (values >= high or <= low; a None bound is not applied) and `nonfinite` (NaN/Inf, left out of everything
+    else). `hist` (bins,): the layer's finite values over `edges` (float32-exact, see `symlog_edges`), out-of-range
+    values in the end bins. Per image and channel (B, C): `peak` spatial maximum of the finite values (-inf when
+    there are none) and `position` its flat index into P."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()  # (B, C, P) bf16/fp16 under autocast
+    batch, channels, positions = x.shape
+    inner = edges[1:-1].to(device=x.device, dtype=x.dtype)
+    bins = len(edges) - 1
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * positions))
+    means, m2s = [], []
+    for first in range(0, channels, step):
+        block = x[:, first:first + step].to(torch.float64)  # (B, c, P)
+        var, mean = torch.var_mean(block, dim=(0, 2), correction=0)  # (c,), (c,)
+        means.append(mean)
+        m2s.append(var * (batch * positions))
+    mean, m2 = torch.cat(means), torch.cat(m2s)  # (C,), (C,)
+    out: Dict[str, torch.Tensor] = {}
+    finite: Optional[torch.Tensor] = None  # (B, C, P) mask, only built when something is not finite
+    if bool(torch.isfinite(mean).all()):  # the one sync: a NaN/Inf anywhere makes its channel's mean non-finite
+        out["count"] = torch.full((channels,), batch * positions, dtype=torch.int64, device=x.device)
+        out["mean"], out["m2"] = mean, m2
+        out["nonfinite"] = torch.zeros(channels, dtype=torch.int64, device=x.device)
+        peak, position = x.max(dim=2)  # (B, C)
+        out["min"], out["max"] = x.amin(dim=2).amin(dim=0), peak.amax(dim=0)  # (C,): the max from the peaks
+        bucket = torch.bucketize(x, inner, right=True, out_int32=True)  # (B, C, P) bin index
+        hist = torch.bincount(bucket.flatten(), minlength=bins)
+    else:
+        finite = torch.isfinite(x)  # (B, C, P)
+        count = finite.sum(dim=(0, 2))  # (C,)
+        wide = torch.where(finite, x.to(torch.float64), 0.0)  # (B, C, P)
+        mean = wide.sum(dim=(0, 2)) / count.clamp_min(1)
+        deviation = torch.where(finite, wide - mean[None, :, None], 0.0)  # (B, C, P)
+        out["count"], out["mean"], out["m2"] = count, mean, (deviation * deviation).sum(dim=(0, 2))
+        out["nonfinite"] = batch * positions - count
+        peak, position = torch.where(finite, x, -torch.inf).max(dim=2)  # (B, C)
+        out["min"], out["max"] = torch.where(finite, x, torch.inf).amin(dim=(0, 2)), peak.amax(dim=0)
+        bucket = torch.where(finite, torch.bucketize(x, inner, right=True, out_int32=True), bins)  # dropped bin
+        hist = torch.bincount(bucket.flatten(), minlength=bins + 1)[:bins]
+    saturated = torch.zeros(channels, dtype=torch.int64, device=x.device)
+    for bound, beyond in ((high, torch.ge), (low, torch.le)):
+        if bound is not None:
+            hit = beyond(x, bound)  # (B, C, P)
+            saturated += (hit if finite is None else hit & finite).sum(dim=(0, 2))
+    out.update(zeros=(x == 0).sum(dim=(0, 2)), saturated=saturated, peak=peak, position=position, hist=hist)
+    return out
+
+
+def to_host(tensors: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+    """Move a dict of small tensors to numpy in one device-to-host transfer (float64 holds every int64 count and
+    float32 value of a batch exactly); integer tensors come back as int64."""
+    names = list(tensors)
+    packed = torch.cat([tensors[n].detach().reshape(-1).to(torch.float64) for n in names]).cpu().numpy()
+    out, offset = {}, 0
+    for name in names:
+        tensor = tensors[name]
+        size = tensor.numel()
+        array = packed[offset:offset + size].reshape(tuple(tensor.shape))
+        is_int = not (tensor.dtype.is_floating_point or tensor.dtype.is_complex)
+        out[name] = array.astype(np.int64) if is_int else array
+        offset += size
+    return out
+
+
+class ChannelStats:
+    """Per-channel count, mean, M2, min, max, zero / saturated / non-finite counts of a layer, float64, merged
+    exactly in any order (Chan, Golub & LeVeque 1979: the pairwise update of mean and M2)."""
+
+    FIELDS = ("count", "mean", "m2", "min", "max", "zeros", "saturated", "nonfinite")
+
+    def __init__(self, channels: int):
+        self.count = np.zeros(channels, dtype=np.int64)  # finite values seen
+        self.mean = np.zeros(channels)
+        self.m2 = np.zeros(channels)  # sum of squared deviations from the mean
+        self.min = np.full(channels, np.inf)
+        self.max = np.full(channels, -np.inf)
+        self.zeros = np.zeros(channels, dtype=np.int64)  # values exactly 0
+        self.saturated = np.zeros(channels, dtype=np.int64)
+        self.nonfinite = np.zeros(channels, dtype=np.int64)  # NaN/Inf, left out of the moments
+
+    @property
+    def channels(self) -> int:
+        return len(self.count)
+
+    def add(self, count: np.ndarray, mean: np.ndarray, m2: np.ndarray, min: np.ndarray, max: np.ndarray,
+            zeros: np.ndarray, saturated: np.ndarray, nonfinite: np.ndarray) -> None:
+        """Fold in one part's per-channel results (e.g. one batch from `batch_reductions`)."""
+        count = np.asarray(count, dtype=np.int64)
+        total = self.count + count
+        safe = np.maximum(total, 1)
+        delta = np.asarray(mean, dtype=np.float64) - self.mean
+        self.mean = np.where(total > 0, self.mean + delta * (count / safe), 0.0)
+        self.m2 = self.m2 + np.asarray(m2, dtype=np.float64) + delta * delta * (self.count * (count / safe))
+        self.count = total
+        self.min = np.minimum(self.min, min)
+        self.max = np.maximum(self.max, max)
+        self.zeros = self.zeros + zeros
+        self.saturated = self.saturated + saturated
+        self.nonfinite = self.nonfinite + nonfinite
+
+    def merge(self, other: "ChannelStats") -> None:
+        if other.channels != self.channels:
+            raise ValueError(f"cannot merge statistics of {other.channels} channels into {self.channels}")
+        self.add(*(getattr(other, name) for name in self.FIELDS))
+
+    @property
+    def values(self) -> np.ndarray:
+        """(C,) every value seen, finite or not: the denominator of the fractions."""
+        return self.count + self.nonfinite
+
+    @property
+    def std(self) -> np.ndarray:
+        """(C,) population standard deviation (ddof=0) of the finite values."""
+        return np.sqrt(np.maximum(self.m2, 0.0) / np.maximum(self.count, 1))
+
+    @property
+    def frac_zero(self) -> np.ndarray:
+        return self.zeros / np.maximum(self.values, 1)
+
+    @property
+    def frac_saturated(self) -> np.ndarray:
+        return self.saturated / np.maximum(self.values, 1)
+
+    def pooled(self) -> Tuple[float, float]:
+        """(mean, std) of the whole layer, every channel's finite values taken together."""
+        total = int(self.count.sum())
+        if not total:
+            return float("nan"), float("nan")
+        mean = float((self.count * self.mean).sum() / total)
+        m2 = float(self.m2.sum() + (self.count * (self.mean - mean) ** 2).sum())
+        return mean, float(np.sqrt(max(m2, 0.0) / total))
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.FIELDS)
+
+
+class ChannelTopK:
+    """For each of C channels, the `capacity` items with the highest score, ties broken by the smaller order key
+    (the image index), so the kept set does not depend on arrival order or on how the data was split. Extra
+    per-item columns (e.g. the position of the maximum, the path) travel with their item."""
+
+    def __init__(self, channels: int, capacity: int):
+        self.capacity = int(capacity)
+        self.scores = np.empty((channels, 0))  # (C, m), best first
+        self.orders = np.empty((channels, 0), dtype=np.int64)  # (C, m)
+        self.extra: Dict[str, np.ndarray] = {}  # name -> (C, m)
+
+    @property
+    def channels(self) -> int:
+        return self.scores.shape[0]
+
+    def add(self, scores: np.ndarray, orders: np.ndarray, **extra: np.ndarray) -> None:
+        """One batch: scores (B, C), orders (B,), each extra (B, C) or (B,) (the same for every channel)."""
+        scores = np.asarray(scores, dtype=np.float64).T  # (C, B)
+        channels, batch = scores.shape
+        orders = np.broadcast_to(np.asarray(orders, dtype=np.int64)[None, :], (channels, batch))  # (C, B)
+        columns = {}
+        for name, value in extra.items():
+            value = np.asarray(value)
+            columns[name] = np.broadcast_to(value[None, :], (channels, batch)) if value.ndim == 1 else value.T
+        self._keep(scores, orders, columns)
+
+    def merge(self, other: "ChannelTopK") -> None:
+        if other.channels != self.channels:
+            raise ValueError(f"cannot merge top-k of {other.channels} channels into {self.channels}")
+        self._keep(other.scores, other.orders, other.extra)
+
+    def _keep(self, scores: np.ndarray, orders: np.ndarray, columns: Dict[str, np.ndarray]) -> None:
+        if set(columns) != set(self.extra) and self.scores.shape[1]:
+            raise ValueError(f"top-k columns differ: {sorted(columns)} vs {sorted(self.extra)}")
+        scores = np.concatenate([self.scores, np.where(np.isnan(scores), -np.inf, scores)], axis=1)  # (C, m + B)
+        orders = np.concatenate([self.orders, orders], axis=1)
+        pick = np.lexsort((orders, -scores), axis=1)[:, : self.capacity]  # (C, k): score desc, then order asc
+        self.scores = np.take_along_axis(scores, pick, axis=1)
+        self.orders = np.take_along_axis(orders, pick, axis=1)
+        merged = {}
+        for name, value in columns.items():
+            kept = self.extra.get(name, np.empty((self.channels, 0), dtype=value.dtype))
+            merged[name] = np.take_along_axis(np.concatenate([kept, value], axis=1), pick, axis=1)
+        self.extra = merged
+
+    def items(self, channel: int) -> List[Tuple[float, int, Dict[str, Any]]]:
+        """(score, order, {column: value}) of one channel, best first; items without a finite score left out."""
+        out = []
+        for j in range(self.scores.shape[1]):
+            if np.isfinite(self.scores[channel, j]):
+                out.append((float(self.scores[channel, j]), int(self.orders[channel, j]),
+                            {name: value[channel, j] for name, value in self.extra.items()}))
+        return out
+
+    def nbytes(self) -> int:
+        return self.scores.nbytes + self.orders.nbytes + sum(v.nbytes for v in self.extra.values())
+
+
+class CovarianceMoments:
+    """Count, mean (D,) and centred second moment M2 (D, D) of a stream of D-vectors, float64 on the device they
+    arrive on (no D x D matrix crosses to the CPU per batch), merged exactly (Chan et al.'s update, matrix form)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Optional[torch.Tensor] = None  # (D,)
+        self.m2: Optional[torch.Tensor] = None  # (D, D)
+
+    def add(self, features: torch.Tensor) -> None:
+        """features (B, D)."""
+        values = features.detach().to(torch.float64)  # (B, D)
+        mean = values.mean(dim=0)  # (D,)
+        centred = values - mean  # (B, D)
+        self._combine(values.shape[0], mean, centred.T @ centred)
+
+    def merge(self, other: "CovarianceMoments") -> None:
+        if other.count:
+            self._combine(other.count, torch.as_tensor(other.mean), torch.as_tensor(other.m2))
+
+    def _combine(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.mean is None:
+            self.count, self.mean, self.m2 = count, mean.clone(), m2.clone()
+            return
+        mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
+        total = self.count + count
+        delta = mean - self.mean  # (D,)
+        self.m2 = self.m2 + m2 + torch.outer(delta, delta) * (self.count * count / total)
+        self.mean = self.mean + delta * (count / total)
+        self.count = total
+
+    def to_cpu(self) -> "CovarianceMoments":
+        """A copy on the CPU (for state_dict and shards)."""
+        copy = CovarianceMoments()
+        copy.count = self.count
+        copy.mean = None if self.mean is None else self.mean.cpu()
+        copy.m2 = None if self.m2 is None else self.m2.cpu()
+        return copy
+
+    def pca(self, components: int = 2) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(mean (D,), components (k, D), explained variance (k,), explained variance ratio (k,)) of the
+        population covariance M2 / n; each component's sign fixed so its largest-magnitude entry is positive."""
+        mean = self.mean.cpu().numpy()
+        covariance = self.m2.cpu().numpy() / max(self.count, 1)
+        eigenvalues, eigenvectors = np.linalg.eigh((covariance + covariance.T) / 2)
+        order = np.argsort(eigenvalues)[::-1][:components]
+        vectors = eigenvectors[:, order].T  # (k, D)
+        signs = np.sign(vectors[np.arange(len(order)), np.abs(vectors).argmax(axis=1)])
+        vectors = vectors * np.where(signs == 0, 1.0, signs)[:, None]
+        variance = np.maximum(eigenvalues[order], 0.0)
+        total = float(np.maximum(eigenvalues, 0.0).sum())
+        return mean, vectors, variance, variance / total if total > 0 else np.zeros_like(variance)

@@ -1,0 +1,282 @@
+"""The `activations` analysis against brute force: plain forward hooks, numpy over every stacked activation, numpy's
+SVD for the PCA; merging two halves against one pass over the whole; state that does not grow with the folder."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from reportgen.analyses.activations import Activations
+from reportgen.analyses.base import Batch, RunContext
+from reportgen.capture import CaptureEngine, count_hooks
+from reportgen.channel_reducers import ChannelTopK, CovarianceMoments, batch_reductions, symlog_edges
+from reportgen.config import ConfigError
+from reportgen.data import ImageFolderDataset, collate, scan_folder
+from reportgen.models import load_model
+from reportgen.pipeline import run
+from reportgen.reducers import BoundedTop, FixedHistogram
+from reportgen.tensors import channel_view
+from tests.conftest import compose_config
+from tests.test_pipeline import TINY
+
+KEYS = ["conv", "act", "shared", "shared#2"]  # call order of TinyNet's selected layers (shared runs twice)
+LAYERS = ["analysis=[activations]", "analysis.activations.layers=[conv,act,shared]",
+          "analysis.activations.saturation=0.5", "analysis.activations.top_k=3"]
+
+
+def plain_hook_outputs(model, x):
+    """Independent oracle: plain forward hooks that clone every call's output (a clone is what keeps the in-place
+    ReLU from rewriting conv's output), keyed like the engine."""
+    outputs, handles = {}, []
+    for name in ("conv", "act", "shared"):
+        def hook(module, inputs, output, name=name):
+            key = name if name not in outputs else f"{name}#2"
+            outputs[key] = output.detach().clone()
+        handles.append(dict(model.named_modules())[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs, logits
+
+
+def folder_batches(cfg, folder, size):
+    """The folder as the pipeline sees it: decoded, preprocessed, split into Batches of `size` (failed files out)."""
+    loaded = load_model(cfg.model)
+    scan = scan_folder(folder, list(cfg.dataset.extensions))
+    dataset = ImageFolderDataset(scan, loaded.preprocess)
+    items = [dataset[i] for i in range(len(dataset))]
+    raw = collate([item for item in items if item["image"] is not None])
+    batches = []
+    for first in range(0, len(raw.indices), size):
+        indices = raw.indices[first:first + size]
+        images = raw.images[first:first + size]
+        batches.append(Batch(indices=indices, paths=[scan.paths[i] for i in indices.tolist()], images=images,
+                             inputs=loaded.preprocess.normalize(images),
+                             labels=torch.tensor([scan.labels[i] for i in indices.tolist()])))
+    return loaded, scan, batches
+
+
+def feed(cfg, loaded, scan, batches, results_dir, num_images=None):
+    """An Activations instance fed `batches` exactly as the pipeline does (begin, requires, engine, update)."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(model=loaded.module, loaded=loaded, dataset_classes=scan.class_names,
+                     num_images=num_images or len(scan.paths), device=torch.device("cpu"), results_dir=results_dir,
+                     report=cfg.report)
+    analysis = Activations(cfg.analysis.activations, ctx)
+    analysis.begin(batches[0])
+    with CaptureEngine(loaded.module, analysis.requires().activations) as engine:
+        for batch in batches:
+            captures = engine.start_batch()
+            with torch.inference_mode():
+                logits = loaded.module(batch.inputs)
+                analysis.update(batch, logits, captures)
+    return analysis
+
+
+def read_csv(path):
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_engine_captures_equal_plain_hooks_with_reuse_and_in_place(colour_folder, tmp_path):
+    cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}"])
+    loaded, scan, batches = folder_batches(cfg, colour_folder, 12)
+    model, x = loaded.module, batches[0].inputs
+    analysis = feed(cfg, loaded, scan, batches, tmp_path / "results")
+    assert [c.key for c in analysis.calls] == KEYS
+    with CaptureEngine(model, analysis.requires().activations) as engine:
+        captures = engine.start_batch()
+        with torch.no_grad():
+            model(x)
+    assert count_hooks(model) == 0
+    expected, _ = plain_hook_outputs(model, x)
+    for key in KEYS:
+        assert torch.equal(captures[key], expected[key]), key
+    # the engine kept conv's pre-ReLU values although act rewrote that very tensor in place
+    direct = torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias)
+    assert torch.equal(captures["conv"], direct) and (direct < 0).any()
+    assert torch.equal(captures["shared#2"], model.shared(model.shared(direct.clamp_min(0))))
+
+
+def test_pipeline_statistics_and_top_k_equal_brute_force(colour_folder, tmp_path):
+    cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "runtime.batch_size=5"])
+    index = run(cfg, out_dir=tmp_path / "run")
+    results = tmp_path / "run" / "results"
+    loaded, scan, batches = folder_batches(cfg, colour_folder, 12)
+    (batch,) = batches
+    outputs, logits = plain_hook_outputs(loaded.module, batch.inputs)
+    rows = read_csv(results / "activation_stats.csv")
+    assert [r["layer"] for r in rows] == [k for k in KEYS for _ in range(2)]
+    topk = json.loads((results / "topk.json").read_text())
+    for key in KEYS:
+        values = outputs[key].double().numpy()  # (12, 2, 16, 16): every image of the folder
+        for channel in range(2):
+            row = rows[KEYS.index(key) * 2 + channel]
+            v = values[:, channel]
+            assert int(row["count"]) == v.size and int(row["nonfinite"]) == 0
+            assert float(row["mean"]) == pytest.approx(v.mean(), rel=1e-12, abs=1e-12)
+            assert float(row["std"]) == pytest.approx(v.std(), rel=1e-9, abs=1e-12)
+            assert float(row["max"]) == v.max() and float(row["min"]) == v.min()
+            assert float(row["frac_zero"]) == (v == 0).mean()
+            assert float(row["frac_saturated"]) == (np.abs(v) >= 0.5).mean()
+            peaks = v.reshape(12, -1).max(axis=1)  # (12,) spatial max per image
+            order = sorted(range(12), key=lambda i: (-peaks[i], i))[:3]  # true top 3, earlier file on ties
+            got = topk[key][str(channel)]
+            assert [e["path"] for e in got] == [batch.paths[i] for i in order]
+            assert [e["value"] for e in got] == [float(peaks[i]) for i in order]
+    stats = {r["layer"]: r for r in rows if r["channel"] == "1"}  # channel 1 = 0.5 - green: negative on green
+    assert float(stats["conv"]["min"]) < 0 <= float(stats["act"]["min"])  # in-place ReLU did not leak into conv
+    embeddings = np.load(results / "embeddings.npz")
+    features = torch.nn.functional.adaptive_avg_pool2d(outputs["shared#2"], 1).flatten(1).double().numpy()
+    np.testing.assert_array_equal(embeddings["features"], features.astype(np.float32))
+    assert list(embeddings["paths"]) == batch.paths
+    assert embeddings["predicted"].tolist() == logits.argmax(1).tolist()
+    assert str(embeddings["layer"]) == "pool"
+    centred = features - features.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ vt[:2].T
+    signs = np.sign((embeddings["features_2d"] * projected).sum(axis=0))
+    np.testing.assert_allclose(embeddings["features_2d"] * signs, projected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embeddings["explained_variance"], singular[:2] ** 2 / 12, rtol=1e-9)
+    html = index.read_text(encoding="utf-8")
+    assert "Activations" in html and "activation_stats.csv" in html
+    assert not (results / ".activations").exists(), "temporary feature rows removed"
+
+
+def test_two_halves_merged_equal_one_pass(colour_folder, tmp_path):
+    cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "analysis.activations.channels=[1,0]",
+                                          "analysis.activations.n_images=4"])
+    loaded, scan, batches = folder_batches(cfg, colour_folder, 3)  # 4 batches of 3
+    whole = feed(cfg, loaded, scan, batches, tmp_path / "whole")
+    first = feed(cfg, loaded, scan, batches[:2], tmp_path / "a")
+    second = feed(cfg, loaded, scan, batches[2:], tmp_path / "b")
+    first.merge(second.state_dict())
+    assert first.images == whole.images == 12
+    for key in KEYS:
+        a, b = first.stats[key], whole.stats[key]
+        for name in ("count", "zeros", "saturated", "nonfinite", "min", "max"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        np.testing.assert_allclose(a.mean, b.mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(a.m2, b.m2, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(first.hists[key].counts, whole.hists[key].counts)
+        np.testing.assert_array_equal(first.topk[key].scores, whole.topk[key].scores)
+        np.testing.assert_array_equal(first.topk[key].orders, whole.topk[key].orders)
+    for key, heaps in whole.crops.items():
+        for channel, heap in heaps.items():
+            assert [i[:2] for i in first.crops[key][channel].items()] == [i[:2] for i in heap.items()]
+    kept = [[[i[1] for i in heap.items()] for heap in a.gallery] for a in (first, whole)]
+    assert kept[0] == kept[1] == [[2], [5], [8], [11]]  # the image nearest the middle of each quarter of the folder
+    np.testing.assert_allclose(first.moments.mean, whole.moments.mean, rtol=1e-9)
+    np.testing.assert_allclose(first.moments.m2, whole.moments.m2, rtol=1e-9, atol=1e-12)
+    # histograms against numpy's binning of every value
+    outputs, _ = plain_hook_outputs(loaded.module, torch.cat([b.inputs for b in batches]))
+    for key in KEYS:
+        expected = FixedHistogram(whole.edges)
+        expected.add(outputs[key].numpy())
+        np.testing.assert_array_equal(whole.hists[key].counts, expected.counts)
+
+
+def test_state_does_not_grow_with_the_number_of_batches(colour_folder, tmp_path):
+    cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "analysis.activations.spread=false"])
+    loaded, scan, batches = folder_batches(cfg, colour_folder, 4)
+    many = [Batch(indices=b.indices + 100 * r, paths=b.paths, images=b.images, inputs=b.inputs, labels=b.labels)
+            for r in range(4) for b in batches]  # the folder 4 times over, as if 4x larger
+
+    def size(analysis):
+        arrays = sum(s.nbytes() for s in analysis.stats.values()) + sum(t.nbytes() for t in analysis.topk.values())
+        arrays += sum(h.counts.nbytes for h in analysis.hists.values()) + analysis.moments.m2.numel() * 8
+        heaps = sum(len(h) for h in analysis.gallery) + sum(len(h) for c in analysis.crops.values() for h in c.values())
+        return arrays, heaps
+
+    small = feed(cfg, loaded, scan, many[:3], tmp_path / "small", 48)  # 12 images: every heap already full
+    large = feed(cfg, loaded, scan, many, tmp_path / "large", 48)  # 48 images
+    assert size(small) == size(large)
+
+
+def test_channel_top_k_equals_bounded_top_and_pca_equals_numpy_svd():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=(40, 3)).astype(np.float64)  # many ties
+    top = ChannelTopK(3, 4)
+    for first in range(0, 40, 7):
+        top.add(scores[first:first + 7], np.arange(first, min(first + 7, 40)))
+    for channel in range(3):
+        heap = BoundedTop(4)
+        for i in range(40):
+            heap.push(scores[i, channel], i, None)
+        assert [(s, o) for s, o, _ in top.items(channel)] == [(s, o) for s, o, _ in heap.items()]
+    features = rng.normal(size=(90, 12)) * np.linspace(3, 0.1, 12) + 5.0
+    moments = CovarianceMoments()
+    for first in range(0, 90, 32):
+        moments.add(torch.as_tensor(features[first:first + 32]))
+    mean, components, variance, ratio = moments.pca(2)
+    centred = features - features.mean(axis=0)
+    _, singular, vt = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(np.abs(components), np.abs(vt[:2]), atol=1e-9)
+    np.testing.assert_allclose(variance, singular[:2] ** 2 / 90, rtol=1e-9)
+    np.testing.assert_allclose(ratio, singular[:2] ** 2 / (singular ** 2).sum(), rtol=1e-9)
+    edges = symlog_edges(1e-4, 1e4, 8)
+    assert np.array_equal(edges, edges.astype(np.float32)) and np.array_equal(edges, -edges[::-1])
+
+
+def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest():
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 10)  # (B, C, P)
+    x[0, 1, 2], x[2, 1, 5], x[1, 2, 0] = float("nan"), float("inf"), -float("inf")
+    x[:, 0, :3] = 0.0
+    edges = symlog_edges(1e-4, 1e4, 8)
+    out = batch_reductions(x, torch.as_tensor(edges), low=-1.0, high=1.0)
+    values = x.double().numpy().transpose(1, 0, 2).reshape(3, -1)  # (C, B*P)
+    finite = np.isfinite(values)
+    for c in range(3):
+        v = values[c][finite[c]]
+        assert int(out["count"][c]) == v.size and int(out["nonfinite"][c]) == (~finite[c]).sum()
+        assert float(out["mean"][c]) == pytest.approx(v.mean(), rel=1e-12)
+        assert float(out["m2"][c]) == pytest.approx(((v - v.mean()) ** 2).sum(), rel=1e-9)
+        assert float(out["min"][c]) == v.min() and float(out["max"][c]) == v.max()
+        assert int(out["zeros"][c]) == (v == 0).sum() and int(out["saturated"][c]) == (np.abs(v) >= 1).sum()
+    expected = FixedHistogram(edges)
+    expected.add(values)
+    np.testing.assert_array_equal(out["hist"].numpy(), expected.counts)
+    row = x[0, 1].numpy()  # holds the NaN: its peak is the largest finite value
+    assert float(out["peak"][0, 1]) == row[np.isfinite(row)].max()
+
+
+def test_vit_tokens_become_a_grid_and_the_class_token_is_the_embedding():
+    from reportgen.demo.models import demo_vit
+
+    model = demo_vit(pretrained=False)
+    x = torch.randn(2, 3, 64, 64)
+    ctx = RunContext(model=model, loaded=None, dataset_classes=[], num_images=2, device=torch.device("cpu"),
+                     results_dir=None, report=None)
+    cfg = compose_config(["analysis=[activations]"]).analysis.activations
+    analysis = Activations(cfg, ctx)
+    images = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    analysis.begin(Batch(indices=torch.arange(2), paths=["a", "b"], images=images, inputs=x,
+                         labels=torch.full((2,), -1)))
+    assert [c.key for c in analysis.calls] == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
+    assert all(c.grid == (8, 8) and c.channels == 96 for c in analysis.calls)
+    assert (analysis.embed_key, analysis.embed_recipe) == ("encoder", "first")
+    with CaptureEngine(model, analysis.requires().activations) as engine:
+        captures = engine.start_batch()
+        with torch.no_grad():
+            model(x)
+    tokens = captures["encoder.layers.encoder_layer_3"]  # (2, 65, 96)
+    values, grid = channel_view(tokens)
+    assert grid == (8, 8) and torch.equal(values, tokens[:, 1:].transpose(1, 2))  # (2, 96, 64): patches only
+    assert count_hooks(model) == 0
+
+
+def test_unknown_layer_fails_with_close_matches(colour_folder, tmp_path):
+    cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[activations]",
+                                 "analysis.activations.layers=[shraed]"])
+    with pytest.raises(ConfigError, match="analysis.activations.layers") as info:
+        run(cfg, out_dir=tmp_path / "run")
+    assert "'shared'" in str(info.value)
+    cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[activations]",
+                                 "analysis.activations.top_k=0"])
+    with pytest.raises(ConfigError, match="analysis.activations.top_k"):
+        run(cfg, out_dir=tmp_path / "run2")
