@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from reportgen.analyses import Analysis, Batch, RunContext, get_analysis
 from reportgen.capture import CaptureEngine, primary_tensor
-from reportgen.config import Precision, to_container
+from reportgen.config import ConfigError, Precision, to_container
 from reportgen.data import ImageFolderDataset, RawBatch, ScanResult, make_loader, scan_folder
 from reportgen.models import LoadedModel, load_model
 from reportgen.render import render_report
@@ -132,7 +132,13 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
             return 0, notes
         first_batch = _to_batch(first, scan, loaded, device, labels_lookup, runtime.channels_last)
         for analysis in analyses:
-            analysis.begin(first_batch)
+            try:
+                analysis.begin(first_batch)
+            except (ConfigError, RunError):
+                raise
+            except Exception as exc:  # probes run the model: its errors must name the files, as in the pass
+                raise RunError(f"analysis '{analysis.name}' failed while probing the model with the first batch "
+                               f"(files {first_batch.paths}): {type(exc).__name__}: {exc}") from exc
         requirements = [a.requires() for a in analyses]  # after begin: defaults may depend on a probe forward
         activations = [n for r in requirements for n in r.activations]
         gradients = [n for r in requirements for n in r.gradients]

@@ -14,10 +14,10 @@ from tests.conftest import compose_config
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_default_config_validates_with_both_default_analyses():
+def test_default_config_validates_with_the_demo_analyses():
     cfg = compose_config([])
     typed = validate(cfg)
-    assert list(typed) == ["summary", "predictions"]
+    assert list(typed) == ["summary", "predictions", "gradcam", "activations", "weights", "graph"]
     assert typed["predictions"].top_k == 5
     assert cfg.model.source.name == "target" and cfg.dataset.synthetic == "shapes"
 
