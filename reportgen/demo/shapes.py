@@ -6,7 +6,6 @@ hard enough that the report shows real mistakes, easy enough for a small CNN.
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
@@ -117,14 +116,13 @@ def render_shape(class_name: str, rng: np.random.Generator, size: int = 96) -> I
 
     pixels = np.asarray(image, dtype=float) * (1 - alpha) + best * alpha  # (H, W, 3)
     pixels += rng.normal(0.0, rng.uniform(4.0, 14.0), pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), mode="RGB")
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8))
 
 
 def _write_broken_files(folder: Path) -> None:
     """Add two unreadable files, as a real folder may hold, for the report's failed-file ledger."""
-    valid = io.BytesIO()
-    Image.new("RGB", (32, 32), (200, 40, 40)).save(valid, format="JPEG", quality=90)
-    (folder / "square" / "corrupt_truncated.jpg").write_bytes(valid.getvalue()[:200])
+    valid_jpeg = (folder / "square" / "square_000.jpg").read_bytes()
+    (folder / "square" / "corrupt_truncated.jpg").write_bytes(valid_jpeg[:200])
     (folder / "circle" / "notes.jpg").write_text(
         "Notes on the shapes demo: this is a text file with a .jpg name, not an image.\n"
     )
@@ -139,6 +137,8 @@ def generate_shapes_folder(root: Path, per_class: int = 40, seed: int = 0, size:
     FileExistsError if `root` already exists and is not an empty directory.
     """
     root = Path(root)
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}")
     if root.exists() and not (root.is_dir() and not any(root.iterdir())):
         raise FileExistsError(f"{root} already exists; remove it first or choose another path")
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +154,7 @@ def generate_shapes_folder(root: Path, per_class: int = 40, seed: int = 0, size:
                 else:
                     image.save(tmp / class_name / f"{class_name}_{i:03d}.jpg", quality=90)
         _write_broken_files(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
         try:
             os.replace(tmp, root)
         except OSError as error:  # another process created `root` meanwhile
