@@ -102,6 +102,37 @@ def per_class_figure(rows: List[JobRow]) -> Optional[Figure]:
                               caption="Per-class top-1 accuracy by job")
 
 
+DEAD_ZERO_FRACTION = 0.99  # as the activations analysis's default: a channel that is 0 this often is dead
+
+
+def dead_fraction_by_layer(stats_csv: Path) -> List[float]:
+    """Fraction of dead channels per layer, in the file's (depth) order, from results/activation_stats.csv."""
+    import csv
+
+    layers: Dict[str, List[float]] = {}
+    with open(stats_csv, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            layers.setdefault(row["layer"], []).append(float(row["frac_zero"]))
+    return [float(np.mean(np.asarray(v) >= DEAD_ZERO_FRACTION)) for v in layers.values()]
+
+
+def dead_channels_figure(sweep_dir: Path, rows: List[JobRow]) -> Optional[Figure]:
+    """Lines: dead-channel fraction by analysed layer (in depth order) for every job that ran `activations`."""
+    series = []
+    for row in rows:
+        stats = sweep_dir / row.name / "results" / "activation_stats.csv"
+        if row.status == "ok" and stats.is_file():
+            series.append((f"#{row.name} {row.model}", dead_fraction_by_layer(stats)))
+    if not series:
+        return None
+    depth = max(len(values) for _, values in series)
+    padded = [(label, values + [float("nan")] * (depth - len(values))) for label, values in series]
+    return plots.fraction_lines([f"layer {i + 1}" for i in range(depth)], padded, name="dead_channels",
+                                ylabel="dead channels",
+                                caption=f"Dead channels (zero in ≥ {DEAD_ZERO_FRACTION:.0%} of positions) by analysed "
+                                        f"layer, shallow to deep, per job")
+
+
 def build_index(sweep_dir: Path) -> Path:
     """Write `<sweep_dir>/index.html`; returns its path."""
     from reportgen.render import render_index
@@ -110,7 +141,7 @@ def build_index(sweep_dir: Path) -> Path:
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
     rows = collect_jobs(sweep_dir)
-    figures = [f for f in (per_class_figure(rows),) if f is not None]
+    figures = [f for f in (per_class_figure(rows), dead_channels_figure(sweep_dir, rows)) if f is not None]
     return render_index(sweep_dir, rows, figures)
 
 

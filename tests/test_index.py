@@ -12,7 +12,8 @@ def test_multirun_builds_an_index_with_a_failed_job(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "run.py", "-m", "model=demo_cnn,demo_vit,checkpoint", f"model.path={tmp_path}/missing.pt",
-         "dataset.limit=12", "runtime.num_workers=0", "runtime.progress=false", "analysis=[summary,predictions]",
+         "dataset.limit=12", "runtime.num_workers=0", "runtime.progress=false",
+         "analysis=[summary,predictions,activations]", "analysis.activations.n_images=2",
          f"hydra.sweep.dir={sweep}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -25,6 +26,13 @@ def test_multirun_builds_an_index_with_a_failed_job(tmp_path):
         assert f'href="{job}/report/index.html"' in html
         assert (sweep / job / "report" / "index.html").is_file()
     assert "model=checkpoint" in html and "failed" in html
+    assert "Per-class top-1 accuracy by job" in html and "Dead channels" in html
+    from tests.browser import CHROMIUM, open_page
+
+    if Path(CHROMIUM).exists():  # the index in a real browser: clean, every image and report link resolves
+        check = open_page(sweep / "index.html")
+        assert check.console_errors == [] and check.page_errors == [] and check.broken_images == []
+        assert check.outside_requests == [] and check.images == 2
 
 
 def test_index_cli_on_a_missing_folder_is_a_clear_error(tmp_path, capsys):
