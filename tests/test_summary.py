@@ -48,12 +48,15 @@ def test_reused_module_gets_one_row_per_call_with_exact_flops():
     assert by_name["shared#2"]["params"] == 4 and by_name["shared"]["input_shape"] == "1×2×4×4"
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small", "vit_b_16"])
 def test_torchvision_totals_equal_parameters_and_flop_counter(arch):
     model = torchvision.models.get_model(arch, weights=None).eval()
     x = torch.rand(1, 3, 224, 224)
     rows, total = profile_modules(model, x)
     assert total == flop_counter_total(model, x)
     assert count_parameters(model)[0] == sum(p.numel() for p in model.parameters())
+    if arch == "vit_b_16":  # attention matmuls count: about 11 GMACs (torchinfo reports 0.17 GMACs)
+        assert 22.0e9 < total < 23.0e9
+        return
     top_level = [r for r in rows if r["depth"] == 1]
     assert sum(r["flops"] for r in top_level) == total  # children add up to the whole for these sequential nets
