@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
+import weakref
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,8 +86,25 @@ def _choices(model: nn.Module, pattern: str) -> List[str]:
     return close + [n for n in top if n not in close]
 
 
+_PROBES: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, List[Tuple[str, Tuple[int, ...]]]]]" = \
+    weakref.WeakKeyDictionary()
+
+
 def probe_output_shapes(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(name, output shape) of every module call of one forward, in call order (hooks removed afterwards)."""
+    """(name, output shape) of every module call of one forward, in call order (hooks removed afterwards).
+
+    Several analyses ask for this on the same model and example shape; the answer is remembered per model (weakly,
+    so it goes with the model), so a run pays for one probe forward, not one per analysis."""
+    key = (tuple(example.shape), example.dtype, str(example.device))
+    cached = _PROBES.get(model, {}).get(key)
+    if cached is not None:
+        return list(cached)
+    calls = _probe(model, example)
+    _PROBES.setdefault(model, {})[key] = calls
+    return list(calls)
+
+
+def _probe(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
     modules = named_modules(model)
     calls: List[Tuple[str, Tuple[int, ...]]] = []
     handles = []

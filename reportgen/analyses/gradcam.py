@@ -150,13 +150,9 @@ class GradCAM(Analysis):
             expected = int(self.label_to_output[label]) if label >= 0 and len(self.label_to_output) else -1
             wrong = expected >= 0 and int(predicted_np[row]) != expected
             priority = (2.0 if wrong else 0.0) + (1.0 - float(conf_np[row]))
-            if self.gallery.accepts(priority, index):
-                thumb = thumbnail(batch.images[row], int(self.ctx.report.thumbnail_size))
-                full = batch.images[row].permute(1, 2, 0).numpy()  # (H, W, 3): the model's input
-                cam = cams[row].detach().cpu()
+            if self.gallery.accepts(priority, index):  # overlays are drawn in finalize, for the kept ones only
                 self.gallery.push(priority, index, {
-                    "path": batch.paths[row], "overlay": heat_on_thumbnail(thumb, cam),
-                    "full": heat_on_thumbnail(full, cam),
+                    "path": batch.paths[row], "image": batch.images[row].clone(), "cam": cams_np[row].copy(),
                     "target": cls, "predicted": int(predicted_np[row]), "confidence": float(conf_np[row]),
                     "label": label, "wrong": wrong, "expected": expected})
         self.count += len(batch.paths)
@@ -211,8 +207,11 @@ class GradCAM(Analysis):
             if item["label"] >= 0:
                 lines.insert(0, f"label: {self.ctx.dataset_classes[item['label']]}")
             status = "neutral" if item["expected"] < 0 else ("bad" if item["wrong"] else "ok")
-            items.append(GalleryItem(image=item["overlay"], title=item["path"], lines=lines, status=status,
-                                     full=item["full"]))
+            cam = torch.from_numpy(item["cam"])  # (h, w) raw map
+            thumb = thumbnail(item["image"], int(self.ctx.report.thumbnail_size))
+            full = item["image"].permute(1, 2, 0).numpy()  # (H, W, 3): the model's input
+            items.append(GalleryItem(image=heat_on_thumbnail(thumb, cam), title=item["path"], lines=lines,
+                                     status=status, full=heat_on_thumbnail(full, cam)))
         note = ("misclassified first, then lowest confidence" if len(self.label_to_output)
                 and (self.label_to_output >= 0).any() else "lowest confidence first")
         section.elements.append(Gallery(title="Class activation maps", items=items, note=note))
