@@ -51,7 +51,7 @@ def pytorch_grad_cam_loop(cfg) -> float:
 
 
 def main(overrides: list[str]) -> None:
-    defaults = ["model=resnet18", "model.weights=null", "dataset.limit=96", "analysis=[gradcam]"]
+    defaults = ["model=resnet18", "model.weights=null", "analysis=[gradcam]"]
     cfg = compose_cfg(defaults + overrides)
     plain_loop(cfg)  # warm-up
     plain = plain_loop(cfg)

@@ -75,7 +75,9 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
         raise RunError(f"runtime.strict=true and {failed[0][0]} was skipped: {failed[0][1]}")
 
     with _timed(timings, "pass"):
-        processed, capture_notes = _one_pass(cfg, scan, loaded, model, device, analyses, failed)
+        processed, capture_notes, probe_seconds = _one_pass(cfg, scan, loaded, model, device, analyses, failed)
+    timings["probes"] = probe_seconds  # one-time: FLOP count, layer probes, graphs (not per image)
+    timings["pass"] -= probe_seconds
     throughput = processed / max(timings["pass"], 1e-9)
     log.info("pass: %d images in %.1f s (%.1f images/s), %d failed", processed, timings["pass"], throughput,
              len(failed))
@@ -114,7 +116,7 @@ def record_failure(cfg: DictConfig, exc: BaseException, out_dir: Optional[Path] 
 
 def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: torch.nn.Module,
               device: torch.device, analyses: List[Analysis], failed: List[Tuple[str, str]]):
-    """Iterate the loader once; returns (images processed, capture notes)."""
+    """Iterate the loader once; returns (images processed, capture notes, seconds spent in analyses' `begin`)."""
     runtime = cfg.runtime
     dataset = ImageFolderDataset(scan, loaded.preprocess, max_pixels=int(cfg.dataset.max_pixels))
     loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers), pin_memory=device.type == "cuda")
@@ -129,8 +131,9 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
         strict = bool(runtime.strict)
         first = _next_good_batch(batches, scan, failed, progress, strict)
         if first is None:
-            return 0, notes
+            return 0, notes, 0.0
         first_batch = _to_batch(first, scan, loaded, device, labels_lookup, runtime.channels_last)
+        probe_started = time.perf_counter()
         for analysis in analyses:
             try:
                 analysis.begin(first_batch)
@@ -139,6 +142,7 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
             except Exception as exc:  # probes run the model: its errors must name the files, as in the pass
                 raise RunError(f"analysis '{analysis.name}' failed while probing the model with the first batch "
                                f"(files {first_batch.paths}): {type(exc).__name__}: {exc}") from exc
+        probe_seconds = time.perf_counter() - probe_started
         requirements = [a.requires() for a in analyses]  # after begin: defaults may depend on a probe forward
         activations = [n for r in requirements for n in r.activations]
         gradients = [n for r in requirements for n in r.gradients]
@@ -171,7 +175,7 @@ def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: tor
                 batch = None
     finally:
         progress.close()
-    return processed, notes
+    return processed, notes, probe_seconds
 
 
 def _next_good_batch(batches, scan: ScanResult, failed: List[Tuple[str, str]], progress,
