@@ -60,3 +60,37 @@ def test_torchvision_totals_equal_parameters_and_flop_counter(arch):
         return
     top_level = [r for r in rows if r["depth"] == 1]
     assert sum(r["flops"] for r in top_level) == total  # children add up to the whole for these sequential nets
+
+
+class TupleDictNet(torch.nn.Module):
+    """A block returning a tuple and a head returning a dict: shapes come from the first tensor inside."""
+
+    class Split(torch.nn.Module):
+        def forward(self, x):
+            return x[:, :2], x[:, 2:]
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 4)
+
+        def forward(self, x):
+            return {"logits": self.fc(x), "features": x}
+
+    def __init__(self):
+        super().__init__()
+        self.split = self.Split()
+        self.head = self.Head()
+
+    def forward(self, x):
+        a, _ = self.split(x.mean(dim=(2, 3)))
+        return self.head(a)["logits"]
+
+
+def test_tuple_and_dict_outputs_get_shapes_and_flops():
+    model = TupleDictNet().eval()
+    rows, total = profile_modules(model, torch.rand(1, 3, 4, 4))
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["split"]["output_shape"] == "1×2" and by_name["head"]["output_shape"] == "1×4"
+    assert by_name["head.fc"]["flops"] == by_name["head"]["flops"] == total == 2 * 2 * 4
+    assert by_name["split"]["output_bytes"] == 2 * 4 + 1 * 4  # both tuple members counted (float32)
