@@ -199,7 +199,7 @@ def trace_to_depth(model: nn.Module, depth: int) -> Tuple[Optional[fx.Graph], Se
         tracer = _DepthTracer(depth, leaves)
         try:
             return tracer.trace(model), leaves, ""
-        except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError, ...)
+        except Exception as exc:  # fx raises many types (TraceError, TypeError, unsupported-op errors, ...)
             error = f"{type(exc).__name__}: {_first_line(exc)}"
             if tracer.failed_in is None or tracer.failed_in in leaves:
                 return None, leaves, error
