@@ -124,12 +124,13 @@ class Predictions(Analysis):
                 heap.push(score, int(index), item)
 
     def _write_rows(self, batch: Batch, indices, labels, top_idx, top_probs) -> None:
-        names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)
         if self._csv is None:
+            self._names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)  # once, not per batch
             self._csv_file = open(self.ctx.results_dir / "predictions.csv", "w", newline="", encoding="utf-8")
             self._csv = csv.writer(self._csv_file)
             self._csv.writerow(["path", "label", "top1_index", "top1_name", "top1_prob", "topk_indices",
                                 "topk_names", "topk_probs"])
+        names = self._names
         for row in range(len(indices)):
             label = self.ctx.dataset_classes[labels[row]] if labels[row] >= 0 else ""
             self._csv.writerow([

@@ -8,7 +8,6 @@ exactly. Parameters are counted once per tensor, so tied weights are not double 
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.capture import call_key, primary_tensor
 from reportgen.report import Alert, KeyValues, Section, Table, Text
+from reportgen.results import write_json
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Summary(Analysis):
             writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.rows)
-        (self.ctx.results_dir / "summary.json").write_text(json.dumps(self.totals, indent=2), encoding="utf-8")
+        write_json(self.ctx.results_dir / "summary.json", self.totals)
 
     def state_dict(self) -> Dict[str, Any]:
         return {"rows": self.rows, "totals": self.totals, "error": self.error}
