@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from reportgen.pipeline import run
-from tests.browser import CHROMIUM, open_page
+from tests.browser import CHROMIUM, chromium_page, open_page
 from tests.conftest import compose_config
 from tests.test_pipeline import TINY
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 def assert_clean(check):
     assert check.console_errors == [] and check.page_errors == [] and check.dialogs == []
     assert check.outside_requests == []
-    assert check.broken_images == [] and check.images > 0
+    assert check.pending_images == [] and check.broken_images == [] and check.images > 0
     assert check.missing_anchors == []
 
 
@@ -64,22 +64,16 @@ def test_single_file_report_is_self_contained_and_clean(colour_folder, tmp_path)
 
 
 def test_thumbnail_click_opens_the_full_image(tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    from tests.browser import CHROMIUM_ARGS
-
     cfg = compose_config(["runtime.progress=false", "analysis=[predictions]", "dataset.limit=12", "report.thumbnail_size=32",
                           "runtime.num_workers=0"])
     index = run(cfg, out_dir=tmp_path / "run")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
+    with chromium_page() as page:
         page.goto(index.resolve().as_uri())
         page.click("a.zoom >> nth=0")
-        size = page.evaluate("""() => new Promise(done => { const img = document.querySelector('.lightbox img');
-            const report = () => done([img.naturalWidth, img.naturalHeight]);
-            img.complete ? report() : (img.onload = report); })""")
+        page.wait_for_function("() => { const img = document.querySelector('.lightbox img');"
+                               " return img && img.complete && img.naturalWidth > 0; }")
+        size = page.evaluate("() => { const img = document.querySelector('.lightbox img');"
+                             " return [img.naturalWidth, img.naturalHeight]; }")
         assert size == [64, 64]  # the full model input (the demo crop), not the thumbnail
         page.keyboard.press("Escape")
         assert page.query_selector(".lightbox") is None
-        browser.close()
