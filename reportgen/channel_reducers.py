@@ -255,6 +255,8 @@ class CovarianceMoments:
         if self.mean is None:
             self.count, self.mean, self.m2 = count, mean.clone(), m2.clone()
             return
+        if mean.device != self.mean.device and mean.device.type != "cpu":  # e.g. resumed on the CPU, fed on a GPU
+            self.mean, self.m2 = self.mean.to(mean.device), self.m2.to(mean.device)
         mean, m2 = mean.to(self.mean.device), m2.to(self.mean.device)
         total = self.count + count
         delta = mean - self.mean  # (D,)

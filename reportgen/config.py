@@ -121,6 +121,11 @@ class RuntimeConfig:
     seed: int = 0  # seeds torch/numpy/random for anything stochastic (e.g. random-init weights)
     progress: bool = True  # tqdm progress bar with images/s
     strict: bool = False  # stop at the first unreadable file instead of listing it and going on
+    shard: Optional[str] = None  # "i/n": only the i-th of n equal slices of the sorted file list; writes the
+    #   mergeable state (results/state.pt) for `python -m reportgen.merge`, no report
+    resume: bool = True  # a run folder holding an interrupted run of this config continues where it stopped
+    #   (false: start over, discarding it)
+    checkpoint_every: int = 50  # batches between saves of the mergeable state (0: never; a crash restarts)
 
 
 @dataclass
@@ -256,6 +261,18 @@ def _override_values(override: Any) -> List[Any]:
         else:
             flat.append(value)
     return flat
+
+
+def config_from_container(container: Dict[str, Any]) -> DictConfig:
+    """The typed config again from a manifest's or state's plain dict (e.g. to merge shards of a finished run)."""
+    from reportgen.analyses import get_analysis
+
+    register_configs()
+    plain = {k: v for k, v in container.items() if k != "analysis"}
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), plain)
+    for name, options in (container.get("analysis") or {}).items():
+        cfg.analysis[name] = OmegaConf.merge(OmegaConf.structured(get_analysis(name).Config), options or {})
+    return cfg  # type: ignore[return-value]
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:

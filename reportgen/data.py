@@ -157,6 +157,16 @@ def collate(samples: List[Dict[str, Any]]) -> RawBatch:
     return RawBatch(indices=indices, images=images, failed=failed)
 
 
+def first_decodable(dataset: ImageFolderDataset) -> Optional[RawBatch]:
+    """A one-image batch of the first item that decodes (an example for the analyses' setup when the pass itself
+    has no batch to offer: a resumed run with nothing left, a merge), or None when none does."""
+    for item in range(len(dataset)):
+        sample = dataset[item]
+        if sample["image"] is not None:
+            return collate([sample])
+    return None
+
+
 def make_loader(dataset: ImageFolderDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
     """Ordered batches (no shuffling: results and shards stay deterministic), workers kept alive."""
     return DataLoader(

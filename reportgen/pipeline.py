@@ -1,8 +1,10 @@
 """`run(cfg) -> Path`: validate, load, one hooked pass over the folder feeding every analysis, render.
 
-The loop is the only place that touches batches: decode in workers -> device (non-blocking from pinned memory)
--> normalise -> forward (inference_mode, or grad-enabled with frozen parameters when an analysis needs gradients)
--> every analysis's `update`. Analyses keep bounded state; figures are made only in `finalize`.
+The pass itself is in one_pass.py (decode in workers -> device -> forward -> every analysis's `update`, with
+checkpoints). This module decides what a run is: a whole run (renders the report), a shard (`runtime.shard=i/n`:
+saves its mergeable state for `python -m reportgen.merge`), a rank under torchrun (distributed.py), or the
+continuation of an interrupted run found in the same folder. Analyses keep bounded state; figures are made only in
+`finalize`.
 """
 from __future__ import annotations
 
@@ -13,45 +15,69 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from tqdm import tqdm
 
-from reportgen.analyses import Analysis, Batch, RunContext, get_analysis
-from reportgen.capture import CaptureEngine, primary_tensor
-from reportgen.config import ConfigError, Precision, to_container
-from reportgen.data import ImageFolderDataset, RawBatch, ScanResult, make_loader, scan_folder
-from reportgen.models import LoadedModel, load_model
+from reportgen.analyses import RunContext, get_analysis
+from reportgen.config import to_container
+from reportgen.data import scan_folder
+from reportgen.job import Job
+from reportgen.models import load_model
+from reportgen.one_pass import RunError, run_pass
 from reportgen.render import render_report
 from reportgen.report import Alert, KeyValues, Page, Section
 from reportgen.results import library_versions, write_failed, write_json
+from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state, save_state
+from reportgen.shards import parse_shard, shard_bounds, torchrun_rank
 from reportgen.validate import resolve_dataset_root, select_device, validate
 
 log = logging.getLogger("reportgen")
-_DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+__all__ = ["RunError", "run", "prepare", "finish", "record_failure"]
 
-
-class RunError(RuntimeError):
-    """The pass could not complete (e.g. the model's forward raised); names the files of the failing batch."""
+# runtime keys that change how a run executes, not what it computes: a run may resume or merge across them
+EXECUTION_KEYS = ("runtime.progress", "runtime.num_workers", "runtime.resume", "runtime.checkpoint_every",
+                  "runtime.batch_size", "runtime.device", "runtime.shard")
 
 
 def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
-    """Produce `<out_dir>/report/index.html` and `<out_dir>/results/`; returns the index.html path."""
+    """Produce `<out_dir>/report/index.html` and `<out_dir>/results/`; returns the index.html path.
+
+    With `runtime.shard=i/n`, only that slice is processed and `<out_dir>/results/state.pt` is returned instead.
+    Under torchrun, every rank runs its shard and rank 0 merges them (ranks other than 0 return None)."""
+    rank = torchrun_rank()
+    if rank is not None and parse_shard(cfg.runtime.shard) is None:
+        from reportgen.distributed import run_ranks
+
+        return run_ranks(cfg, out_dir, *rank)
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     analysis_cfgs = validate(cfg)
+    shard = parse_shard(cfg.runtime.shard)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
     if _finished_run(out_dir):
         raise RunError(f"{out_dir} already holds a finished run; choose another output folder "
                        f"(hydra.run.dir=...) rather than overwrite it")
+    job = prepare(cfg, analysis_cfgs, out_dir, timings)
+    start, end = shard_bounds(len(job.scan.paths), shard)
+    state = _resume_or_start(job, start, end, shard)
+    timings["probes"] = run_pass(job, state)  # one-time: FLOP count, layer probes, graphs (not per image)
+    timings["pass"] = state.pass_seconds
+    log.info("pass: %d images in %.1f s (%.1f images/s), %d failed", state.processed, state.pass_seconds,
+             state.processed / max(state.pass_seconds, 1e-9), len(state.failed))
+    if shard is not None:
+        return _save_shard(job, state, timings, started)
+    return finish(job, [state], timings, started)
+
+
+def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timings: Dict[str, float]) -> Job:
+    """Scan the folder, load the model onto its device, build the analyses (nothing runs the model yet)."""
     results_dir = out_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.runtime.seed))
     device = select_device(cfg.runtime.device)
-
     with _timed(timings, "scan"):
         root = resolve_dataset_root(cfg.dataset)
         scan = scan_folder(root, list(cfg.dataset.extensions), cfg.dataset.labels, cfg.dataset.limit)
@@ -59,49 +85,96 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
             raise RunError(f"no image files under {root} (extensions {list(cfg.dataset.extensions)}, "
                            f"case-insensitive; hidden files skipped); check dataset.root and dataset.extensions")
     log.info("scan: %d images, %d classes in %s", len(scan.paths), len(scan.class_names), root)
-
+    if scan.skipped and cfg.runtime.strict:
+        raise RunError(f"runtime.strict=true and {scan.skipped[0][0]} was skipped: {scan.skipped[0][1]}")
     with _timed(timings, "model"):
         loaded = load_model(cfg.model)
         model = loaded.module.to(device)
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
     log.info("model: %s (%s)", loaded.name, loaded.weights)
-
     ctx = RunContext(model=model, loaded=loaded, dataset_classes=scan.class_names, num_images=len(scan.paths),
                      device=device, results_dir=results_dir, report=cfg.report)
-    analyses: List[Analysis] = [get_analysis(name)(acfg, ctx) for name, acfg in analysis_cfgs.items()]
-    failed: List[Tuple[str, str]] = list(scan.skipped)
-    if failed and cfg.runtime.strict:
-        raise RunError(f"runtime.strict=true and {failed[0][0]} was skipped: {failed[0][1]}")
+    analyses = [get_analysis(name)(acfg, ctx) for name, acfg in analysis_cfgs.items()]
+    return Job(cfg=cfg, out_dir=out_dir, root=root, scan=scan, loaded=loaded, model=model, device=device,
+               analyses=analyses)
 
-    with _timed(timings, "pass"):
-        processed, capture_notes, probe_seconds = _one_pass(cfg, scan, loaded, model, device, analyses, failed)
-    timings["probes"] = probe_seconds  # one-time: FLOP count, layer probes, graphs (not per image)
-    timings["pass"] -= probe_seconds
-    throughput = processed / max(timings["pass"], 1e-9)
-    log.info("pass: %d images in %.1f s (%.1f images/s), %d failed", processed, timings["pass"], throughput,
-             len(failed))
 
+def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], started: float) -> Path:
+    """Finalize the analyses (already holding every state), render the report, write the manifest."""
+    cfg, results_dir = job.cfg, job.results_dir
+    processed = sum(s.processed for s in states)
+    failed = [f for s in states for f in s.failed]
+    notes: Dict[str, str] = {}
+    warnings: List[str] = []
+    for state in states:
+        notes.update(state.notes)
+        warnings.extend(w for w in state.warnings if w not in warnings)
+    pass_seconds = max(s.pass_seconds for s in states)  # shards run side by side: the slowest one's time
+    throughput = processed / max(pass_seconds, 1e-9)
     with _timed(timings, "finalize"):
-        sections = [s for s in (a.finalize() for a in analyses) if s is not None]
+        sections = [s for s in (a.finalize() for a in job.analyses) if s is not None]
     write_failed(results_dir / "failed.csv", failed)
-    page = _page(cfg, loaded, scan, root, device, processed, failed, timings, throughput, sections, capture_notes)
+    page = _page(job, processed, failed, timings, throughput, sections, notes, warnings, len(states))
     with _timed(timings, "render"):
-        index = render_report(page, out_dir / "report", str(cfg.report.image_format), bool(cfg.report.single_file))
+        index = render_report(page, job.out_dir / "report", str(cfg.report.image_format), bool(cfg.report.single_file))
     timings["total"] = time.perf_counter() - started
     write_json(results_dir / "manifest.json", {
         "status": "ok", "reportgen": reportgen_version(), "command": command_line(),
         "config": to_container(cfg), "versions": library_versions(),
-        "counts": {"found": len(scan.paths), "processed": processed, "failed": len(failed),
-                   "classes": len(scan.class_names)},
-        "model": {"name": loaded.name, "source": loaded.source, "weights": loaded.weights,
-                  "random_init": loaded.random_init, "num_class_names": len(loaded.class_names)},
-        "device": str(device), "precision": _enum_name(cfg.runtime.precision),
+        "counts": {"found": len(job.scan.paths), "processed": processed, "failed": len(failed),
+                   "classes": len(job.scan.class_names)},
+        "model": {"name": job.loaded.name, "source": job.loaded.source, "weights": job.loaded.weights,
+                  "random_init": job.loaded.random_init, "num_class_names": len(job.loaded.class_names)},
+        "device": str(job.device), "precision": _enum_name(cfg.runtime.precision),
+        "shards": len(states), "warnings": warnings,
         "images_per_second": throughput, "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "report": index.relative_to(out_dir).as_posix(),
+        "report": index.relative_to(job.out_dir).as_posix(),
     })
+    (results_dir / STATE_FILE).unlink(missing_ok=True)  # finished: the report and results replace the checkpoint
     log.info("report: %s (total %.1f s)", index, timings["total"])
     return index
+
+
+def _resume_or_start(job: Job, start: int, end: int, shard: Optional[Tuple[int, int]]) -> RunState:
+    """The saved state of an interrupted run of the same config in this folder (runtime.resume), else a new one."""
+    path = job.results_dir / STATE_FILE
+    config = to_container(job.cfg)
+    if path.exists() and job.cfg.runtime.resume:
+        state = load_state(path)
+        different = config_differences(state.config, config, EXECUTION_KEYS)
+        if different:
+            raise RunError(f"{job.out_dir} holds an interrupted run of a different config ({'; '.join(different)}). "
+                           f"Rerun it with the same config to resume, set runtime.resume=false to start over, or "
+                           f"choose another folder")
+        if (state.start, state.end, state.found) != (start, end, len(job.scan.paths)):
+            raise RunError(f"{job.out_dir} holds an interrupted run over images {state.start}..{state.end} of "
+                           f"{state.found}, but the folder now gives {start}..{end} of {len(job.scan.paths)}: "
+                           f"the folder changed. Set runtime.resume=false to start over")
+        log.info("resuming %s: %d of %d images were done", job.out_dir, state.done, end - start)
+        return state
+    return RunState(config=config, start=start, end=end, done=0, shard=shard, found=len(job.scan.paths),
+                    failed=list(job.scan.skipped) if start == 0 else [],  # scan findings belong to the first slice
+                    results_dir=str(job.results_dir))
+
+
+def _save_shard(job: Job, state: RunState, timings: Dict[str, float], started: float) -> Path:
+    """A finished shard: its whole mergeable state in results/state.pt and a manifest saying it is a shard."""
+    state.analyses = {a.name: a.state_dict() for a in job.analyses}
+    path = job.results_dir / STATE_FILE
+    save_state(path, state)
+    timings["total"] = time.perf_counter() - started
+    write_json(job.results_dir / "manifest.json", {
+        "status": "shard", "shard": list(state.shard), "reportgen": reportgen_version(), "command": command_line(),
+        "config": to_container(job.cfg), "versions": library_versions(),
+        "counts": {"found": state.found, "slice": [state.start, state.end], "processed": state.processed,
+                   "failed": len(state.failed)},
+        "device": str(job.device), "images_per_second": state.processed / max(state.pass_seconds, 1e-9),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()}, "state": STATE_FILE,
+    })
+    log.info("shard %d/%d: %d images; merge the shards with python -m reportgen.merge DIR... --out DIR",
+             *state.shard, state.processed)
+    return path
 
 
 def record_failure(cfg: DictConfig, exc: BaseException, out_dir: Optional[Path] = None) -> None:
@@ -114,102 +187,9 @@ def record_failure(cfg: DictConfig, exc: BaseException, out_dir: Optional[Path] 
     })
 
 
-def _one_pass(cfg: DictConfig, scan: ScanResult, loaded: LoadedModel, model: torch.nn.Module,
-              device: torch.device, analyses: List[Analysis], failed: List[Tuple[str, str]]):
-    """Iterate the loader once; returns (images processed, capture notes, seconds spent in analyses' `begin`)."""
-    runtime = cfg.runtime
-    dataset = ImageFolderDataset(scan, loaded.preprocess, max_pixels=int(cfg.dataset.max_pixels))
-    loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers), pin_memory=device.type == "cuda")
-    precision = Precision(_enum_name(runtime.precision))
-    labels_lookup = torch.tensor(scan.labels + [-1], dtype=torch.int64)
-    processed = 0
-    notes: Dict[str, str] = {}
-    progress = tqdm(total=len(dataset), unit="img", disable=not runtime.progress, file=sys.stderr,
-                    desc="reportgen", dynamic_ncols=True)
-    batches = iter(loader)
-    try:
-        strict = bool(runtime.strict)
-        first = _next_good_batch(batches, scan, failed, progress, strict)
-        if first is None:
-            return 0, notes, 0.0
-        first_batch = _to_batch(first, scan, loaded, device, labels_lookup, runtime.channels_last)
-        probe_started = time.perf_counter()
-        for analysis in analyses:
-            try:
-                analysis.begin(first_batch)
-            except (ConfigError, RunError):
-                raise
-            except Exception as exc:  # probes run the model: its errors must name the files, as in the pass
-                raise RunError(f"analysis '{analysis.name}' failed while probing the model with the first batch "
-                               f"(files {first_batch.paths}): {type(exc).__name__}: {exc}") from exc
-        probe_seconds = time.perf_counter() - probe_started
-        requirements = [a.requires() for a in analyses]  # after begin: defaults may depend on a probe forward
-        activations = [n for r in requirements for n in r.activations]
-        gradients = [n for r in requirements for n in r.gradients]
-        attention = [n for r in requirements for n in r.attention]
-        with CaptureEngine(model, activations, gradients, attention) as engine:
-            raw: Optional[RawBatch] = first
-            batch: Optional[Batch] = first_batch
-            while raw is not None:
-                if batch is None:
-                    batch = _to_batch(raw, scan, loaded, device, labels_lookup, runtime.channels_last)
-                captures = engine.start_batch()
-                grad_mode = torch.enable_grad() if engine.needs_grad else torch.inference_mode()
-                with grad_mode:
-                    try:
-                        with torch.autocast(device.type, dtype=_DTYPES[precision],
-                                            enabled=precision is not Precision.fp32):
-                            logits = primary_tensor(model(batch.inputs))
-                    except Exception as exc:
-                        raise RunError(f"the model's forward raised on the batch of files {batch.paths}: "
-                                       f"{type(exc).__name__}: {exc}") from exc
-                    if logits is None or logits.dim() != 2:
-                        raise RunError(f"expected the model to return logits of shape (batch, classes), got "
-                                       f"{None if logits is None else tuple(logits.shape)}")
-                    for analysis in analyses:
-                        analysis.update(batch, logits, captures)
-                notes.update(captures.notes)
-                processed += len(batch.paths)
-                progress.update(len(batch.paths))
-                raw = _next_good_batch(batches, scan, failed, progress, strict)
-                batch = None
-    finally:
-        progress.close()
-    return processed, notes, probe_seconds
-
-
-def _next_good_batch(batches, scan: ScanResult, failed: List[Tuple[str, str]], progress,
-                     strict: bool = False) -> Optional[RawBatch]:
-    """Next batch with at least one decoded image; failures of every batch go to the ledger (or, with
-    runtime.strict, stop the run)."""
-    for raw in batches:
-        if strict and raw.failed:
-            index, reason = raw.failed[0]
-            raise RunError(f"runtime.strict=true and {scan.paths[index]} could not be read: {reason}")
-        for index, reason in raw.failed:
-            failed.append((scan.paths[index], reason))
-            log.warning("skipped %s: %s", scan.paths[index], reason)
-        progress.update(len(raw.failed))
-        if len(raw.indices):
-            return raw
-    return None
-
-
-def _to_batch(raw: RawBatch, scan: ScanResult, loaded: LoadedModel, device: torch.device,
-              labels_lookup: torch.Tensor, channels_last: bool) -> Batch:
-    non_blocking = device.type == "cuda"
-    images = raw.images.to(device, non_blocking=non_blocking)  # (B, 3, H, W) uint8
-    inputs = loaded.preprocess.normalize(images)  # (B, 3, H, W) float32 on device
-    if channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    labels = labels_lookup[raw.indices].to(device, non_blocking=non_blocking)  # (B,)
-    return Batch(indices=raw.indices, paths=[scan.paths[i] for i in raw.indices.tolist()], images=raw.images,
-                 inputs=inputs, labels=labels)
-
-
-def _page(cfg, loaded: LoadedModel, scan: ScanResult, root: Path, device: torch.device, processed: int,
-          failed: List[Tuple[str, str]], timings: Dict[str, float], throughput: float, sections: List[Section],
-          capture_notes: Dict[str, str]) -> Page:
+def _page(job: Job, processed: int, failed: List[Tuple[str, str]], timings: Dict[str, float], throughput: float,
+          sections: List[Section], capture_notes: Dict[str, str], warnings: List[str], shards: int) -> Page:
+    cfg, loaded, scan, root, device = job.cfg, job.loaded, job.scan, job.root, job.device
     # the page is shared: it names the folder, not where it lies on this machine (results/manifest.json has that)
     dataset_label = (Path(str(cfg.dataset.root)).resolve().name if cfg.dataset.root
                      else f"demo folder ({cfg.dataset.synthetic}, generated)")
@@ -223,6 +203,8 @@ def _page(cfg, loaded: LoadedModel, scan: ScanResult, root: Path, device: torch.
         alerts.append(Alert("error", f"{len(failed)} of {len(scan.paths)} files could not be read and were "
                                      f"skipped (listed in results/failed.csv)",
                             details=[f"{path} — {reason}" for path, reason in failed]))
+    for warning in warnings:
+        alerts.append(Alert("warning", warning))
     for note in loaded.notes:
         alerts.append(Alert("info", note))
     if capture_notes:
@@ -242,7 +224,8 @@ def _page(cfg, loaded: LoadedModel, scan: ScanResult, root: Path, device: torch.
         ("input", f"resize {loaded.preprocess.resize}, crop {loaded.preprocess.crop}, mean "
                   f"{list(loaded.preprocess.mean)}, std {list(loaded.preprocess.std)}"),
         ("device", f"{device} ({precision}, batch {cfg.runtime.batch_size}, {cfg.runtime.num_workers} workers)"),
-        ("throughput", f"{throughput:.1f} images/s over the pass"),
+        ("throughput", f"{throughput:.1f} images/s over the pass"
+                       + (f" ({shards} shards side by side, timed by the slowest)" if shards > 1 else "")),
         ("time", ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())),
         ("analyses", ", ".join(cfg.analysis.keys())),
     ])
@@ -261,9 +244,9 @@ def _without_machine_paths(text: str, root: Path) -> str:
 
 
 def _finished_run(out_dir: Path) -> bool:
-    """True when `out_dir` already holds a successful run's manifest (never overwrite a finished report)."""
+    """True when `out_dir` already holds a finished run's or shard's manifest (never overwrite finished work)."""
     try:
-        return json.loads((out_dir / "results" / "manifest.json").read_text())["status"] == "ok"
+        return json.loads((out_dir / "results" / "manifest.json").read_text())["status"] in ("ok", "shard")
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

@@ -37,11 +37,12 @@ def make_batches(images: torch.Tensor, sizes):
     return batches
 
 
-def run_attention(model, batches, results_dir, **options) -> Attention:
-    """The analysis driven the way the pipeline drives it: begin, requires, one hooked forward per batch, update."""
+def run_attention(model, batches, results_dir, num_images=None, **options) -> Attention:
+    """The analysis driven the way the pipeline drives it: begin, requires, one hooked forward per batch, update.
+    `num_images`: the whole folder's size when `batches` is one shard of it."""
     cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), options)
     ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[]), dataset_classes=[],
-                     num_images=sum(len(b.paths) for b in batches), device=torch.device("cpu"),
+                     num_images=num_images or sum(len(b.paths) for b in batches), device=torch.device("cpu"),
                      results_dir=results_dir,
                      report=SimpleNamespace(thumbnail_size=32, gallery_size=8, figure_dpi=40, image_format="jpeg"))
     analysis = Attention(cfg, ctx)
@@ -165,8 +166,8 @@ def brute_force_vit_statistics(weights):
 def test_entropy_and_distance_equal_brute_force_and_two_halves_merge_into_the_whole(vit, vit_images, tmp_path):
     batches = make_batches(vit_images, [3, 2])
     whole = run_attention(vit, batches, tmp_path / "whole")
-    first = run_attention(vit, batches[:1], tmp_path / "a")
-    second = run_attention(vit, batches[1:], tmp_path / "b")
+    first = run_attention(vit, batches[:1], tmp_path / "a", num_images=5)
+    second = run_attention(vit, batches[1:], tmp_path / "b", num_images=5)
     first.merge(second.state_dict())
     entropy, distance = brute_force_vit_statistics(direct_vit_weights(vit, vit_images))
     for analysis in (whole, first):

@@ -60,7 +60,7 @@ from reportgen.layers import named_modules, select_layers, stage_outputs
 from reportgen.overlays import heat_on_thumbnail
 from reportgen.reducers import BoundedTop, FixedHistogram
 from reportgen.report import Alert, KeyValues, Section, Table, Text
-from reportgen.streams import RowStore
+from reportgen.streams import RowStore, absorb_rows
 from reportgen.tensors import channel_view, channels_last_output
 from reportgen.thumbnails import thumbnail
 
@@ -465,7 +465,7 @@ class Activations(Analysis):
         return {"calls": [c.key for c in self.calls], "slots": self.slots, "images": self.images, "stats": self.stats,
                 "hists": self.hists, "topk": self.topk, "shown": self.shown, "crops": self.crops,
                 "gallery": self.gallery, "missing": self.missing, "embed_key": self.embed_key,
-                "moments": self.moments.to_cpu()}
+                "moments": self.moments.to_cpu(), "store": self.store.ref() if self.store is not None else None}
 
     def merge(self, state: Dict[str, Any]) -> None:
         if state["calls"] != [c.key for c in self.calls]:
@@ -494,6 +494,8 @@ class Activations(Analysis):
         for key, count in state["missing"].items():
             self.missing[key] = self.missing.get(key, 0) + count
         self.moments.merge(state["moments"])
+        self.store = absorb_rows(self.store, state["store"], self.ctx.results_dir / ".activations",
+                                 self.ctx.num_images)
 
     # --- the report --------------------------------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ from reportgen.layers import named_modules, select_layers
 from reportgen.overlays import HEATMAP_ALPHA, HEATMAP_CMAP, heat_on_thumbnail
 from reportgen.reducers import BoundedTop
 from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
-from reportgen.streams import RowStore
+from reportgen.streams import RowStore, absorb_rows
 from reportgen.thumbnails import thumbnail
 
 DEFAULT_MAX_HEADS = 16  # heads drawn per layer when `heads` is null, so 24-head layers stay readable
@@ -353,10 +353,11 @@ class Attention(Analysis):
     def state_dict(self) -> Dict[str, Any]:
         self._flush()
         return {"layers": self.layers, "stats": self.stats, "rollout_info": self.rollout_info, "notes": self.notes,
-                "images": self.images, "first": self.first, "matrix": self.matrix}
+                "images": self.images, "first": self.first, "matrix": self.matrix,
+                "store": self.store.ref() if self.store is not None else None}
 
     def merge(self, state: Dict[str, Any]) -> None:
-        """Add another shard's sums; layers must match (same model). Its per-image maps stay in its own npz."""
+        """Add another shard's sums and per-image maps (after this one's); layers must match (same model)."""
         self._flush()
         for key, info in state["layers"].items():
             self.layers.setdefault(key, info)
@@ -369,6 +370,8 @@ class Attention(Analysis):
         self.images += state["images"]
         self.first.merge(state["first"])
         self.matrix.merge(state["matrix"])
+        self.store = absorb_rows(self.store, state["store"], self.ctx.results_dir / ".attention",
+                                 self.ctx.num_images)
 
     def layer_statistics(self) -> Tuple[List[str], np.ndarray, np.ndarray]:
         """(call keys, entropy, distance): (L, max heads) means over images, NaN past a layer's heads."""

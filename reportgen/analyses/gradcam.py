@@ -30,7 +30,7 @@ from reportgen.layers import last_spatial_layer, named_modules, select_layers, t
 from reportgen.overlays import HEATMAP_CMAP, heat_on_thumbnail, normalise_maps
 from reportgen.reducers import BoundedTop
 from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Text
-from reportgen.streams import RowStore
+from reportgen.streams import RowStore, absorb_rows
 from reportgen.tensors import to_grid
 from reportgen.thumbnails import thumbnail
 
@@ -171,7 +171,7 @@ class GradCAM(Analysis):
     def state_dict(self) -> Dict[str, Any]:
         return {"layer": self.layer, "count": self.count, "class_sum": self.class_sum,
                 "class_count": self.class_count, "gallery": self.gallery, "nonfinite": self.nonfinite,
-                "grid": self.grid}
+                "grid": self.grid, "store": self.store.ref() if self.store is not None else None}
 
     def merge(self, state: Dict[str, Any]) -> None:
         self.count += state["count"]
@@ -181,6 +181,7 @@ class GradCAM(Analysis):
             self.class_sum[cls] = self.class_sum.get(cls, 0) + total
             self.class_count[cls] = self.class_count.get(cls, 0) + state["class_count"][cls]
         self.gallery.merge(state["gallery"])
+        self.store = absorb_rows(self.store, state["store"], self.ctx.results_dir / ".gradcam", self.ctx.num_images)
 
     def finalize(self) -> Optional[Section]:
         section = Section(id="gradcam", title="Grad-CAM")

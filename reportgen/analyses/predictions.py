@@ -7,7 +7,6 @@ folder matched a class, and the report says how many did.
 """
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
@@ -19,10 +18,12 @@ from reportgen import plots
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.reducers import BoundedTop, FixedHistogram
 from reportgen.results import write_json
+from reportgen.streams import CsvStream, absorb_csv
 from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
 from reportgen.thumbnails import thumbnail
 
 CONFIDENCE_EDGES = np.linspace(0.0, 1.0, 21)
+CSV_HEADER = ["path", "label", "top1_index", "top1_name", "top1_prob", "topk_indices", "topk_names", "topk_probs"]
 
 
 @dataclass
@@ -70,8 +71,8 @@ class Predictions(Analysis):
         self.first = BoundedTop(size)  # first images of the folder, by index
         self.least_confident = BoundedTop(size)
         self.confident_mistakes = BoundedTop(size)
-        self._csv_file = None
-        self._csv = None
+        self._csv: Optional[CsvStream] = None  # results/predictions.csv, one row per image as batches arrive
+        self._names: Optional[List[str]] = None
 
     def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
         logits = logits.detach().float()  # (B, K)
@@ -125,11 +126,9 @@ class Predictions(Analysis):
 
     def _write_rows(self, batch: Batch, indices, labels, top_idx, top_probs) -> None:
         if self._csv is None:
+            self._csv = CsvStream(self.ctx.results_dir / "predictions.csv", CSV_HEADER)
+        if self._names is None:
             self._names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)  # once, not per batch
-            self._csv_file = open(self.ctx.results_dir / "predictions.csv", "w", newline="", encoding="utf-8")
-            self._csv = csv.writer(self._csv_file)
-            self._csv.writerow(["path", "label", "top1_index", "top1_name", "top1_prob", "topk_indices",
-                                "topk_names", "topk_probs"])
         names = self._names
         for row in range(len(indices)):
             label = self.ctx.dataset_classes[labels[row]] if labels[row] >= 0 else ""
@@ -145,12 +144,13 @@ class Predictions(Analysis):
             "evaluated": self.evaluated, "correct_top1": self.correct_top1, "correct_topk": self.correct_topk,
             "confusion": self.confusion, "hist_correct": self.hist_correct, "hist_wrong": self.hist_wrong,
             "hist_unlabelled": self.hist_unlabelled, "first": self.first, "least_confident": self.least_confident,
-            "confident_mistakes": self.confident_mistakes,
+            "confident_mistakes": self.confident_mistakes, "csv": self._csv.ref() if self._csv is not None else None,
         }
 
     def merge(self, state: Dict[str, Any]) -> None:
         if state["num_outputs"] is None:
             return
+        self._csv = absorb_csv(self._csv, state["csv"], self.ctx.results_dir / "predictions.csv", CSV_HEADER)
         if self.num_outputs is None:
             self.num_outputs = state["num_outputs"]
             self.confusion = np.zeros_like(state["confusion"])
@@ -162,8 +162,8 @@ class Predictions(Analysis):
             getattr(self, key).merge(state[key])
 
     def finalize(self) -> Optional[Section]:
-        if self._csv_file is not None:
-            self._csv_file.close()
+        if self._csv is not None:
+            self._csv.close()
         section = Section(id="predictions", title="Predictions")
         if not self.images:
             section.elements.append(Text("No image was processed, so there are no predictions."))
