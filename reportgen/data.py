@@ -157,14 +157,17 @@ def collate(samples: List[Dict[str, Any]]) -> RawBatch:
     return RawBatch(indices=indices, images=images, failed=failed)
 
 
-def first_decodable(dataset: ImageFolderDataset) -> Optional[RawBatch]:
-    """A one-image batch of the first item that decodes (an example for the analyses' setup when the pass itself
-    has no batch to offer: a resumed run with nothing left, a merge), or None when none does."""
+def example_batch(dataset: ImageFolderDataset, count: int, attempts: int) -> Optional[RawBatch]:
+    """The first `count` items that decode, in order (fewer when `attempts` items were tried and at least one
+    decoded; the search goes on until one does). None when nothing in the dataset decodes."""
+    good: List[Dict[str, Any]] = []
     for item in range(len(dataset)):
         sample = dataset[item]
         if sample["image"] is not None:
-            return collate([sample])
-    return None
+            good.append(sample)
+        if len(good) >= count or (good and item + 1 >= attempts):
+            break
+    return collate(good) if good else None
 
 
 def make_loader(dataset: ImageFolderDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -18,13 +18,14 @@ from tqdm import tqdm
 from reportgen.analyses import Analysis, Batch
 from reportgen.capture import CaptureEngine, primary_tensor
 from reportgen.config import ConfigError, Precision
-from reportgen.data import ImageFolderDataset, RawBatch, ScanResult, first_decodable, make_loader
+from reportgen.data import ImageFolderDataset, RawBatch, ScanResult, example_batch, make_loader
 from reportgen.job import Job
 from reportgen.run_state import STATE_FILE, RunState, save_state
 
 log = logging.getLogger("reportgen")
 DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
 OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+EXAMPLE_IMAGES = 16  # images of the analyses' one-time setup (probes, channel choices)
 
 
 class RunError(RuntimeError):
@@ -47,15 +48,15 @@ def run_pass(job: Job, state: RunState) -> float:
                     file=sys.stderr, desc="reportgen", dynamic_ncols=True)
     batches = iter(loader)
     try:
-        first = _next_good_batch(batches, scan, state, progress, strict)
-        example = first if first is not None else first_decodable(dataset_for(job, range(state.start, state.end)))
-        if example is None:
-            return 0.0  # nothing in the slice decodes: the analyses never begin, the report says so
         probe_started = time.perf_counter()
-        begin_analyses(job.analyses, to_batch(example, job, labels_lookup))
+        example = folder_example(job)
+        if example is None:
+            return 0.0  # nothing in the folder decodes: the analyses never begin, the report says so
+        begin_analyses(job.analyses, example)
         if state.analyses:  # resumed: the saved state goes into freshly begun analyses (exact, see merge)
             restore_analyses(job.analyses, state.analyses)
         probe_seconds = time.perf_counter() - probe_started
+        first = _next_good_batch(batches, scan, state, progress, strict)
         pass_started, pass_before = time.perf_counter(), state.pass_seconds
         requirements = [a.requires() for a in job.analyses]  # after begin: defaults may depend on a probe
         order = sorted(job.analyses, key=lambda a: not a.requires().gradients)  # gradient takers first (OOM)
@@ -81,9 +82,14 @@ def run_pass(job: Job, state: RunState) -> float:
         progress.close()
 
 
-def dataset_for(job: Job, positions: range) -> ImageFolderDataset:
-    return ImageFolderDataset(job.scan, job.loaded.preprocess, indices=positions,
-                              max_pixels=int(job.cfg.dataset.max_pixels))
+def folder_example(job: Job) -> Optional[Batch]:
+    """The example batch every analysis's `begin` sees: the folder's first images that decode, whichever slice
+    this process runs, so a shard, a resumed run and a merge set up identically (same layers, same channels)."""
+    dataset = ImageFolderDataset(job.scan, job.loaded.preprocess, max_pixels=int(job.cfg.dataset.max_pixels))
+    raw = example_batch(dataset, EXAMPLE_IMAGES, attempts=4 * EXAMPLE_IMAGES)
+    if raw is None:
+        return None
+    return to_batch(raw, job, torch.tensor(job.scan.labels + [-1], dtype=torch.int64))
 
 
 def begin_analyses(analyses: List[Analysis], example: Batch) -> None:

@@ -57,7 +57,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     analysis_cfgs = validate(cfg)
     shard = parse_shard(cfg.runtime.shard)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    if _finished_run(out_dir):
+    if finished_run(out_dir):
         raise RunError(f"{out_dir} already holds a finished run; choose another output folder "
                        f"(hydra.run.dir=...) rather than overwrite it")
     job = prepare(cfg, analysis_cfgs, out_dir, timings)
@@ -243,7 +243,7 @@ def _without_machine_paths(text: str, root: Path) -> str:
     return text
 
 
-def _finished_run(out_dir: Path) -> bool:
+def finished_run(out_dir: Path) -> bool:
     """True when `out_dir` already holds a finished run's or shard's manifest (never overwrite finished work)."""
     try:
         return json.loads((out_dir / "results" / "manifest.json").read_text())["status"] in ("ok", "shard")

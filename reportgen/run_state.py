@@ -64,7 +64,8 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any], ignore: S
 
 
 def _allowed_globals() -> List[Any]:
-    numpy_types = [np.ndarray, np.dtype, np.core.multiarray._reconstruct, np.core.multiarray.scalar]
+    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core (pickles name either)
+    numpy_types = [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]
     numpy_types += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
                                                  np.int64, np.uint8, np.bool_, object, np.str_)]
     return [RunState, StreamRef, BoundedTop, _Payload, FixedHistogram, ChannelStats, ChannelTopK,

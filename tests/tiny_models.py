@@ -83,3 +83,53 @@ class NaNNet(TinyNet):
 
 def nan_net() -> NaNNet:
     return NaNNet().eval()
+
+
+class WideNet(nn.Module):
+    """A small seeded CNN with enough channels (12) that choosing which channels to show matters."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(7)
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 12, 3, padding=1),
+                                      nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(12, 3)
+        with torch.no_grad():
+            for param in self.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+        self.class_names = ["red", "green", "blue"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))
+
+
+def wide_net() -> WideNet:
+    return WideNet().eval()
+
+
+class OutOfMemoryNet(WideNet):
+    """Raises the out-of-memory error a GPU would when a forward gets more than 3 images."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 3:
+            raise torch.OutOfMemoryError(f"simulated: {x.shape[0]} images do not fit")
+        return super().forward(x)
+
+
+def out_of_memory_net() -> OutOfMemoryNet:
+    return OutOfMemoryNet().eval()
+
+
+class SlowNet(WideNet):
+    """WideNet taking 0.2 s per forward, so a test can kill a run part-way through its pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.2)
+        return super().forward(x)
+
+
+def slow_net() -> SlowNet:
+    return SlowNet().eval()

@@ -19,8 +19,8 @@ Everything is reduced on the device and only small per-batch results cross to th
 - Top activating images: per channel, the `top_k` images with the highest spatial maximum (ties: the earlier
   file), for every channel in results/topk.json. Crops around the maximum (side `crop_factor` x the layer's
   stride, input size / map size, an approximate receptive field) are drawn for `channels_per_layer` channels of
-  the drawn layers: `channels` if set, else the highest-mean channels of the first batch. Shards must track the
-  same channels to merge, so sharded runs set `channels`.
+  the drawn layers: `channels` if set, else the highest-mean channels over the example images every run sees first
+  (the folder's first images), so shards, resumed runs and merges all keep crops for the same channels.
 - Feature maps of `n_images` images per drawn layer (spread over the folder, or the first ones): each image's
   strongest channels by mean, on one colour scale per layer, and the mean over channels laid over the image.
 - Embedding: the penultimate features, i.e. the input of the last nn.Linear called in the forward. The engine
@@ -80,7 +80,7 @@ class ActivationsConfig:
     channels_shown: int = 16  # feature maps drawn per image and layer: the image's strongest channels by mean
     channels_per_layer: int = 8  # channels per drawn layer shown with their top-activating image crops
     channels: Optional[List[int]] = None  # those channels, the same indices in every layer (null: the highest-mean
-    #   channels of the first batch); set it for sharded runs so every shard keeps crops for the same channels
+    #   channels over the folder's first images)
     top_k: int = 6  # images kept per channel, by the channel's spatial maximum (topk.json lists every channel)
     max_drawn: int = 8  # layer calls drawn (feature maps, crops), spread over depth; statistics cover all of them
     dead_zero_fraction: float = 0.99  # a channel is dead when at least this fraction of its values is exactly 0
@@ -290,7 +290,7 @@ class Activations(Analysis):
         self.stats: Dict[str, ChannelStats] = {}
         self.hists: Dict[str, FixedHistogram] = {}
         self.topk: Dict[str, ChannelTopK] = {}
-        self.shown: Dict[str, List[int]] = {}  # drawn key -> channels with crop heaps (chosen on the first batch)
+        self.shown: Dict[str, List[int]] = {}  # drawn key -> channels with crop heaps (chosen in begin)
         self.crops: Dict[str, Dict[int, BoundedTop]] = {}
         count, total = int(cfg.n_images), max(1, int(ctx.num_images))
         self.slots = ([(j * total) // count for j in range(count)] if cfg.spread else list(range(count)))
@@ -312,7 +312,7 @@ class Activations(Analysis):
             self.layers = select_layers(model, [str(p) for p in cfg.layers], "analysis.activations.layers")
         else:
             self.layers = stage_outputs(model, one)
-        calls, head = probe_calls(model, one, set(self.layers))
+        calls, head = probe_calls(model, example.inputs, set(self.layers))  # the example: up to 16 images
         modules = named_modules(model)
         seen = set()
         for call in calls:
@@ -333,12 +333,28 @@ class Activations(Analysis):
         count = min(int(cfg.max_drawn), len(self.calls))
         for i in {int(round(v)) for v in np.linspace(0, len(self.calls) - 1, count)} if count else ():
             self.calls[i].drawn = True  # spread over depth, first and last included
+        means = {call.key: call.output for call in calls}
         for call in self.calls:
+            if call.drawn:
+                self._choose_crop_channels(call, means[call.key])
             self.stats[call.key] = ChannelStats(call.channels)
             self.hists[call.key] = FixedHistogram(self.edges)
             self.topk[call.key] = ChannelTopK(call.channels, int(cfg.top_k))
         if cfg.embedding:
             self._find_embedding(head)
+
+    def _choose_crop_channels(self, call: LayerCall, output: torch.Tensor) -> None:
+        """The channels whose top-activating crops are kept: `channels` when set, else the highest-mean channels
+        over the example images (the folder's first images: every shard, resume and merge choose the same)."""
+        if self.cfg.channels is not None:
+            chosen = [int(c) for c in self.cfg.channels if int(c) < call.channels]
+        else:
+            values, _ = channel_view(output.float(), call.channels_last)  # (B, C, P)
+            mean = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).mean(dim=(0, 2)).cpu().numpy()  # (C,)
+            order = np.lexsort((np.arange(call.channels), -mean))
+            chosen = sorted(order[: int(self.cfg.channels_per_layer)].tolist())
+        self.shown[call.key] = chosen
+        self.crops[call.key] = {c: BoundedTop(int(self.cfg.top_k)) for c in chosen}
 
     def _find_embedding(self, head: Optional[Tuple[str, str]]) -> None:
         if self.cfg.embedding_layer:
@@ -409,15 +425,7 @@ class Activations(Analysis):
         return -abs(index - self.centres[self._slot(index)])
 
     def _keep_crops(self, call: LayerCall, batch: Batch, host: Dict[str, np.ndarray]) -> None:
-        """Crops for the shown channels' heaps, built only for images that enter a heap."""
-        if call.key not in self.shown:
-            if self.cfg.channels is not None:
-                chosen = [int(c) for c in self.cfg.channels if int(c) < call.channels]
-            else:
-                order = np.lexsort((np.arange(call.channels), -host["mean"]))
-                chosen = sorted(order[: int(self.cfg.channels_per_layer)].tolist())
-            self.shown[call.key] = chosen
-            self.crops[call.key] = {c: BoundedTop(int(self.cfg.top_k)) for c in chosen}
+        """Crops for the shown channels' heaps (chosen in `begin`), built only for images that enter a heap."""
         indices = batch.indices.tolist()
         for channel, heap in self.crops[call.key].items():
             for row, index in enumerate(indices):
@@ -572,7 +580,7 @@ class Activations(Analysis):
                 or "none of these layers has one")),
             ("histogram", f"{len(self.edges) - 1} fixed bins, log-spaced over ±[{cfg.hist_min:g}, {cfg.hist_max:g}]"),
             ("crops shown for", "channels " + str(list(cfg.channels)) if cfg.channels is not None else
-             f"the {cfg.channels_per_layer} highest-mean channels of the first batch (per channel top "
+             f"the {cfg.channels_per_layer} highest-mean channels over the folder's first images (per channel top "
              f"{cfg.top_k} of every channel in results/topk.json)"),
         ]
         if self.embed_key:

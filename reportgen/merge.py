@@ -1,0 +1,126 @@
+"""Merge shard runs into one report: `python -m reportgen.merge DIR... --out DIR`.
+
+Each DIR is a run folder written with `runtime.shard=i/n` (or a folder holding such run folders, e.g. a Hydra
+multirun sweep over `runtime.shard`). The shards must be the n slices of one config over one folder, each finished.
+The merge loads the model and one image of the folder (the analyses' setup runs again, cheaply: one-image probes),
+folds every shard's state in shard order, concatenates the per-image files in the folder's sorted order, and renders
+the report a single process would have made (statistics equal to rounding, top-k and predictions exactly).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from reportgen.config import ConfigError, config_from_container
+from reportgen.models import ModelLoadError
+from reportgen.one_pass import RunError, begin_analyses, folder_example, restore_analyses
+from reportgen.pipeline import EXECUTION_KEYS, finished_run, finish, prepare
+from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state
+from reportgen.validate import validate
+
+log = logging.getLogger("reportgen")
+
+
+def find_shards(dirs: Sequence[Path]) -> List[Path]:
+    """The run folders among `dirs`: each DIR holding results/state.pt, else its subfolders that do."""
+    found: List[Path] = []
+    for folder in map(Path, dirs):
+        if (folder / "results" / STATE_FILE).is_file():
+            found.append(folder)
+            continue
+        children = sorted(p.parent.parent for p in folder.glob(f"*/results/{STATE_FILE}"))
+        if not children:
+            state = "does not exist" if not folder.exists() else f"has no results/{STATE_FILE}, nor do its subfolders"
+            raise RunError(f"{folder} {state}: expected shard run folders (written with runtime.shard=i/n)")
+        found.extend(children)
+    return found
+
+
+def load_shards(folders: Sequence[Path]) -> List[Tuple[Path, RunState]]:
+    """Every shard's state, checked to be the n finished slices of one config, sorted by shard index."""
+    shards = []
+    for folder in folders:
+        state = load_state(folder / "results" / STATE_FILE)
+        if state.shard is None:
+            raise RunError(f"{folder} is an interrupted whole run, not a shard: rerun it to resume instead")
+        if not state.complete:
+            raise RunError(f"{folder} (shard {state.shard[0]}/{state.shard[1]}) is unfinished: {state.done} of "
+                           f"{state.end - state.start} images done. Rerun its command: it resumes")
+        shards.append((folder, state))
+    counts = {state.shard[1] for _, state in shards}
+    if len(counts) != 1:
+        raise RunError(f"the shards split the folder differently: {sorted(counts)} parts")
+    count = counts.pop()
+    by_index: Dict[int, List[Path]] = {}
+    for folder, state in shards:
+        by_index.setdefault(state.shard[0], []).append(folder)
+    twice = {i: [str(f) for f in fs] for i, fs in by_index.items() if len(fs) > 1}
+    if twice:
+        raise RunError(f"shards given more than once: {twice}")
+    missing = [f"{i}/{count}" for i in range(count) if i not in by_index]
+    if missing:
+        raise RunError(f"missing shards {missing} of {count}; run them (runtime.shard=...) and merge again")
+    shards.sort(key=lambda item: item[1].shard[0])
+    first_folder, first = shards[0]
+    for folder, state in shards[1:]:
+        different = config_differences(first.config, state.config, EXECUTION_KEYS)
+        if different:
+            raise RunError(f"{folder} was run with a different config than {first_folder}: {'; '.join(different)}")
+        if state.found != first.found:
+            raise RunError(f"{folder} saw {state.found} images in the folder, {first_folder} saw {first.found}")
+    return shards
+
+
+def merge_runs(dirs: Sequence[Path], out_dir: Path) -> Path:
+    """Merge the shards found in `dirs` into `out_dir`; returns the report's index.html."""
+    started = time.perf_counter()
+    timings: Dict[str, float] = {}
+    shards = load_shards(find_shards(dirs))
+    states = [state for _, state in shards]
+    out_dir = Path(out_dir)
+    if finished_run(out_dir):
+        raise RunError(f"{out_dir} already holds a finished run; choose another --out folder")
+    cfg = config_from_container(states[0].config)
+    cfg.runtime.shard = None
+    if not torch.cuda.is_available():
+        cfg.runtime.device = "cpu"  # the merge runs one-image probes only; shards may have run on GPUs
+    job = prepare(cfg, validate(cfg), out_dir, timings)
+    if len(job.scan.paths) != states[0].found:
+        raise RunError(f"the folder now holds {len(job.scan.paths)} images but the shards saw {states[0].found}: "
+                       f"it changed since they ran; run the shards again")
+    started_probes = time.perf_counter()
+    example = folder_example(job)
+    if example is not None:
+        begin_analyses(job.analyses, example)
+        for state in states:
+            if state.processed:  # a shard where nothing decoded never began its analyses: nothing to fold in
+                restore_analyses(job.analyses, state.analyses)
+    timings["probes"] = time.perf_counter() - started_probes
+    timings["pass"] = max(s.pass_seconds for s in states)
+    log.info("merged %d shards: %d images", len(states), sum(s.processed for s in states))
+    return finish(job, states, timings, started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reportgen.merge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="shard run folders, or folders holding them")
+    parser.add_argument("--out", type=Path, required=True, help="run folder for the merged report")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
+    try:
+        index = merge_runs(args.dirs, args.out)
+    except (RunError, ConfigError, ModelLoadError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {index}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

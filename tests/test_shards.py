@@ -1,0 +1,98 @@
+"""Shards and merge: `runtime.shard=i/n` runs merged by `python -m reportgen.merge` equal one whole run."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from reportgen.merge import main as merge_main
+from reportgen.merge import merge_runs
+from reportgen.one_pass import RunError
+from reportgen.pipeline import run
+from reportgen.run_state import load_state
+from reportgen.shards import parse_shard, shard_bounds
+from reportgen.config import ConfigError
+from tests.conftest import COLOURS, compose_config
+from tests.run_compare import assert_same_results
+
+WIDE = ["model=target", "model.target._target_=tests.tiny_models.wide_net", "model.preprocess.resize=16",
+        "model.preprocess.crop=16", "runtime.num_workers=0", "runtime.progress=false", "runtime.batch_size=4",
+        "analysis=[summary,predictions,gradcam,activations,weights,graph]", "analysis.activations.channels_per_layer=3",
+        "analysis.activations.n_images=4", "report.gallery_size=5"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """3 classes x 9 noisy images (so channel means differ from image to image) and two unreadable files."""
+    root = tmp_path / "data"
+    rng = np.random.default_rng(1)
+    for name, rgb in COLOURS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(9):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, 60, (20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+    (root / "blue" / "blue_bad.jpg").write_bytes(b"broken")
+    (root / "red" / "red_0_bad.png").write_bytes(b"")
+    return root
+
+
+def test_shard_bounds_cover_every_position_once():
+    for total in (0, 1, 7, 29, 100):
+        for count in (1, 2, 3, 8):
+            covered = [p for i in range(count) for p in range(*shard_bounds(total, (i, count)))]
+            assert covered == list(range(total))
+    assert parse_shard("2/8") == (2, 8) and parse_shard(None) is None
+    for bad in ("8/8", "1", "a/b", "-1/2", "0/0"):
+        with pytest.raises(ConfigError, match="runtime.shard"):
+            parse_shard(bad)
+
+
+def test_three_shards_merged_equal_one_run(folder, tmp_path):
+    whole = tmp_path / "whole"
+    run(compose_config(WIDE + [f"dataset.root={folder}"]), out_dir=whole)
+    shard_dirs = []
+    for i in range(3):
+        out = tmp_path / "sweep" / str(i)
+        path = run(compose_config(WIDE + [f"dataset.root={folder}", f"runtime.shard={i}/3",
+                                          f"runtime.batch_size={3 + i}"]), out_dir=out)
+        assert path == out / "results" / "state.pt" and not (out / "report").exists()
+        manifest = json.loads((out / "results" / "manifest.json").read_text())
+        assert manifest["status"] == "shard" and manifest["shard"] == [i, 3]
+        shard_dirs.append(out)
+    # given as the sweep folder, in any order: the merge finds and orders the shards itself
+    assert merge_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "merged")]) == 0
+    assert_same_results(whole, tmp_path / "merged")
+    html = (tmp_path / "merged" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "3 shards side by side" in html and "blue/blue_bad.jpg" in html
+    assert not (tmp_path / "merged" / "results" / "state.pt").exists()
+    assert not list((tmp_path / "merged" / "results").glob(".*"))  # stream temporaries packed and removed
+    states = [load_state(d / "results" / "state.pt") for d in shard_dirs]
+    assert sum(s.processed for s in states) == 27 and [s.shard for s in states] == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_merge_refuses_missing_duplicate_different_and_unfinished_shards(folder, tmp_path, capsys):
+    def shard(i, n, name, *extra):
+        out = tmp_path / name
+        run(compose_config(WIDE[:7] + [f"dataset.root={folder}", f"runtime.shard={i}/{n}",
+                                        "analysis=[predictions]", *extra]), out_dir=out)
+        return out
+
+    a, b = shard(0, 2, "a"), shard(1, 2, "b")
+    with pytest.raises(RunError, match=r"missing shards \['1/2'\] of 2"):
+        merge_runs([a], tmp_path / "m1")
+    with pytest.raises(RunError, match="more than once"):
+        merge_runs([a, a, b], tmp_path / "m2")
+    other = shard(1, 2, "other", "analysis.predictions.top_k=2")
+    with pytest.raises(RunError, match=r"different config.*top_k: 5 -> 2"):
+        merge_runs([a, other], tmp_path / "m3")
+    with pytest.raises(RunError, match=r"split the folder differently"):
+        merge_runs([a, shard(1, 3, "c")], tmp_path / "m4")
+    state = load_state(b / "results" / "state.pt")
+    state.done -= 1
+    from reportgen.run_state import save_state
+
+    save_state(b / "results" / "state.pt", state)
+    assert merge_main([str(a), str(b), "--out", str(tmp_path / "m5")]) == 2
+    assert "unfinished" in capsys.readouterr().err
+    assert merge_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "m6")]) == 2
+    assert "does not exist" in capsys.readouterr().err
