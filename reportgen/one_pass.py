@@ -185,8 +185,9 @@ class _Stepper:
         log.warning("%s", message)
         self.warnings.append(message)
         notes: Dict[str, str] = {}
-        for start in range(0, len(batch.paths), self.limit):
-            notes.update(self._step_or_halve(_slice(batch, start, start + self.limit)))
+        size = self.limit  # fixed for this batch's parts (a part may lower self.limit again for the next ones)
+        for start in range(0, len(batch.paths), size):
+            notes.update(self._step_or_halve(_slice(batch, start, start + size)))
         return notes
 
     def _forward_and_update(self, batch: Batch) -> Dict[str, str]:

@@ -39,8 +39,9 @@ class RowStore:
         mode = "w+" if _reopen_count is None else "r+"
         self.count = _reopen_count or 0
         self.arrays = {}
-        for name, (shape, dtype) in fields.items():
+        for name, spec in fields.items():
             if mode == "w+":
+                shape, dtype = spec
                 self.arrays[name] = np.lib.format.open_memmap(self.folder / f"{name}.npy", mode="w+", dtype=dtype,
                                                               shape=(self.capacity, *shape))
             else:

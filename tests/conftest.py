@@ -22,15 +22,20 @@ def compose_config(overrides: List[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-@pytest.fixture
-def colour_folder(tmp_path: Path) -> Path:
-    """ImageFolder layout: red/green/blue class folders, 4 noisy images each, plus one unreadable file."""
-    root = tmp_path / "colours"
-    rng = np.random.default_rng(0)
+def make_colour_folder(root: Path, per_class: int, noise: float, seed: int) -> Path:
+    """ImageFolder layout: red/green/blue class folders of `per_class` noisy 20x24 PNGs each."""
+    rng = np.random.default_rng(seed)
     for name, rgb in COLOURS.items():
         (root / name).mkdir(parents=True)
-        for i in range(4):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 20, (20, 24, 3)), 0, 255).astype(np.uint8)
+        for i in range(per_class):
+            pixels = np.clip(np.array(rgb) + rng.normal(0, noise, (20, 24, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def colour_folder(tmp_path: Path) -> Path:
+    """red/green/blue class folders, 4 noisy images each, plus one unreadable file."""
+    root = make_colour_folder(tmp_path / "colours", per_class=4, noise=20, seed=0)
     (root / "green" / "broken.jpg").write_bytes(b"not really a jpeg")
     return root

@@ -1,9 +1,7 @@
 """Shards and merge: `runtime.shard=i/n` runs merged by `python -m reportgen.merge` equal one whole run."""
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from reportgen.merge import main as merge_main
 from reportgen.merge import merge_runs
@@ -12,7 +10,7 @@ from reportgen.pipeline import run
 from reportgen.run_state import load_state
 from reportgen.shards import parse_shard, shard_bounds
 from reportgen.config import ConfigError
-from tests.conftest import COLOURS, compose_config
+from tests.conftest import compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
 
 WIDE = ["model=target", "model.target._target_=tests.tiny_models.wide_net", "model.preprocess.resize=16",
@@ -24,13 +22,7 @@ WIDE = ["model=target", "model.target._target_=tests.tiny_models.wide_net", "mod
 @pytest.fixture
 def folder(tmp_path):
     """3 classes x 9 noisy images (so channel means differ from image to image) and two unreadable files."""
-    root = tmp_path / "data"
-    rng = np.random.default_rng(1)
-    for name, rgb in COLOURS.items():
-        (root / name).mkdir(parents=True)
-        for i in range(9):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 60, (20, 24, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+    root = make_colour_folder(tmp_path / "data", per_class=9, noise=60, seed=1)
     (root / "blue" / "blue_bad.jpg").write_bytes(b"broken")
     (root / "red" / "red_0_bad.png").write_bytes(b"")
     return root

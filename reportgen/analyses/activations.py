@@ -312,7 +312,7 @@ class Activations(Analysis):
             self.layers = select_layers(model, [str(p) for p in cfg.layers], "analysis.activations.layers")
         else:
             self.layers = stage_outputs(model, one)
-        calls, head = probe_calls(model, example.inputs, set(self.layers))  # the example: up to 16 images
+        calls, head = probe_calls(model, one, set(self.layers))
         modules = named_modules(model)
         seen = set()
         for call in calls:
@@ -333,25 +333,38 @@ class Activations(Analysis):
         count = min(int(cfg.max_drawn), len(self.calls))
         for i in {int(round(v)) for v in np.linspace(0, len(self.calls) - 1, count)} if count else ():
             self.calls[i].drawn = True  # spread over depth, first and last included
-        means = {call.key: call.output for call in calls}
+        means = self._example_channel_means(example) if cfg.channels is None else {}
         for call in self.calls:
             if call.drawn:
-                self._choose_crop_channels(call, means[call.key])
+                self._choose_crop_channels(call, means.get(call.key))
             self.stats[call.key] = ChannelStats(call.channels)
             self.hists[call.key] = FixedHistogram(self.edges)
             self.topk[call.key] = ChannelTopK(call.channels, int(cfg.top_k))
         if cfg.embedding:
             self._find_embedding(head)
 
-    def _choose_crop_channels(self, call: LayerCall, output: torch.Tensor) -> None:
+    def _example_channel_means(self, example: Batch) -> Dict[str, np.ndarray]:
+        """Per drawn call, each channel's mean over the example images (the folder's first ones, so every shard,
+        resumed run and merge gets the same), one image per forward so the probe never needs more memory than
+        one image."""
+        drawn = {c.key: c for c in self.calls if c.drawn}
+        sums: Dict[str, np.ndarray] = {}
+        for row in range(len(example.paths)):
+            calls, _ = probe_calls(self.ctx.model, example.inputs[row:row + 1], {c.layer for c in drawn.values()})
+            for call in calls:
+                if call.key in drawn:
+                    values, _ = channel_view(call.output.float(), drawn[call.key].channels_last)  # (1, C, P)
+                    mean = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).mean(dim=(0, 2))  # (C,)
+                    sums[call.key] = sums.get(call.key, 0) + mean.double().cpu().numpy()
+        return sums
+
+    def _choose_crop_channels(self, call: LayerCall, means: Optional[np.ndarray]) -> None:
         """The channels whose top-activating crops are kept: `channels` when set, else the highest-mean channels
-        over the example images (the folder's first images: every shard, resume and merge choose the same)."""
-        if self.cfg.channels is not None:
-            chosen = [int(c) for c in self.cfg.channels if int(c) < call.channels]
+        over the example images."""
+        if self.cfg.channels is not None or means is None:
+            chosen = [int(c) for c in (self.cfg.channels or []) if int(c) < call.channels]
         else:
-            values, _ = channel_view(output.float(), call.channels_last)  # (B, C, P)
-            mean = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).mean(dim=(0, 2)).cpu().numpy()  # (C,)
-            order = np.lexsort((np.arange(call.channels), -mean))
+            order = np.lexsort((np.arange(call.channels), -means))
             chosen = sorted(order[: int(self.cfg.channels_per_layer)].tolist())
         self.shown[call.key] = chosen
         self.crops[call.key] = {c: BoundedTop(int(self.cfg.top_k)) for c in chosen}

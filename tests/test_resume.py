@@ -1,0 +1,99 @@
+"""Resume: a run killed mid-pass and started again with the same command ends with the report of an uninterrupted
+run; checkpoints are atomic; a different config in the same folder is refused; out-of-memory halves the batch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reportgen.config import conf_dir
+from reportgen.one_pass import RunError
+from reportgen.pipeline import run
+from reportgen.run_state import load_state
+from tests.conftest import compose_config, make_colour_folder
+from tests.run_compare import assert_same_results
+from tests.test_shards import WIDE
+
+REPO = conf_dir().parent
+SLOW = [o.replace("wide_net", "slow_net") for o in WIDE] + ["runtime.batch_size=2", "runtime.checkpoint_every=2"]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = make_colour_folder(tmp_path / "data", per_class=8, noise=60, seed=2)
+    (root / "green" / "green_bad.jpg").write_bytes(b"broken")
+    return root
+
+
+def start_run(overrides, out_dir: Path) -> subprocess.Popen:
+    """run.py as a user starts it, in its own process group (so the kill takes its workers too)."""
+    return subprocess.Popen([sys.executable, "run.py", *overrides, f"hydra.run.dir={out_dir}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_a_killed_run_resumes_and_equals_an_uninterrupted_one(folder, tmp_path):
+    overrides = SLOW + [f"dataset.root={folder}"]
+    out = tmp_path / "killed"
+    process = start_run(overrides, out)
+    state_file = out / "results" / "state.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if state_file.exists() and load_state(state_file).done >= 8:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed:\n" + process.stdout.read()
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_at_kill = load_state(state_file).done
+    assert 8 <= done_at_kill < 25
+    assert not (out / "report").exists() and not (out / "results" / "manifest.json").exists()
+
+    again = start_run(overrides, out)  # the same command into the same folder
+    log, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, log
+    assert "resuming" in log and f"{done_at_kill} of 25 images were done" in log
+    assert not state_file.exists()  # finished: the checkpoint is gone, the report is there
+    manifest = json.loads((out / "results" / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["counts"]["processed"] == 24
+
+    uninterrupted = tmp_path / "whole"
+    run(compose_config(overrides + ["runtime.checkpoint_every=0"]), out_dir=uninterrupted)
+    assert_same_results(uninterrupted, out)
+
+
+def test_resume_refuses_another_config_and_resume_false_starts_over(folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_config(WIDE + [f"dataset.root={folder}", "runtime.shard=0/2"])
+    run(cfg, out_dir=out)
+    state = load_state(out / "results" / "state.pt")
+    assert state.complete and state.processed == 12
+    (out / "results" / "manifest.json").unlink()  # as if killed after its last checkpoint
+    with pytest.raises(RunError, match=r"different config.*top_k: 5 -> 3"):
+        run(compose_config(WIDE + [f"dataset.root={folder}", "runtime.shard=0/2", "analysis.predictions.top_k=3"]),
+            out_dir=out)
+    # the same config resumes with nothing left to do: the state is kept as it was
+    run(cfg, out_dir=out)
+    assert load_state(out / "results" / "state.pt").processed == 12
+    (out / "results" / "manifest.json").unlink()
+    fresh = compose_config(WIDE + [f"dataset.root={folder}", "runtime.shard=0/2", "runtime.resume=false",
+                                   "analysis.predictions.top_k=3"])
+    run(fresh, out_dir=out)
+    assert load_state(out / "results" / "state.pt").processed == 12
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(folder, tmp_path):
+    oom = [o.replace("wide_net", "out_of_memory_net") for o in WIDE]
+    index = run(compose_config(oom + [f"dataset.root={folder}", "runtime.batch_size=8"]), out_dir=tmp_path / "oom")
+    reference = [o.replace("wide_net", "out_of_memory_net") for o in WIDE]
+    run(compose_config(reference + [f"dataset.root={folder}", "runtime.batch_size=2"]), out_dir=tmp_path / "small")
+    assert_same_results(tmp_path / "small", tmp_path / "oom")
+    manifest = json.loads((tmp_path / "oom" / "results" / "manifest.json").read_text())
+    assert manifest["warnings"] == ["out of memory at 8 images per forward: continued with 4 (set "
+                                    "runtime.batch_size=4 to avoid the retry)",
+                                    "out of memory at 4 images per forward: continued with 2 (set "
+                                    "runtime.batch_size=2 to avoid the retry)"]
+    assert "out of memory at 8 images per forward" in index.read_text(encoding="utf-8")
