@@ -3,6 +3,8 @@
     python run.py                                   # the offline demo
     python run.py model=resnet50 dataset.root=DIR   # a torchvision model on your folder
     python run.py -m model=resnet18,convnext_tiny   # a sweep: one report per model
+    python run.py runtime.shard=0/4 ...             # one slice of the folder; python -m reportgen.merge joins them
+    torchrun --nproc_per_node=4 run.py ...          # one slice per rank, rank 0 merges and renders
 """
 import logging
 import sys
@@ -38,7 +40,12 @@ def main(cfg: DictConfig) -> None:
         log.exception("job failed")
         record_failure(cfg, exc)
         return
-    print(f"report: {index}")
+    if index is None:
+        return  # a torchrun rank other than 0: rank 0 prints the merged report
+    if index.name == "state.pt":
+        print(f"shard state: {index} (merge the shards: python -m reportgen.merge DIR... --out DIR)")
+    else:
+        print(f"report: {index}")
 
 
 if __name__ == "__main__":

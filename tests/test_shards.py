@@ -88,3 +88,42 @@ def test_merge_refuses_missing_duplicate_different_and_unfinished_shards(folder,
     assert "unfinished" in capsys.readouterr().err
     assert merge_main([str(tmp_path / "nowhere"), "--out", str(tmp_path / "m6")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_torchrun_two_cpu_ranks_equal_one_run(folder, tmp_path):
+    """`torchrun --nproc_per_node=2 run.py ...` on the CPU (gloo): each rank its half, rank 0 the one report."""
+    import subprocess
+    import sys
+
+    from reportgen.config import conf_dir
+
+    overrides = WIDE + [f"dataset.root={folder}"]
+    out = tmp_path / "ranks"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "run.py", *overrides, f"hydra.run.dir={out}"], cwd=conf_dir().parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    printed = [line for line in done.stdout.splitlines() if line.startswith("report: ")]
+    assert printed == [f"report: {out / 'report' / 'index.html'}"]  # only rank 0 reports
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["0", "1"]
+    halves = [load_state(out / "shards" / r / "results" / "state.pt") for r in ("0", "1")]
+    assert [(s.start, s.end) for s in halves] == [(0, 14), (14, 29)]  # contiguous, nothing twice or missing
+    run(compose_config(overrides), out_dir=tmp_path / "whole")
+    assert_same_results(tmp_path / "whole", out)
+
+
+def test_torchrun_a_failing_rank_fails_the_run_without_hanging(folder, tmp_path):
+    """Rank 0's half holds the blue images that make exploding_net raise: both ranks stop with the reason."""
+    import subprocess
+    import sys
+
+    from reportgen.config import conf_dir
+
+    overrides = [o.replace("wide_net", "exploding_net") for o in WIDE[:7]] + [f"dataset.root={folder}",
+                                                                              "analysis=[predictions]"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "run.py", *overrides, f"hydra.run.dir={tmp_path / 'ranks'}"], cwd=conf_dir().parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "1 of 2 ranks failed: rank 0: RunError: the model's forward raised on the batch of files" in done.stdout
+    assert not (tmp_path / "ranks" / "report").exists()
