@@ -122,7 +122,8 @@ class RuntimeConfig:
     progress: bool = True  # tqdm progress bar with images/s
     strict: bool = False  # stop at the first unreadable file instead of listing it and going on
     shard: Optional[str] = None  # "i/n": only the i-th of n equal slices of the sorted file list; writes the
-    #   mergeable state (results/state.pt) for `python -m reportgen.merge`, no report
+    #   mergeable state (results/state.pt) for `python -m reportgen.merge`, no report. "i" alone with num_shards
+    num_shards: Optional[int] = None  # n for a bare "i", so a sweep can say: runtime.num_shards=8 'runtime.shard=range(0,8)'
     resume: bool = True  # a run folder holding an interrupted run of this config continues where it stopped
     #   (false: start over, discarding it)
     checkpoint_every: int = 50  # batches between saves of the mergeable state (0: never; a crash restarts)

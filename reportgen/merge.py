@@ -21,7 +21,7 @@ from reportgen.config import ConfigError, config_from_container
 from reportgen.models import ModelLoadError
 from reportgen.one_pass import RunError, begin_analyses, folder_example, restore_analyses
 from reportgen.pipeline import EXECUTION_KEYS, finished_run, finish, prepare
-from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state
+from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state, without_keys
 from reportgen.validate import validate
 
 log = logging.getLogger("reportgen")
@@ -87,7 +87,7 @@ def merge_runs(dirs: Sequence[Path], out_dir: Path) -> Path:
     if finished_run(out_dir):
         raise RunError(f"{out_dir} already holds a finished run; choose another --out folder")
     cfg = config_from_container(states[0].config)
-    cfg.runtime.shard = None
+    cfg.runtime.shard, cfg.runtime.num_shards = None, None
     if not torch.cuda.is_available():
         cfg.runtime.device = "cpu"  # the merge runs one-image probes only; shards may have run on GPUs
     job = prepare(cfg, validate(cfg), out_dir, timings)
@@ -105,6 +105,33 @@ def merge_runs(dirs: Sequence[Path], out_dir: Path) -> Path:
     timings["pass"] = max(s.pass_seconds for s in states)
     log.info("merged %d shards: %d images", len(states), sum(s.processed for s in states))
     return finish(job, states, timings, started)
+
+
+def merge_sweep(sweep_dir: Path) -> List[Path]:
+    """At the end of a Hydra multirun: merge the shard jobs of each config into `<sweep>/merged` (`merged-2`, ...
+    when the sweep ran several configs in shards). Groups with missing or failed shards are left, with a message
+    saying how to merge them later. Returns the merged reports."""
+    import json
+
+    groups: Dict[str, List[Path]] = {}
+    for manifest in sorted(Path(sweep_dir).glob("*/results/manifest.json")):
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if data.get("status") == "shard":
+            config = data.get("config", {})
+            key = json.dumps(without_keys(config, EXECUTION_KEYS), sort_keys=True)
+            groups.setdefault(key, []).append(manifest.parent.parent)
+    reports = []
+    for number, folders in enumerate(groups.values(), start=1):
+        out = Path(sweep_dir) / ("merged" if number == 1 else f"merged-{number}")
+        try:
+            reports.append(merge_runs(folders, out))
+        except (RunError, ConfigError, ModelLoadError, ValueError) as exc:
+            log.error("shards %s not merged: %s (merge them later: python -m reportgen.merge DIR... --out DIR)",
+                      [f.name for f in folders], exc)
+    return reports
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from reportgen.render import render_report
 from reportgen.report import Alert, KeyValues, Page, Section
 from reportgen.results import library_versions, write_failed, write_json
 from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state, save_state
-from reportgen.shards import parse_shard, shard_bounds, torchrun_rank
+from reportgen.shards import runtime_shard, shard_bounds, torchrun_rank
 from reportgen.validate import resolve_dataset_root, select_device, validate
 
 log = logging.getLogger("reportgen")
@@ -39,7 +39,8 @@ __all__ = ["RunError", "run", "prepare", "finish", "record_failure"]
 
 # runtime keys that change how a run executes, not what it computes: a run may resume or merge across them
 EXECUTION_KEYS = ("runtime.progress", "runtime.num_workers", "runtime.resume", "runtime.checkpoint_every",
-                  "runtime.batch_size", "runtime.device", "runtime.shard")
+                  "runtime.batch_size", "runtime.device", "runtime.shard",
+                  "runtime.num_shards")
 
 
 def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
@@ -48,14 +49,14 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     With `runtime.shard=i/n`, only that slice is processed and `<out_dir>/results/state.pt` is returned instead.
     Under torchrun, every rank runs its shard and rank 0 merges them (ranks other than 0 return None)."""
     rank = torchrun_rank()
-    if rank is not None and parse_shard(cfg.runtime.shard) is None:
+    if rank is not None and runtime_shard(cfg.runtime) is None:
         from reportgen.distributed import run_ranks
 
         return run_ranks(cfg, out_dir, *rank)
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     analysis_cfgs = validate(cfg)
-    shard = parse_shard(cfg.runtime.shard)
+    shard = runtime_shard(cfg.runtime)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
     if finished_run(out_dir):
         raise RunError(f"{out_dir} already holds a finished run; choose another output folder "

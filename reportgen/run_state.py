@@ -63,6 +63,16 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any], ignore: S
     return out
 
 
+def without_keys(config: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
+    """A copy of a config dict without the dotted `keys` (e.g. to group the shards of one run)."""
+    def strip(node: Any, prefix: str) -> Any:
+        if not isinstance(node, dict):
+            return node
+        return {k: strip(v, f"{prefix}{k}.") for k, v in node.items() if f"{prefix}{k}" not in keys}
+
+    return strip(config, "")
+
+
 def _allowed_globals() -> List[Any]:
     multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core (pickles name either)
     numpy_types = [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]

@@ -14,15 +14,24 @@ from reportgen.config import ConfigError
 _SPEC = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
 
-def parse_shard(spec: Any) -> Optional[Tuple[int, int]]:
-    """'2/8' -> (2, 8); None stays None. ConfigError for anything else."""
+def parse_shard(spec: Any, count: Optional[int] = None) -> Optional[Tuple[int, int]]:
+    """'2/8' -> (2, 8), or '2' with count 8 -> (2, 8); None stays None. ConfigError for anything else."""
     if spec is None or str(spec).strip().lower() in ("", "none", "null"):
         return None
-    match = _SPEC.match(str(spec))
+    text = str(spec).strip()
+    if text.isdigit() and count is not None:
+        text = f"{text}/{count}"
+    match = _SPEC.match(text)
     if not match or not int(match.group(2)) >= 1 or not int(match.group(1)) < int(match.group(2)):
-        raise ConfigError("runtime.shard", spec, "'i/n' with 0 <= i < n, e.g. runtime.shard=0/8 "
-                                                 "(or sweep -m runtime.shard=0/8,1/8,...)")
+        raise ConfigError("runtime.shard", spec, "'i/n' with 0 <= i < n, e.g. runtime.shard=0/8 (sweep: -m "
+                                                 "runtime.shard=0/8,1/8,... or runtime.num_shards=8 "
+                                                 "'runtime.shard=range(0,8)')")
     return int(match.group(1)), int(match.group(2))
+
+
+def runtime_shard(runtime: Any) -> Optional[Tuple[int, int]]:
+    """The shard a runtime config asks for (`shard`, with `num_shards` for a bare index)."""
+    return parse_shard(runtime.shard, runtime.get("num_shards"))
 
 
 def shard_bounds(total: int, shard: Optional[Tuple[int, int]]) -> Tuple[int, int]:

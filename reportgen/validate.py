@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from reportgen.config import ConfigError, Device, ModelSource, torchvision_model_names
-from reportgen.shards import parse_shard
+from reportgen.shards import runtime_shard
 
 SYNTHETIC_DATASETS = ["shapes"]
 IMAGE_FORMATS = ["jpeg", "png", "webp"]
@@ -29,7 +29,7 @@ def validate(cfg: DictConfig) -> Dict[str, Any]:
         raise ConfigError("runtime.num_workers", runtime.num_workers, "an integer >= 0")
     if int(runtime.checkpoint_every) < 0:
         raise ConfigError("runtime.checkpoint_every", runtime.checkpoint_every, "an integer >= 0 (0: no checkpoints)")
-    parse_shard(runtime.shard)
+    runtime_shard(runtime)
     select_device(runtime.device)
     if str(cfg.report.image_format) not in IMAGE_FORMATS:
         raise ConfigError("report.image_format", cfg.report.image_format, "an image format", IMAGE_FORMATS)

@@ -102,3 +102,18 @@ def test_run_py_exits_2_with_a_clear_message_before_any_work():
     assert result.returncode == 2
     assert "Did you mean 'device'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cluster_launcher_configs_compose_with_their_documented_settings():
+    """hydra/launcher=slurm (submitit) and local_parallel (joblib) are real launcher configs, overridable."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        slurm = compose(config_name="config", return_hydra_config=True,
+                        overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                   "hydra.launcher.array_parallelism=8"]).hydra.launcher
+        local = compose(config_name="config", return_hydra_config=True,
+                        overrides=["hydra/launcher=local_parallel"]).hydra.launcher
+    assert slurm._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (slurm.partition, slurm.gpus_per_node, slurm.array_parallelism, slurm.timeout_min) == ("gpu", 1, 8, 240)
+    assert local._target_.endswith("joblib_launcher.JoblibLauncher") and local.n_jobs == 2

@@ -34,6 +34,9 @@ def test_shard_bounds_cover_every_position_once():
             covered = [p for i in range(count) for p in range(*shard_bounds(total, (i, count)))]
             assert covered == list(range(total))
     assert parse_shard("2/8") == (2, 8) and parse_shard(None) is None
+    assert parse_shard("2", 8) == (2, 8) and parse_shard(2, 8) == (2, 8)  # runtime.num_shards=8 shard=range(0,8)
+    with pytest.raises(ConfigError, match="num_shards"):
+        parse_shard("2")
     for bad in ("8/8", "1", "a/b", "-1/2", "0/0"):
         with pytest.raises(ConfigError, match="runtime.shard"):
             parse_shard(bad)
@@ -127,3 +130,26 @@ def test_torchrun_a_failing_rank_fails_the_run_without_hanging(folder, tmp_path)
     assert done.returncode != 0
     assert "1 of 2 ranks failed: rank 0: RunError: the model's forward raised on the batch of files" in done.stdout
     assert not (tmp_path / "ranks" / "report").exists()
+
+
+def test_shard_sweep_on_the_joblib_launcher_is_merged_at_the_end(folder, tmp_path):
+    """`-m hydra/launcher=local_parallel runtime.num_shards=3 'runtime.shard=range(0,3)'`: three shard jobs in
+    parallel processes, merged by the end-of-sweep callback into <sweep>/merged, listed in the sweep index."""
+    import subprocess
+    import sys
+
+    from reportgen.config import conf_dir
+    from reportgen.index import collect_jobs
+
+    overrides = WIDE + [f"dataset.root={folder}"]
+    sweep = tmp_path / "sweep"
+    done = subprocess.run([sys.executable, "run.py", "-m", "hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2",
+                           "runtime.num_shards=3", "runtime.shard=range(0,3)", *overrides, f"hydra.sweep.dir={sweep}"],
+                          cwd=conf_dir().parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"report: {sweep / 'merged' / 'report' / 'index.html'}" in done.stdout
+    rows = {r.name: r for r in collect_jobs(sweep)}
+    assert [rows[k].status for k in ("0", "1", "2", "merged")] == ["shard", "shard", "shard", "ok"]
+    assert rows["merged"].report == "merged/report/index.html" and rows["merged"].images == 27
+    run(compose_config(overrides), out_dir=tmp_path / "whole")
+    assert_same_results(tmp_path / "whole", sweep / "merged")
