@@ -59,8 +59,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     shard = runtime_shard(cfg.runtime)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
     if finished_run(out_dir):
-        raise RunError(f"{out_dir} already holds a finished run; choose another output folder "
-                       f"(hydra.run.dir=...) rather than overwrite it")
+        return _already_finished(cfg, out_dir)
     job = prepare(cfg, analysis_cfgs, out_dir, timings)
     start, end = shard_bounds(len(job.scan.paths), shard)
     state = _resume_or_start(job, start, end, shard)
@@ -178,9 +177,24 @@ def _save_shard(job: Job, state: RunState, timings: Dict[str, float], started: f
     return path
 
 
+def _already_finished(cfg: DictConfig, out_dir: Path) -> Path:
+    """A rerun into a finished run's folder (a requeued cluster job, a repeated sweep): the same config gets the
+    existing output back untouched; another config is refused (a finished report is never overwritten)."""
+    manifest = json.loads((out_dir / "results" / "manifest.json").read_text())
+    different = config_differences(manifest.get("config", {}), to_container(cfg), EXECUTION_KEYS)
+    if different:
+        raise RunError(f"{out_dir} already holds a finished run of another config ({'; '.join(different)}); "
+                       f"choose another output folder (hydra.run.dir=...) rather than overwrite it")
+    log.info("%s already holds this finished run: nothing to do", out_dir)
+    return out_dir / (manifest["report"] if manifest["status"] == "ok" else f"results/{STATE_FILE}")
+
+
 def record_failure(cfg: DictConfig, exc: BaseException, out_dir: Optional[Path] = None) -> None:
-    """Write `results/manifest.json` with status "failed" and the error, so a sweep index can show the job."""
+    """Write `results/manifest.json` with status "failed" and the error, so a sweep index can show the job
+    (never over a finished run's manifest)."""
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
+    if finished_run(out_dir):
+        return
     (out_dir / "results").mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results" / "manifest.json", {
         "status": "failed", "error": f"{type(exc).__name__}: {exc}", "reportgen": reportgen_version(),

@@ -54,10 +54,17 @@ def test_strict_stops_at_the_first_failure(corpus, tmp_path):
 
 
 def test_a_finished_run_is_never_overwritten(colour_folder, tmp_path):
+    """A rerun of the same config (a requeued cluster job) gets the finished report back untouched; another config
+    into the same folder is refused."""
     cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[predictions]"])
-    run(cfg, out_dir=tmp_path / "run")
-    with pytest.raises(RunError, match="already holds a finished run"):
-        run(cfg, out_dir=tmp_path / "run")
+    index = run(cfg, out_dir=tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert run(cfg, out_dir=tmp_path / "run") == index
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    other = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[predictions]",
+                                   "analysis.predictions.top_k=2"])
+    with pytest.raises(RunError, match=r"already holds a finished run of another config.*top_k: 5 -> 2"):
+        run(other, out_dir=tmp_path / "run")
 
 
 def test_nan_logits_are_counted_and_alerted_not_crashing(colour_folder, tmp_path):

@@ -71,6 +71,7 @@ def test_resume_refuses_another_config_and_resume_false_starts_over(folder, tmp_
     run(cfg, out_dir=out)
     state = load_state(out / "results" / "state.pt")
     assert state.complete and state.processed == 12
+    assert run(cfg, out_dir=out) == out / "results" / "state.pt"  # a requeued finished shard: nothing to do
     (out / "results" / "manifest.json").unlink()  # as if killed after its last checkpoint
     with pytest.raises(RunError, match=r"different config.*top_k: 5 -> 3"):
         run(compose_config(WIDE + [f"dataset.root={folder}", "runtime.shard=0/2", "analysis.predictions.top_k=3"]),

@@ -1,0 +1,149 @@
+"""The scale benchmark: a synthetic-but-realistic JPEG folder, the plain loop against our pass per analysis set,
+peak memory, report size and render time, in one table. Each measurement runs in its own process, so peak RSS is
+that run's alone.
+
+    python bench/scale.py                                      # 500 images, resnet18 (random weights), CPU
+    python bench/scale.py --images 500 5000 --sets default     # memory at 10x the images
+    python bench/scale.py --device cuda --set-overrides runtime=gpu   # on a GPU: bf16, channels_last, pinned memory
+
+The folder: photo-like JPEGs (smooth colour gradients, overlapping shapes, sensor-like noise, quality 85) of mixed
+sizes from 320x240 to 800x600 in 10 class folders, made once and cached under --cache (default
+/tmp/reportgen-bench). "plain" is the loop a user would write (same DataLoader, workers, batch size, preprocessing,
+then `model(x)` under inference_mode); "ours" is `pipeline.run` with the given analyses (its pass, from the
+manifest: the one-time probes are timed apart). Peak RSS is the main process's (the workers decode and hold only
+prefetched batches).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SETS = {"summary,predictions": "analysis=[summary,predictions]",
+        "+gradcam": "analysis=[summary,predictions,gradcam]",
+        "default": "analysis=[summary,predictions,gradcam,activations,weights,graph]"}
+
+
+def make_jpeg_folder(root: Path, count: int, seed: int = 0) -> Path:
+    """`count` photo-like JPEGs in 10 class folders (cached: made once per count and seed)."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    done = root / ".complete"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        width, height = int(rng.integers(320, 801)), int(rng.integers(240, 601))
+        y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+        base = np.stack([(rng.uniform(0, 255) + rng.uniform(-1, 1) * 120 * x / width
+                          + rng.uniform(-1, 1) * 120 * y / height) for _ in range(3)], axis=-1)
+        image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 9))):
+            x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+            box = [x0, y0, x0 + int(rng.integers(20, width // 2)), y0 + int(rng.integers(20, height // 2))]
+            fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
+        image = image.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.5, 2.0))))
+        pixels = np.asarray(image).astype(np.float32) + rng.normal(0, 6, (height, width, 3))
+        folder = root / f"class_{i % 10}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"img_{i:06d}.jpg", quality=85)
+    done.write_text(str(count))
+    return root
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def child(kind: str, overrides: List[str]) -> Dict[str, float]:
+    """One measurement in this process: the plain loop or our run; returns a JSON-able dict."""
+    from bench.throughput import compose_cfg, plain_loop
+    from reportgen.pipeline import run
+
+    cfg = compose_cfg(overrides)
+    if kind == "plain":
+        return {"images_per_second": plain_loop(cfg), "peak_rss_mib": peak_rss_mib()}
+    with tempfile.TemporaryDirectory() as tmp:
+        run(cfg, out_dir=Path(tmp))
+        manifest = json.loads((Path(tmp) / "results" / "manifest.json").read_text())
+        timings = manifest["timings_s"]
+        return {"images_per_second": manifest["images_per_second"], "peak_rss_mib": peak_rss_mib(),
+                "report_mib": folder_bytes(Path(tmp) / "report") / 2**20,
+                "results_mib": folder_bytes(Path(tmp) / "results") / 2**20,
+                "finalize_render_s": timings.get("finalize", 0) + timings.get("render", 0),
+                "probes_s": timings.get("probes", 0), "images": manifest["counts"]["processed"]}
+
+
+def measure(kind: str, overrides: List[str]) -> Dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, *overrides], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} {overrides} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, nargs="+", default=[500])
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reportgen-bench")
+    parser.add_argument("--set-overrides", nargs="*", default=[], help="more config overrides for every run")
+    parser.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args.child:
+        print(json.dumps(child(args.child, rest)))
+        return
+    rows = []
+    started = time.perf_counter()
+    for count in args.images:
+        root = make_jpeg_folder(args.cache / f"jpeg_{count}", count)
+        base = [f"model={args.model}", "model.weights=null", f"dataset.root={root}", f"runtime.device={args.device}",
+                f"runtime.batch_size={args.batch_size}", f"runtime.num_workers={args.workers}", *args.set_overrides]
+        measure("plain", base)  # warm-up: page cache and first-touch costs
+        plain = measure("plain", base)
+        for name in args.sets:
+            ours = measure("ours", base + [SETS[name]])
+            rows.append((count, name, plain, ours))
+            print(f"{count} images, {name}: plain {plain['images_per_second']:.1f}/s, ours "
+                  f"{ours['images_per_second']:.1f}/s, RSS {ours['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+    print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}` ({args.model}, random weights, batch "
+          f"{args.batch_size}, {args.workers} workers, device {args.device}; {time.perf_counter() - started:.0f} s)\n")
+    print("| images | analyses | plain img/s | ours img/s | ratio | plain peak RSS | ours peak RSS | report | "
+          "results | finalize+render | probes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for count, name, plain, ours in rows:
+        print(f"| {count} | {name} | {plain['images_per_second']:.1f} | {ours['images_per_second']:.1f} | "
+              f"{ours['images_per_second'] / plain['images_per_second']:.2f} | {plain['peak_rss_mib']:.0f} MiB | "
+              f"{ours['peak_rss_mib']:.0f} MiB | {ours['report_mib']:.2f} MiB | {ours['results_mib']:.2f} MiB | "
+              f"{ours['finalize_render_s']:.1f} s | {ours['probes_s']:.1f} s |")
+    by_set: Dict[str, List] = {}
+    for count, name, _, ours in rows:
+        by_set.setdefault(name, []).append((count, ours["peak_rss_mib"]))
+    for name, points in by_set.items():
+        if len(points) > 1:
+            (small, rss_small), (large, rss_large) = min(points), max(points)
+            print(f"\npeak RSS, {name}: {rss_large:.0f} MiB at {large} images / {rss_small:.0f} MiB at {small} "
+                  f"images = {rss_large / rss_small:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
