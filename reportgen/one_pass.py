@@ -116,9 +116,11 @@ def restore_analyses(analyses: List[Analysis], states: Dict[str, dict]) -> None:
 
 def save_checkpoint(job: Job, state: RunState) -> None:
     """Write `results/state.pt` with every analysis's state (streams flushed first, by their `state_dict`)."""
+    started = time.perf_counter()
     state.analyses = {a.name: a.state_dict() for a in job.analyses}
     save_state(job.results_dir / STATE_FILE, state)
-    log.info("checkpoint: %d of %d images of the slice done", state.done, state.end - state.start)
+    log.info("checkpoint: %d of %d images of the slice done (saved in %.2f s)", state.done, state.end - state.start,
+             time.perf_counter() - started)
 
 
 def to_batch(raw: RawBatch, job: Job, labels_lookup: torch.Tensor) -> Batch:

@@ -153,3 +153,35 @@ def test_shard_sweep_on_the_joblib_launcher_is_merged_at_the_end(folder, tmp_pat
     assert rows["merged"].report == "merged/report/index.html" and rows["merged"].images == 27
     run(compose_config(overrides), out_dir=tmp_path / "whole")
     assert_same_results(tmp_path / "whole", sweep / "merged")
+
+
+def test_row_store_resume_absorb_and_pack_keep_rows_in_order(tmp_path, monkeypatch):
+    """The per-image stream behind gradcam.npz, attention.npz and embeddings.npz: rows written after a checkpoint
+    are dropped on reopen, another store's rows are appended in order, and the packed .npz holds exactly them."""
+    import numpy as np
+
+    from reportgen import streams
+
+    monkeypatch.setattr(streams, "COPY_ROWS", 3)  # copy and pack in several chunks
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(11, 2, 3)).astype(np.float32)
+    names = [f"img_{i}.png" for i in range(11)]
+    fields = {"maps": ((2, 3), np.float32), "cls": ((), np.int64)}
+    first = streams.RowStore(tmp_path / "a", 20, fields)
+    first.append(names[:4], maps=maps[:4], cls=np.arange(4))
+    checkpoint = first.ref()
+    first.append(names[4:6], maps=maps[4:6] + 100, cls=np.arange(4, 6))  # written, then the process was killed
+    resumed = streams.absorb_rows(None, checkpoint, tmp_path / "a", 20)
+    assert resumed.count == 4
+    resumed.append(names[4:6], maps=maps[4:6], cls=np.arange(4, 6))
+    other = streams.RowStore(tmp_path / "b", 20, fields)
+    other.append(names[6:], maps=maps[6:], cls=np.arange(6, 11))
+    merged = streams.absorb_rows(None, resumed.ref(), tmp_path / "merged", 20)
+    merged = streams.absorb_rows(merged, other.ref(), tmp_path / "merged", 20)
+    np.testing.assert_array_equal(merged.read("maps", 2, 9), maps[2:9])
+    merged.pack(tmp_path / "out.npz", layer=np.array("conv"))
+    packed = np.load(tmp_path / "out.npz")
+    assert packed["paths"].tolist() == names and str(packed["layer"]) == "conv"
+    np.testing.assert_array_equal(packed["maps"], maps)
+    np.testing.assert_array_equal(packed["cls"], np.arange(11))
+    assert not (tmp_path / "merged").exists()

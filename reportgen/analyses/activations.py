@@ -60,7 +60,7 @@ from reportgen.layers import named_modules, select_layers, stage_outputs
 from reportgen.overlays import heat_on_thumbnail
 from reportgen.reducers import BoundedTop, FixedHistogram
 from reportgen.report import Alert, KeyValues, Section, Table, Text
-from reportgen.streams import RowStore, absorb_rows
+from reportgen.streams import COPY_ROWS, RowStore, absorb_rows
 from reportgen.tensors import channel_view, channels_last_output
 from reportgen.thumbnails import thumbnail
 
@@ -683,15 +683,14 @@ class Activations(Analysis):
         figure = None
         if self.moments.count >= 2:
             mean, components, variance, ratio = self.moments.pca(2)
-            features = store.arrays["features"]
             points = np.empty((store.count, components.shape[0]), dtype=np.float32)
-            for first in range(0, store.count, 65536):
-                chunk = np.asarray(features[first:min(first + 65536, store.count)], dtype=np.float64)  # (n, D)
+            for first in range(0, store.count, COPY_ROWS):
+                chunk = store.read("features", first, first + COPY_ROWS).astype(np.float64)  # (n, D)
                 points[first:first + len(chunk)] = (chunk - mean) @ components.T
             extra.update(features_2d=points, explained_variance=variance, explained_variance_ratio=ratio,
                          components=components, mean=mean)
-            labels = np.asarray(store.arrays["labels"][: store.count])
-            predicted = np.asarray(store.arrays["predicted"][: store.count])
+            labels = store.read("labels", 0, store.count)
+            predicted = store.read("predicted", 0, store.count)
             by_label = bool((labels >= 0).any())
             names = (list(self.ctx.dataset_classes) if by_label
                      else display_names(self.ctx.loaded.class_names, int(predicted.max()) + 1 if len(predicted) else 0))
