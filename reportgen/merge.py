@@ -43,10 +43,12 @@ def find_shards(dirs: Sequence[Path]) -> List[Path]:
 
 
 def load_shards(folders: Sequence[Path]) -> List[Tuple[Path, RunState]]:
-    """Every shard's state, checked to be the n finished slices of one config, sorted by shard index."""
+    """Every shard's state without its analyses (reloaded one shard at a time by the merge, so memory holds one
+    shard's galleries at most), checked to be the n finished slices of one config, sorted by shard index."""
     shards = []
     for folder in folders:
         state = load_state(folder / "results" / STATE_FILE)
+        state.analyses = {}
         if state.shard is None:
             raise RunError(f"{folder} is an interrupted whole run, not a shard: rerun it to resume instead")
         if not state.complete:
@@ -82,7 +84,7 @@ def merge_runs(dirs: Sequence[Path], out_dir: Path) -> Path:
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     shards = load_shards(find_shards(dirs))
-    states = [state for _, state in shards]
+    states = [state for _, state in shards]  # bookkeeping only: counts, failures, notes, times
     out_dir = Path(out_dir)
     if finished_run(out_dir):
         raise RunError(f"{out_dir} already holds a finished run; choose another --out folder")
@@ -98,9 +100,9 @@ def merge_runs(dirs: Sequence[Path], out_dir: Path) -> Path:
     example = folder_example(job)
     if example is not None:
         begin_analyses(job.analyses, example)
-        for state in states:
+        for folder, state in shards:
             if state.processed:  # a shard where nothing decoded never began its analyses: nothing to fold in
-                restore_analyses(job.analyses, state.analyses)
+                restore_analyses(job.analyses, load_state(folder / "results" / STATE_FILE).analyses)
     timings["probes"] = time.perf_counter() - started_probes
     timings["pass"] = max(s.pass_seconds for s in states)
     log.info("merged %d shards: %d images", len(states), sum(s.processed for s in states))
