@@ -27,7 +27,7 @@ class JobRow:
 
     name: str  # the job folder's name (Hydra's job number)
     overrides: str  # the command-line overrides of this job
-    status: str  # ok | failed | incomplete
+    status: str  # ok | failed | incomplete | shard (a slice, merged elsewhere)
     error: str = ""
     report: Optional[str] = None  # relative link to the job's report/index.html
     model: str = ""
@@ -71,6 +71,9 @@ def collect_jobs(sweep_dir: Path) -> List[JobRow]:
         if manifest is not None:
             row.status = str(manifest.get("status", "incomplete"))
             row.error = str(manifest.get("error", ""))
+            if row.status == "shard":
+                index, count = manifest.get("shard", ["?", "?"])
+                row.error = f"slice {index}/{count} of the folder: its report is the merge of all {count} slices"
             model = manifest.get("model", {})
             row.model, row.weights = model.get("name", ""), model.get("weights", "")
             counts = manifest.get("counts", {})

@@ -151,6 +151,8 @@ def test_shard_sweep_on_the_joblib_launcher_is_merged_at_the_end(folder, tmp_pat
     rows = {r.name: r for r in collect_jobs(sweep)}
     assert [rows[k].status for k in ("0", "1", "2", "merged")] == ["shard", "shard", "shard", "ok"]
     assert rows["merged"].report == "merged/report/index.html" and rows["merged"].images == 27
+    assert rows["1"].error == "slice 1/3 of the folder: its report is the merge of all 3 slices"
+    assert 'href="merged/report/index.html"' in (sweep / "index.html").read_text(encoding="utf-8")
     run(compose_config(overrides), out_dir=tmp_path / "whole")
     assert_same_results(tmp_path / "whole", sweep / "merged")
 
@@ -185,3 +187,22 @@ def test_row_store_resume_absorb_and_pack_keep_rows_in_order(tmp_path, monkeypat
     np.testing.assert_array_equal(packed["maps"], maps)
     np.testing.assert_array_equal(packed["cls"], np.arange(11))
     assert not (tmp_path / "merged").exists()
+
+
+def test_vit_attention_shards_merge_into_the_whole(tmp_path):
+    """The attention analysis's per-image maps and per-head statistics merge too (demo ViT, 2 shards)."""
+    import numpy as np
+
+    base = ["experiment=demo_vit", "analysis=[predictions,attention]", "dataset.limit=20", "runtime.batch_size=6",
+            "runtime.num_workers=0", "runtime.progress=false"]
+    run(compose_config(base), out_dir=tmp_path / "whole")
+    for i in range(2):
+        run(compose_config(base + [f"runtime.shard={i}/2"]), out_dir=tmp_path / "shards" / str(i))
+    merge_runs([tmp_path / "shards"], tmp_path / "merged")
+    whole, merged = (np.load(tmp_path / d / "results" / "attention.npz") for d in ("whole", "merged"))
+    assert sorted(whole.files) == sorted(merged.files) and len(whole["paths"]) == 20
+    for key in whole.files:
+        if whole[key].dtype.kind == "f":
+            np.testing.assert_allclose(merged[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+        else:
+            np.testing.assert_array_equal(merged[key], whole[key], err_msg=key)

@@ -44,6 +44,7 @@ from reportgen.layers import named_modules, select_layers
 from reportgen.overlays import HEATMAP_ALPHA, HEATMAP_CMAP, heat_on_thumbnail
 from reportgen.reducers import BoundedTop
 from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
+from reportgen.run_state import allow_in_state
 from reportgen.streams import RowStore, absorb_rows
 from reportgen.thumbnails import thumbnail
 
@@ -77,6 +78,9 @@ class LayerInfo:
     def field(self) -> str:
         """Its array name in attention.npz: `cls_<key>` or `received_<key>`, non-alphanumeric runs as `_`."""
         return ("cls_" if self.class_token else "received_") + re.sub(r"[^0-9A-Za-z]+", "_", self.key).strip("_")
+
+
+allow_in_state(LayerInfo)  # part of the saved state (checkpoints, shards)
 
 
 def is_attention(name: str, module: nn.Module) -> bool:
