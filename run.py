@@ -22,12 +22,18 @@ log = logging.getLogger("reportgen")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    from reportgen.folder_lock import FolderBusy
     from reportgen.models import ModelLoadError
     from reportgen.pipeline import RunError, record_failure, run
 
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         index = run(cfg)
+    except FolderBusy as exc:  # the folder belongs to a live run: write nothing into it
+        log.error("%s", exc)
+        if sweeping:
+            return
+        sys.exit(1)
     except (ConfigError, ModelLoadError, RunError) as exc:
         log.error("%s", exc)
         record_failure(cfg, exc)

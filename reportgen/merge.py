@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from reportgen.config import ConfigError, config_from_container
+from reportgen.folder_lock import FolderBusy, folder_lock
 from reportgen.models import ModelLoadError
 from reportgen.one_pass import RunError, begin_analyses, folder_example, restore_analyses
 from reportgen.pipeline import EXECUTION_KEYS, finished_run, finish, prepare
@@ -84,10 +85,16 @@ def merge_runs(dirs: Sequence[Path], out_dir: Path) -> Path:
     started = time.perf_counter()
     timings: Dict[str, float] = {}
     shards = load_shards(find_shards(dirs))
-    states = [state for _, state in shards]  # bookkeeping only: counts, failures, notes, times
     out_dir = Path(out_dir)
-    if finished_run(out_dir):
-        raise RunError(f"{out_dir} already holds a finished run; choose another --out folder")
+    with folder_lock(out_dir):
+        if finished_run(out_dir):
+            raise RunError(f"{out_dir} already holds a finished run; choose another --out folder")
+        return _merge_into(shards, out_dir, started, timings)
+
+
+def _merge_into(shards: List[Tuple[Path, RunState]], out_dir: Path, started: float, timings: Dict[str, float]) -> Path:
+    """Load the model and folder, set the analyses up on the folder's first images, fold in each shard, render."""
+    states = [state for _, state in shards]  # bookkeeping only: counts, failures, notes, times
     cfg = config_from_container(states[0].config)
     cfg.runtime.shard, cfg.runtime.num_shards = None, None
     if not torch.cuda.is_available():
@@ -130,7 +137,7 @@ def merge_sweep(sweep_dir: Path) -> List[Path]:
         out = Path(sweep_dir) / ("merged" if number == 1 else f"merged-{number}")
         try:
             reports.append(merge_runs(folders, out))
-        except (RunError, ConfigError, ModelLoadError, ValueError) as exc:
+        except (RunError, ConfigError, ModelLoadError, ValueError, FolderBusy) as exc:
             log.error("shards %s not merged: %s (merge them later: python -m reportgen.merge DIR... --out DIR)",
                       [f.name for f in folders], exc)
     return reports
@@ -144,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
         index = merge_runs(args.dirs, args.out)
-    except (RunError, ConfigError, ModelLoadError, ValueError) as exc:
+    except (RunError, ConfigError, ModelLoadError, ValueError, FolderBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {index}")

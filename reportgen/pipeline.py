@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from reportgen.analyses import RunContext, get_analysis
 from reportgen.config import to_container
 from reportgen.data import scan_folder
+from reportgen.folder_lock import folder_lock
 from reportgen.job import Job
 from reportgen.models import load_model
 from reportgen.one_pass import RunError, run_pass
@@ -58,18 +59,19 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     analysis_cfgs = validate(cfg)
     shard = runtime_shard(cfg.runtime)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    if finished_run(out_dir):
-        return _already_finished(cfg, out_dir)
-    job = prepare(cfg, analysis_cfgs, out_dir, timings)
-    start, end = shard_bounds(len(job.scan.paths), shard)
-    state = _resume_or_start(job, start, end, shard)
-    timings["probes"] = run_pass(job, state)  # one-time: FLOP count, layer probes, graphs (not per image)
-    timings["pass"] = state.pass_seconds
-    log.info("pass: %d images in %.1f s (%.1f images/s), %d failed", state.processed, state.pass_seconds,
-             state.processed / max(state.pass_seconds, 1e-9), len(state.failed))
-    if shard is not None:
-        return _save_shard(job, state, timings, started)
-    return finish(job, [state], timings, started)
+    with folder_lock(out_dir):
+        if finished_run(out_dir):
+            return _already_finished(cfg, out_dir)
+        job = prepare(cfg, analysis_cfgs, out_dir, timings)
+        start, end = shard_bounds(len(job.scan.paths), shard)
+        state = _resume_or_start(job, start, end, shard)
+        timings["probes"] = run_pass(job, state)  # one-time: FLOP count, layer probes, graphs (not per image)
+        timings["pass"] = state.pass_seconds
+        log.info("pass: %d images in %.1f s (%.1f images/s), %d failed", state.processed, state.pass_seconds,
+                 state.processed / max(state.pass_seconds, 1e-9), len(state.failed))
+        if shard is not None:
+            return _save_shard(job, state, timings, started)
+        return finish(job, [state], timings, started)
 
 
 def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timings: Dict[str, float]) -> Job:

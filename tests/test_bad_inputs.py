@@ -58,9 +58,13 @@ def test_a_finished_run_is_never_overwritten(colour_folder, tmp_path):
     into the same folder is refused."""
     cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[predictions]"])
     index = run(cfg, out_dir=tmp_path / "run")
-    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    def outputs():  # every file the run wrote (the folder lock, rewritten by each run, is not an output)
+        return {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")
+                if p.is_file() and p.name != ".reportgen-lock"}
+
+    before = outputs()
     assert run(cfg, out_dir=tmp_path / "run") == index
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+    assert outputs() == before
     other = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[predictions]",
                                    "analysis.predictions.top_k=2"])
     with pytest.raises(RunError, match=r"already holds a finished run of another config.*top_k: 5 -> 2"):

@@ -16,7 +16,7 @@ from reportgen.pipeline import run
 from reportgen.run_state import load_state
 from tests.conftest import compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
-from tests.test_shards import WIDE
+from tests.test_shards import WIDE, WIDE_MODEL
 
 REPO = conf_dir().parent
 SLOW = [o.replace("wide_net", "slow_net") for o in WIDE] + ["runtime.batch_size=2", "runtime.checkpoint_every=2"]
@@ -98,3 +98,21 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(folder, tmp_path):
                                     "out of memory at 4 images per forward: continued with 2 (set "
                                     "runtime.batch_size=2 to avoid the retry)"]
     assert "out of memory at 8 images per forward" in index.read_text(encoding="utf-8")
+
+
+def test_a_folder_in_use_is_refused_and_freed_when_its_process_dies(folder, tmp_path):
+    """Two runs in one folder would corrupt each other; the lock goes away with the process that held it."""
+    from reportgen.folder_lock import FolderBusy, folder_lock
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from reportgen.folder_lock import folder_lock\n"
+                               f"with folder_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(FolderBusy, match=rf"in use by pid {holder.pid} on"):
+        run(compose_config(WIDE_MODEL + [f"dataset.root={folder}", "analysis=[predictions]"]), out_dir=out)
+    assert not (out / "results" / "manifest.json").exists()
+    holder.kill()
+    holder.wait()
+    with folder_lock(out):  # free again: a killed holder leaves no stale lock
+        pass

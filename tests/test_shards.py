@@ -13,10 +13,11 @@ from reportgen.config import ConfigError
 from tests.conftest import compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
 
-WIDE = ["model=target", "model.target._target_=tests.tiny_models.wide_net", "model.preprocess.resize=16",
-        "model.preprocess.crop=16", "runtime.num_workers=0", "runtime.progress=false", "runtime.batch_size=4",
-        "analysis=[summary,predictions,gradcam,activations,weights,graph]", "analysis.activations.channels_per_layer=3",
-        "analysis.activations.n_images=4", "report.gallery_size=5"]
+WIDE_MODEL = ["model=target", "model.target._target_=tests.tiny_models.wide_net", "model.preprocess.resize=16",
+              "model.preprocess.crop=16", "runtime.num_workers=0", "runtime.progress=false", "runtime.batch_size=4"]
+WIDE = WIDE_MODEL + ["analysis=[summary,predictions,gradcam,activations,weights,graph]",
+                     "analysis.activations.channels_per_layer=3", "analysis.activations.n_images=4",
+                     "report.gallery_size=5"]
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def test_three_shards_merged_equal_one_run(folder, tmp_path):
 def test_merge_refuses_missing_duplicate_different_and_unfinished_shards(folder, tmp_path, capsys):
     def shard(i, n, name, *extra):
         out = tmp_path / name
-        run(compose_config(WIDE[:7] + [f"dataset.root={folder}", f"runtime.shard={i}/{n}",
+        run(compose_config(WIDE_MODEL + [f"dataset.root={folder}", f"runtime.shard={i}/{n}",
                                         "analysis=[predictions]", *extra]), out_dir=out)
         return out
 
@@ -122,7 +123,7 @@ def test_torchrun_a_failing_rank_fails_the_run_without_hanging(folder, tmp_path)
 
     from reportgen.config import conf_dir
 
-    overrides = [o.replace("wide_net", "exploding_net") for o in WIDE[:7]] + [f"dataset.root={folder}",
+    overrides = [o.replace("wide_net", "exploding_net") for o in WIDE_MODEL] + [f"dataset.root={folder}",
                                                                               "analysis=[predictions]"]
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "run.py", *overrides, f"hydra.run.dir={tmp_path / 'ranks'}"], cwd=conf_dir().parent,

@@ -1,0 +1,39 @@
+"""One process at a time in a run folder: two runs writing the same results would corrupt each other (two runs
+started in the same second share Hydra's dated folder; a requeued cluster job may start while the old one lives).
+
+An exclusive `flock` on `<run>/.reportgen-lock`: the kernel drops it when the holder exits or is killed, so a crashed run
+never leaves a stale lock behind (on NFS, Linux maps it to a POSIX lock the server releases with the client).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class FolderBusy(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+@contextmanager
+def folder_lock(out_dir: Path) -> Iterator[None]:
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(out_dir) / ".reportgen-lock", "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderBusy(f"{out_dir} is in use by {holder}: wait for it, or choose another folder "
+                             f"(hydra.run.dir=...)") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock; the file stays (removing it could race with a waiting process)
