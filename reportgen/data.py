@@ -32,6 +32,12 @@ class ScanResult:
     class_names: List[str]  # first-level subfolder names, sorted (empty: unlabelled folder)
     skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason) found but not scanned
 
+    def fingerprint(self) -> str:
+        """A hash of the sorted file list: resumes and merges check they see the files the run saw."""
+        import hashlib
+
+        return hashlib.sha256("\n".join(self.paths).encode("utf-8", "surrogateescape")).hexdigest()
+
 
 def scan_folder(root: Path, extensions: Sequence[str], label_mode: LabelMode = LabelMode.auto,
                 limit: Optional[int] = None) -> ScanResult:

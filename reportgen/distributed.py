@@ -51,6 +51,8 @@ def run_ranks(cfg, out_dir: Optional[Path], rank: int, world: int, local_rank: i
             raise RunError(f"{len(failed)} of {world} ranks failed: " + " | ".join(failed))
         if rank != 0:
             return None
+        if pipeline.finished_run(root):  # the same command again (a requeued job): the merged report stands
+            return pipeline.already_finished(cfg, root)
         from reportgen.merge import merge_runs
 
         return merge_runs([shard_folder(root, r) for r in range(world)], root)

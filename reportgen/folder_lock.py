@@ -1,8 +1,9 @@
 """One process at a time in a run folder: two runs writing the same results would corrupt each other (two runs
 started in the same second share Hydra's dated folder; a requeued cluster job may start while the old one lives).
 
-An exclusive `flock` on `<run>/.reportgen-lock`: the kernel drops it when the holder exits or is killed, so a crashed run
-never leaves a stale lock behind (on NFS, Linux maps it to a POSIX lock the server releases with the client).
+An exclusive POSIX lock (`lockf`) on `<run>/.reportgen-lock`: the kernel drops it when the holder exits or is killed,
+so a crashed run never leaves a stale lock behind; it belongs to the process alone (forked DataLoader workers that
+outlive a killed run for a few seconds do not hold it), and NFS servers honour it.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def folder_lock(out_dir: Path) -> Iterator[None]:
     handle = open(Path(out_dir) / ".reportgen-lock", "a+", encoding="utf-8")
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
@@ -26,6 +26,9 @@ class Job:
     model: torch.nn.Module  # on `device`, in the configured memory format
     device: torch.device
     analyses: List[Analysis]  # in config order (the report's section order)
+    shard: Optional[Tuple[int, int]] = None  # (index, count) of a shard run
+    start: int = 0  # this process's slice of the sorted file list, [start, end)
+    end: int = 0
 
     @property
     def results_dir(self) -> Path:

@@ -75,8 +75,9 @@ def load_shards(folders: Sequence[Path]) -> List[Tuple[Path, RunState]]:
         different = config_differences(first.config, state.config, EXECUTION_KEYS)
         if different:
             raise RunError(f"{folder} was run with a different config than {first_folder}: {'; '.join(different)}")
-        if state.found != first.found:
-            raise RunError(f"{folder} saw {state.found} images in the folder, {first_folder} saw {first.found}")
+        if (state.found, state.folder) != (first.found, first.folder):
+            raise RunError(f"{folder} saw other files in the folder than {first_folder} ({state.found} and "
+                           f"{first.found} images)")
     return shards
 
 
@@ -100,9 +101,9 @@ def _merge_into(shards: List[Tuple[Path, RunState]], out_dir: Path, started: flo
     if not torch.cuda.is_available():
         cfg.runtime.device = "cpu"  # the merge runs one-image probes only; shards may have run on GPUs
     job = prepare(cfg, validate(cfg), out_dir, timings)
-    if len(job.scan.paths) != states[0].found:
-        raise RunError(f"the folder now holds {len(job.scan.paths)} images but the shards saw {states[0].found}: "
-                       f"it changed since they ran; run the shards again")
+    if (len(job.scan.paths), job.scan.fingerprint()) != (states[0].found, states[0].folder):
+        raise RunError(f"the folder now holds other files than the shards saw ({len(job.scan.paths)} images now, "
+                       f"{states[0].found} then): it changed since they ran; run the shards again")
     started_probes = time.perf_counter()
     example = folder_example(job)
     if example is not None:

@@ -2,8 +2,9 @@
 
 It advances a `RunState` (positions done, images processed, failures) and saves it with every analysis's mergeable
 state each `runtime.checkpoint_every` batches, so a killed run resumes where its last checkpoint was. A CUDA
-out-of-memory error halves the batch (and every later one) and goes on, with a warning in the report; analyses that
-take gradients update first, so an OOM there happens before any state has changed and the retry is exact.
+out-of-memory error halves the batch (and every later one) and goes on, with a warning in the report, when it came
+from the forward or from an analysis whose update changes nothing before its device work is done (`oom_safe`, run
+first: Grad-CAM's gradients, predictions); after that, a retry could count images twice, so the run stops instead.
 """
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def run_pass(job: Job, state: RunState) -> float:
     try:
         probe_started = time.perf_counter()
         example = folder_example(job)
-        if example is None:
-            return 0.0  # nothing in the folder decodes: the analyses never begin, the report says so
+        if example is None:  # nothing in the folder decodes: list every failure; the analyses never begin
+            _next_good_batch(iter(loader), scan, state, progress, strict)
+            return 0.0
         begin_analyses(job.analyses, example)
         if state.analyses:  # resumed: the saved state goes into freshly begun analyses (exact, see merge)
             restore_analyses(job.analyses, state.analyses)
@@ -61,7 +63,7 @@ def run_pass(job: Job, state: RunState) -> float:
         batches = iter(loader)
         first = _next_good_batch(batches, scan, state, progress, strict)
         requirements = [a.requires() for a in job.analyses]  # after begin: defaults may depend on a probe
-        order = sorted(job.analyses, key=lambda a: not a.requires().gradients)  # gradient takers first (OOM)
+        order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # retryable updates first (out of memory)
         with CaptureEngine(job.model, [n for r in requirements for n in r.activations],
                            [n for r in requirements for n in r.gradients],
                            [n for r in requirements for n in r.attention]) as engine:
@@ -70,6 +72,7 @@ def run_pass(job: Job, state: RunState) -> float:
             while raw is not None:
                 batch = to_batch(raw, job, labels_lookup)
                 state.notes.update(stepper.step(batch))
+                state.warnings.extend(w for w in stepper.warnings if w not in state.warnings)
                 state.processed += len(batch.paths)
                 progress.update(len(batch.paths))
                 batches_done += 1
@@ -77,7 +80,6 @@ def run_pass(job: Job, state: RunState) -> float:
                     state.pass_seconds = pass_before + time.perf_counter() - pass_started
                     save_checkpoint(job, state)
                 raw = _next_good_batch(batches, scan, state, progress, strict)
-            state.warnings.extend(w for w in stepper.warnings if w not in state.warnings)
         state.pass_seconds = pass_before + time.perf_counter() - pass_started
         return probe_seconds
     finally:
@@ -212,6 +214,8 @@ class _Stepper:
                 raise RunError(f"expected the model to return logits of shape (batch, classes), got "
                                f"{None if logits is None else tuple(logits.shape)}")
             for analysis in self.analyses:
+                if not analysis.oom_safe:
+                    self.updated = True  # an out-of-memory error inside may leave part of this batch counted
                 analysis.update(batch, logits, captures)
                 self.updated = True
         return captures.notes

@@ -27,11 +27,12 @@ from reportgen.data import scan_folder
 from reportgen.folder_lock import folder_lock
 from reportgen.job import Job
 from reportgen.models import load_model
-from reportgen.one_pass import RunError, run_pass
+from reportgen.one_pass import RunError, run_pass, save_checkpoint
 from reportgen.render import render_report
 from reportgen.report import Alert, KeyValues, Page, Section
 from reportgen.results import library_versions, write_failed, write_json
 from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state, save_state
+from reportgen.streams import remove_stream_folders
 from reportgen.shards import runtime_shard, shard_bounds, torchrun_rank
 from reportgen.validate import resolve_dataset_root, select_device, validate
 
@@ -61,20 +62,21 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
     with folder_lock(out_dir):
         if finished_run(out_dir):
-            return _already_finished(cfg, out_dir)
-        job = prepare(cfg, analysis_cfgs, out_dir, timings)
-        start, end = shard_bounds(len(job.scan.paths), shard)
-        state = _resume_or_start(job, start, end, shard)
+            return already_finished(cfg, out_dir)
+        job = prepare(cfg, analysis_cfgs, out_dir, timings, shard)
+        state = _resume_or_start(job)
         timings["probes"] = run_pass(job, state)  # one-time: FLOP count, layer probes, graphs (not per image)
         timings["pass"] = state.pass_seconds
         log.info("pass: %d images in %.1f s (%.1f images/s), %d failed", state.processed, state.pass_seconds,
                  state.processed / max(state.pass_seconds, 1e-9), len(state.failed))
         if shard is not None:
             return _save_shard(job, state, timings, started)
+        save_checkpoint(job, state)  # complete: a crash while finalizing or rendering resumes right here
         return finish(job, [state], timings, started)
 
 
-def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timings: Dict[str, float]) -> Job:
+def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timings: Dict[str, float],
+            shard: Optional[Tuple[int, int]] = None) -> Job:
     """Scan the folder, load the model onto its device, build the analyses (nothing runs the model yet)."""
     results_dir = out_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -95,11 +97,12 @@ def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timin
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
     log.info("model: %s (%s)", loaded.name, loaded.weights)
+    start, end = shard_bounds(len(scan.paths), shard)
     ctx = RunContext(model=model, loaded=loaded, dataset_classes=scan.class_names, num_images=len(scan.paths),
-                     device=device, results_dir=results_dir, report=cfg.report)
+                     device=device, results_dir=results_dir, report=cfg.report, stream_rows=end - start)
     analyses = [get_analysis(name)(acfg, ctx) for name, acfg in analysis_cfgs.items()]
     return Job(cfg=cfg, out_dir=out_dir, root=root, scan=scan, loaded=loaded, model=model, device=device,
-               analyses=analyses)
+               analyses=analyses, shard=shard, start=start, end=end)
 
 
 def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], started: float) -> Path:
@@ -134,14 +137,16 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
         "report": index.relative_to(job.out_dir).as_posix(),
     })
     (results_dir / STATE_FILE).unlink(missing_ok=True)  # finished: the report and results replace the checkpoint
+    remove_stream_folders(results_dir)
     log.info("report: %s (total %.1f s)", index, timings["total"])
     return index
 
 
-def _resume_or_start(job: Job, start: int, end: int, shard: Optional[Tuple[int, int]]) -> RunState:
+def _resume_or_start(job: Job) -> RunState:
     """The saved state of an interrupted run of the same config in this folder (runtime.resume), else a new one."""
     path = job.results_dir / STATE_FILE
     config = to_container(job.cfg)
+    start, end, shard = job.start, job.end, job.shard
     if path.exists() and job.cfg.runtime.resume:
         state = load_state(path)
         different = config_differences(state.config, config, EXECUTION_KEYS)
@@ -149,14 +154,16 @@ def _resume_or_start(job: Job, start: int, end: int, shard: Optional[Tuple[int, 
             raise RunError(f"{job.out_dir} holds an interrupted run of a different config ({'; '.join(different)}). "
                            f"Rerun it with the same config to resume, set runtime.resume=false to start over, or "
                            f"choose another folder")
-        if (state.start, state.end, state.found) != (start, end, len(job.scan.paths)):
+        if (state.start, state.end, state.found, state.folder) != (start, end, len(job.scan.paths),
+                                                                    job.scan.fingerprint()):
             raise RunError(f"{job.out_dir} holds an interrupted run over images {state.start}..{state.end} of "
-                           f"{state.found}, but the folder now gives {start}..{end} of {len(job.scan.paths)}: "
-                           f"the folder changed. Set runtime.resume=false to start over")
+                           f"{state.found}, but the folder now gives {start}..{end} of {len(job.scan.paths)} or "
+                           f"other files: the folder changed. Set runtime.resume=false to start over")
         log.info("resuming %s: %d of %d images were done", job.out_dir, state.done, end - start)
         return state
+    first_slice = shard is None or shard[0] == 0  # scan findings are listed once, by the first slice
     return RunState(config=config, start=start, end=end, done=0, shard=shard, found=len(job.scan.paths),
-                    failed=list(job.scan.skipped) if start == 0 else [],  # scan findings belong to the first slice
+                    folder=job.scan.fingerprint(), failed=list(job.scan.skipped) if first_slice else [],
                     results_dir=str(job.results_dir))
 
 
@@ -179,7 +186,7 @@ def _save_shard(job: Job, state: RunState, timings: Dict[str, float], started: f
     return path
 
 
-def _already_finished(cfg: DictConfig, out_dir: Path) -> Path:
+def already_finished(cfg: DictConfig, out_dir: Path) -> Path:
     """A rerun into a finished run's folder (a requeued cluster job, a repeated sweep): the same config gets the
     existing output back untouched; another config is refused (a finished report is never overwritten)."""
     manifest = json.loads((out_dir / "results" / "manifest.json").read_text())
@@ -188,6 +195,8 @@ def _already_finished(cfg: DictConfig, out_dir: Path) -> Path:
         raise RunError(f"{out_dir} already holds a finished run of another config ({'; '.join(different)}); "
                        f"choose another output folder (hydra.run.dir=...) rather than overwrite it")
     log.info("%s already holds this finished run: nothing to do", out_dir)
+    if manifest["status"] == "ok":
+        remove_stream_folders(out_dir / "results")  # in case the run was killed right after its manifest
     return out_dir / (manifest["report"] if manifest["status"] == "ok" else f"results/{STATE_FILE}")
 
 

@@ -33,6 +33,7 @@ class RunState:
     done: int  # positions of the slice already consumed (== end - start when complete)
     shard: Optional[Tuple[int, int]]  # (index, count) or None
     found: int  # images the scan found in the whole folder
+    folder: str = ""  # ScanResult.fingerprint(): the same files, not just as many
     processed: int = 0
     failed: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason)
     notes: Dict[str, str] = field(default_factory=dict)  # capture notes
@@ -74,8 +75,11 @@ def without_keys(config: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
 
 
 def _allowed_globals() -> List[Any]:
-    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core (pickles name either)
-    numpy_types = [np.ndarray, np.dtype, multiarray.multiarray._reconstruct, multiarray.multiarray.scalar]
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray
+    numpy_types: List[Any] = [np.ndarray, np.dtype]
+    for name in ("_reconstruct", "scalar"):  # numpy 2 renamed numpy.core: a state pickled under either loads
+        function = getattr(multiarray, name)
+        numpy_types += [(function, f"numpy.core.multiarray.{name}"), (function, f"numpy._core.multiarray.{name}")]
     numpy_types += [type(np.dtype(t)) for t in (np.float16, np.float32, np.float64, np.int8, np.int16, np.int32,
                                                  np.int64, np.uint8, np.bool_, object, np.str_)]
     return [RunState, StreamRef, BoundedTop, _Payload, FixedHistogram, ChannelStats, ChannelTopK,
@@ -114,17 +118,27 @@ def load_state(path: Path) -> RunState:
     if moved_from and moved_from != moved_to:
         _rebase(state.analyses, moved_from, moved_to)
         state.results_dir = moved_to
+    inside = path.parent.resolve()
+    for ref in _refs(state.analyses):  # a state may only point at its own results folder
+        if not Path(ref.location).resolve().is_relative_to(inside):
+            raise ValueError(f"{path} points outside its results folder ({ref.location}): refused")
     return state
+
+
+def _refs(value: Any):
+    """Every StreamRef inside a state."""
+    if isinstance(value, StreamRef):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _refs(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _refs(item)
 
 
 def _rebase(value: Any, old: str, new: str) -> None:
     """Point the stream refs of a state whose folder was moved (copied off a cluster, renamed) at the new place."""
-    if isinstance(value, StreamRef):
-        if value.location.startswith(old):
-            value.location = new + value.location[len(old):]
-    elif isinstance(value, dict):
-        for item in value.values():
-            _rebase(item, old, new)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            _rebase(item, old, new)
+    for ref in _refs(value):
+        if ref.location.startswith(old):
+            ref.location = new + ref.location[len(old):]

@@ -40,9 +40,9 @@ class RowStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.capacity = max(1, int(capacity))
         self.count = 0
-        self.fields: Dict[str, _Field] = {}
+        self.fields: Dict[str, RowFile] = {}
         for name, (shape, dtype) in fields.items():
-            self.fields[name] = _Field.create(self.folder / f"{name}.npy", (self.capacity, *shape), np.dtype(dtype))
+            self.fields[name] = RowFile.create(self.folder / f"{name}.npy", (self.capacity, *shape), np.dtype(dtype))
         self._paths = open(self.folder / "paths.jsonl", "w", encoding="utf-8")
 
     @classmethod
@@ -50,7 +50,7 @@ class RowStore:
         """This run's own store after a restart, holding exactly the `ref.count` rows of the saved state."""
         store = cls.__new__(cls)
         store.folder = Path(ref.location)
-        store.fields = {p.stem: _Field.open(p) for p in sorted(store.folder.glob("*.npy"))}
+        store.fields = {p.stem: RowFile.open(p) for p in sorted(store.folder.glob("*.npy"))}
         store.capacity = next(iter(store.fields.values())).shape[0]
         store.count = ref.count
         paths_file = store.folder / "paths.jsonl"
@@ -84,7 +84,7 @@ class RowStore:
     def absorb(self, ref: StreamRef) -> None:
         """Append the rows of another run's store (`ref`) after this store's rows, in order."""
         folder = Path(ref.location)
-        sources = {name: _Field.open(folder / f"{name}.npy") for name in self.fields}
+        sources = {name: RowFile.open(folder / f"{name}.npy") for name in self.fields}
         with open(folder / "paths.jsonl", encoding="utf-8") as handle:
             for first in range(0, ref.count, COPY_ROWS):
                 last = min(first + COPY_ROWS, ref.count)
@@ -95,7 +95,8 @@ class RowStore:
 
     def pack(self, out_path: Path, **extra: Any) -> None:
         """Write `paths` and every field (first `count` rows) plus `extra` arrays to one .npz, streaming the rows in
-        chunks; then remove the store's files."""
+        chunks. The store's own files stay until the run is finished (`remove_stream_folders`), so a run killed
+        while finalizing can resume from its last checkpoint."""
         import zipfile
 
         self._paths.close()
@@ -117,11 +118,10 @@ class RowStore:
         for stored in self.fields.values():
             stored.handle.close()
         self.fields = {}
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @dataclass
-class _Field:
+class RowFile:
     """One field's .npy file: rows of `shape[1:]` at `offset` bytes past the header, read and written in place."""
 
     handle: Any
@@ -134,7 +134,7 @@ class _Field:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
 
     @classmethod
-    def create(cls, path: Path, shape: Tuple[int, ...], dtype: np.dtype) -> "_Field":
+    def create(cls, path: Path, shape: Tuple[int, ...], dtype: np.dtype) -> "RowFile":
         handle = open(path, "w+b")
         header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
         np.lib.format.write_array_header_2_0(handle, header)
@@ -143,7 +143,7 @@ class _Field:
         return field
 
     @classmethod
-    def open(cls, path: Path) -> "_Field":
+    def open(cls, path: Path) -> "RowFile":
         handle = open(path, "r+b")
         major, _ = np.lib.format.read_magic(handle)
         reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
@@ -162,6 +162,13 @@ class _Field:
         return np.frombuffer(data, dtype=self.dtype).reshape(count, *self.shape[1:])
 
 
+def remove_stream_folders(results_dir: Path) -> None:
+    """Delete the row stores of a finished run (hidden folders `results/.<analysis>` holding a paths.jsonl)."""
+    for folder in Path(results_dir).glob(".*"):
+        if folder.is_dir() and (folder / "paths.jsonl").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def absorb_rows(store: Optional[RowStore], ref: Optional[StreamRef], folder: Path, capacity: int) -> Optional[RowStore]:
     """`store` after taking in `ref`'s rows: reopened in place when `ref` is this folder's own stream (resume),
     created like `ref`'s fields and filled when there is no store yet, else appended to (shard merge)."""
@@ -172,7 +179,7 @@ def absorb_rows(store: Optional[RowStore], ref: Optional[StreamRef], folder: Pat
     if store is None:
         fields = {}
         for npy in sorted(Path(ref.location).glob("*.npy")):
-            source = _Field.open(npy)
+            source = RowFile.open(npy)
             fields[npy.stem] = (source.shape[1:], source.dtype)
             source.handle.close()
         store = RowStore(folder, capacity, fields)

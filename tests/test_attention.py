@@ -126,7 +126,7 @@ def test_maps_and_rollout_equal_direct_need_weights_calls_and_a_numpy_loop(vit, 
             assert tuple(e["heads"][name].shape) == (4, 8, 8)
             np.testing.assert_allclose(e["heads"][name].numpy(),
                                        weights[layer][e["index"], :, 0, 1:].reshape(4, 8, 8), atol=1e-6)
-    assert not (tmp_path / ".attention").exists(), "temporary per-image files removed after packing"
+    assert (tmp_path / ".attention").exists(), "per-image rows kept after packing, until the run is finished"
 
 
 def test_rollout_runs_over_every_layer_when_one_is_shown_and_discard_ratio_matches_numpy(vit, vit_images, tmp_path):

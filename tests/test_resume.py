@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from reportgen.config import conf_dir
 from reportgen.one_pass import RunError
@@ -116,3 +117,52 @@ def test_a_folder_in_use_is_refused_and_freed_when_its_process_dies(folder, tmp_
     holder.wait()
     with folder_lock(out):  # free again: a killed holder leaves no stale lock
         pass
+
+
+def test_a_run_killed_while_rendering_resumes_from_its_final_checkpoint(folder, tmp_path, monkeypatch):
+    """Everything was processed, then the report failed half-way (a time limit): the rerun finalizes again from the
+    complete checkpoint, with the per-image stores still there, and equals an uninterrupted run."""
+    import reportgen.pipeline as pipeline
+
+    cfg = compose_config(WIDE + [f"dataset.root={folder}"])
+    real_render = pipeline.render_report
+
+    def render_then_die(*args, **kwargs):
+        raise KeyboardInterrupt("killed while rendering")
+
+    monkeypatch.setattr(pipeline, "render_report", render_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, out_dir=tmp_path / "run")
+    state = load_state(tmp_path / "run" / "results" / "state.pt")
+    assert state.complete and state.processed == 24
+    monkeypatch.setattr(pipeline, "render_report", real_render)
+    run(cfg, out_dir=tmp_path / "run")
+    run(cfg, out_dir=tmp_path / "whole")
+    assert_same_results(tmp_path / "whole", tmp_path / "run")
+    assert not [p for p in (tmp_path / "run" / "results").iterdir() if p.name.startswith(".")]
+
+
+def test_out_of_memory_inside_an_update_that_already_counted_stops_instead_of_counting_twice(folder, tmp_path,
+                                                                                             monkeypatch):
+    from reportgen.analyses.activations import Activations
+
+    real_update = Activations.update
+
+    def update_then_out_of_memory(self, batch, logits, captures):
+        real_update(self, batch, logits, captures)  # its statistics already hold this batch
+        raise torch.OutOfMemoryError("simulated inside activations")
+
+    monkeypatch.setattr(Activations, "update", update_then_out_of_memory)
+    cfg = compose_config(WIDE + [f"dataset.root={folder}"])
+    with pytest.raises(RunError, match="out of memory after some analyses had updated"):
+        run(cfg, out_dir=tmp_path / "run")
+
+
+def test_resume_refuses_a_folder_whose_files_changed(folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = compose_config(WIDE_MODEL + [f"dataset.root={folder}", "analysis=[predictions]", "runtime.shard=0/2"])
+    run(cfg, out_dir=out)
+    (out / "results" / "manifest.json").unlink()  # as if killed after its last checkpoint
+    (folder / "blue" / "blue_0.png").rename(folder / "blue" / "blue_00.png")  # as many files, not the same ones
+    with pytest.raises(RunError, match="the folder changed"):
+        run(cfg, out_dir=out)

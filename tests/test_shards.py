@@ -9,6 +9,7 @@ from reportgen.one_pass import RunError
 from reportgen.pipeline import run
 from reportgen.run_state import load_state
 from reportgen.shards import parse_shard, shard_bounds
+from reportgen.streams import RowFile
 from reportgen.config import ConfigError
 from tests.conftest import compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
@@ -54,6 +55,9 @@ def test_three_shards_merged_equal_one_run(folder, tmp_path):
         assert path == out / "results" / "state.pt" and not (out / "report").exists()
         manifest = json.loads((out / "results" / "manifest.json").read_text())
         assert manifest["status"] == "shard" and manifest["shard"] == [i, 3]
+        rows = RowFile.open(out / "results" / ".gradcam" / "cams.npy")
+        assert rows.shape[0] == len(range(*shard_bounds(29, (i, 3))))  # sized for the slice, not the folder
+        rows.handle.close()
         shard_dirs.append(out)
     # given as the sweep folder, in any order: the merge finds and orders the shards itself
     assert merge_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "merged")]) == 0
@@ -103,9 +107,9 @@ def test_torchrun_two_cpu_ranks_equal_one_run(folder, tmp_path):
 
     overrides = WIDE + [f"dataset.root={folder}"]
     out = tmp_path / "ranks"
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "run.py", *overrides, f"hydra.run.dir={out}"], cwd=conf_dir().parent,
-                          capture_output=True, text=True, timeout=300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "run.py",
+               *overrides, f"hydra.run.dir={out}"]
+    done = subprocess.run(command, cwd=conf_dir().parent, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     printed = [line for line in done.stdout.splitlines() if line.startswith("report: ")]
     assert printed == [f"report: {out / 'report' / 'index.html'}"]  # only rank 0 reports
@@ -114,6 +118,9 @@ def test_torchrun_two_cpu_ranks_equal_one_run(folder, tmp_path):
     assert [(s.start, s.end) for s in halves] == [(0, 14), (14, 29)]  # contiguous, nothing twice or missing
     run(compose_config(overrides), out_dir=tmp_path / "whole")
     assert_same_results(tmp_path / "whole", out)
+    again = subprocess.run(command, cwd=conf_dir().parent, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr  # a requeued job: every part is already done
+    assert [line for line in again.stdout.splitlines() if line.startswith("report: ")] == printed
 
 
 def test_torchrun_a_failing_rank_fails_the_run_without_hanging(folder, tmp_path):
@@ -187,7 +194,11 @@ def test_row_store_resume_absorb_and_pack_keep_rows_in_order(tmp_path, monkeypat
     assert packed["paths"].tolist() == names and str(packed["layer"]) == "conv"
     np.testing.assert_array_equal(packed["maps"], maps)
     np.testing.assert_array_equal(packed["cls"], np.arange(11))
-    assert not (tmp_path / "merged").exists()
+    assert (tmp_path / "merged" / "maps.npy").exists()  # kept until the run is finished (a crash may resume)
+    (tmp_path / "merged").rename(tmp_path / ".gradcam")
+    (tmp_path / ".other").mkdir()  # a hidden folder that is not a row store stays
+    streams.remove_stream_folders(tmp_path)
+    assert not (tmp_path / ".gradcam").exists() and (tmp_path / ".other").exists()
 
 
 def test_vit_attention_shards_merge_into_the_whole(tmp_path):
@@ -207,3 +218,38 @@ def test_vit_attention_shards_merge_into_the_whole(tmp_path):
             np.testing.assert_allclose(merged[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
         else:
             np.testing.assert_array_equal(merged[key], whole[key], err_msg=key)
+
+
+def test_shards_of_a_folder_where_nothing_decodes_finish_and_list_every_file_once(tmp_path):
+    """5 shards over 3 unreadable files and a dangling link (found by the scan): every shard finishes, the merge
+    lists each failure once."""
+    import csv
+    import os
+
+    root = tmp_path / "broken"
+    (root / "a").mkdir(parents=True)
+    for name in ("x.jpg", "y.png", "z.jpg"):
+        (root / "a" / name).write_bytes(b"not an image")
+    os.symlink(root / "nowhere.jpg", root / "a" / "w.jpg")
+    for i in range(5):
+        run(compose_config(WIDE_MODEL + [f"dataset.root={root}", "analysis=[predictions,gradcam]",
+                                         f"runtime.shard={i}/5"]), out_dir=tmp_path / "shards" / str(i))
+    merge_runs([tmp_path / "shards"], tmp_path / "merged")
+    with open(tmp_path / "merged" / "results" / "failed.csv", newline="", encoding="utf-8") as handle:
+        failed = [row[0] for row in csv.reader(handle)][1:]
+    assert sorted(failed) == ["a/w.jpg", "a/x.jpg", "a/y.png", "a/z.jpg"]
+    manifest = json.loads((tmp_path / "merged" / "results" / "manifest.json").read_text())
+    assert manifest["counts"]["processed"] == 0 and manifest["counts"]["failed"] == 4
+
+
+def test_a_state_pointing_outside_its_results_folder_is_refused(folder, tmp_path):
+    from reportgen.run_state import save_state
+
+    out = tmp_path / "s"
+    run(compose_config(WIDE_MODEL + [f"dataset.root={folder}", "analysis=[predictions]", "runtime.shard=0/2"]),
+        out_dir=out)
+    state = load_state(out / "results" / "state.pt")
+    state.analyses["predictions"]["csv"].location = "/etc/passwd"
+    save_state(out / "results" / "state.pt", state)
+    with pytest.raises(ValueError, match="points outside its results folder"):
+        load_state(out / "results" / "state.pt")

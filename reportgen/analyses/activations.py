@@ -474,7 +474,7 @@ class Activations(Analysis):
         if self.store is None:
             dim = int(features.shape[1])
             dtype = np.float32 if dim * self.ctx.num_images <= 1 << 28 else np.float16  # > 1 GiB: half precision
-            self.store = RowStore(self.ctx.results_dir / ".activations", self.ctx.num_images,
+            self.store = RowStore(self.ctx.results_dir / ".activations", self.ctx.row_capacity,
                                   {"features": ((dim,), dtype), "labels": ((), np.int64),
                                    "predicted": ((), np.int64)})
         self.store.append(batch.paths, features=features.cpu().numpy(), labels=batch.labels.cpu().numpy(),
@@ -516,7 +516,7 @@ class Activations(Analysis):
             self.missing[key] = self.missing.get(key, 0) + count
         self.moments.merge(state["moments"])
         self.store = absorb_rows(self.store, state["store"], self.ctx.results_dir / ".activations",
-                                 self.ctx.num_images)
+                                 self.ctx.row_capacity)
 
     # --- the report --------------------------------------------------------------------------------------------
 

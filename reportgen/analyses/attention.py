@@ -330,7 +330,7 @@ class Attention(Analysis):
             return
         rows = {name: tensor.float().cpu().numpy() for name, tensor in fields.items()}
         if self.store is None:
-            self.store = RowStore(self.ctx.results_dir / ".attention", self.ctx.num_images,
+            self.store = RowStore(self.ctx.results_dir / ".attention", self.ctx.row_capacity,
                                   {name: (array.shape[1:], np.float32) for name, array in rows.items()})
         self.store.append(batch.paths, **rows)
 
@@ -375,7 +375,7 @@ class Attention(Analysis):
         self.first.merge(state["first"])
         self.matrix.merge(state["matrix"])
         self.store = absorb_rows(self.store, state["store"], self.ctx.results_dir / ".attention",
-                                 self.ctx.num_images)
+                                 self.ctx.row_capacity)
 
     def layer_statistics(self) -> Tuple[List[str], np.ndarray, np.ndarray]:
         """(call keys, entropy, distance): (L, max heads) means over images, NaN past a layer's heads."""

@@ -75,6 +75,12 @@ class RunContext:
     device: torch.device
     results_dir: Path  # where an analysis may stream per-image rows (e.g. predictions.csv)
     report: Any  # the ReportConfig node (thumbnail size, gallery size, ...)
+    stream_rows: Optional[int] = None  # images this process streams rows for (its shard's slice); None: num_images
+
+    @property
+    def row_capacity(self) -> int:
+        """Rows a per-image store needs here: the slice for a shard (so copied shard folders stay small)."""
+        return self.stream_rows if self.stream_rows is not None else self.num_images
 
 
 class Analysis:
@@ -82,6 +88,8 @@ class Analysis:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    oom_safe: ClassVar[bool] = False  # True when `update` does all its device work before changing any state, so
+    #   an out-of-memory error inside it leaves the state as it was and the pass may retry with half the batch
 
     def __init__(self, cfg: Any, ctx: RunContext):
         self.cfg = cfg

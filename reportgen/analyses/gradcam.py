@@ -83,6 +83,7 @@ def default_target_layer(model: nn.Module, example: torch.Tensor) -> Optional[st
 @register("gradcam")
 class GradCAM(Analysis):
     Config = GradCAMConfig
+    oom_safe = True  # gradients, maps and softmax are computed before any state changes
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -139,7 +140,7 @@ class GradCAM(Analysis):
         self.nonfinite += int((~finite).sum().item())
         if self.store is None:
             self.grid = tuple(cams_np.shape[1:])
-            self.store = RowStore(self.ctx.results_dir / ".gradcam", self.ctx.num_images,
+            self.store = RowStore(self.ctx.results_dir / ".gradcam", self.ctx.row_capacity,
                                   {"cams": (self.grid, np.float32), "classes": ((), np.int64)})
         self.store.append(batch.paths, cams=cams_np, classes=targets_np)
         for row, index in enumerate(batch.indices.tolist()):
@@ -181,7 +182,7 @@ class GradCAM(Analysis):
             self.class_sum[cls] = self.class_sum.get(cls, 0) + total
             self.class_count[cls] = self.class_count.get(cls, 0) + state["class_count"][cls]
         self.gallery.merge(state["gallery"])
-        self.store = absorb_rows(self.store, state["store"], self.ctx.results_dir / ".gradcam", self.ctx.num_images)
+        self.store = absorb_rows(self.store, state["store"], self.ctx.results_dir / ".gradcam", self.ctx.row_capacity)
 
     def finalize(self) -> Optional[Section]:
         section = Section(id="gradcam", title="Grad-CAM")

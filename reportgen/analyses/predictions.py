@@ -53,6 +53,7 @@ def display_names(class_names: List[str], num_outputs: int) -> List[str]:
 @register("predictions")
 class Predictions(Analysis):
     Config = PredictionsConfig
+    oom_safe = True  # softmax and top-k on the device come before any count changes (num_outputs is idempotent)
 
     def __init__(self, cfg: Any, ctx: RunContext):
         super().__init__(cfg, ctx)
