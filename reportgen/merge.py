@@ -136,6 +136,9 @@ def merge_sweep(sweep_dir: Path) -> List[Path]:
     reports = []
     for number, folders in enumerate(groups.values(), start=1):
         out = Path(sweep_dir) / ("merged" if number == 1 else f"merged-{number}")
+        if finished_run(out):  # the sweep was run again (requeued jobs): its merge is already there
+            reports.append(out / "report" / "index.html")
+            continue
         try:
             reports.append(merge_runs(folders, out))
         except (RunError, ConfigError, ModelLoadError, ValueError, FolderBusy) as exc:

@@ -163,6 +163,9 @@ def test_shard_sweep_on_the_joblib_launcher_is_merged_at_the_end(folder, tmp_pat
     assert 'href="merged/report/index.html"' in (sweep / "index.html").read_text(encoding="utf-8")
     run(compose_config(overrides), out_dir=tmp_path / "whole")
     assert_same_results(tmp_path / "whole", sweep / "merged")
+    from reportgen.merge import merge_sweep
+
+    assert merge_sweep(sweep) == [sweep / "merged" / "report" / "index.html"]  # the sweep again: nothing to redo
 
 
 def test_row_store_resume_absorb_and_pack_keep_rows_in_order(tmp_path, monkeypatch):
