@@ -121,7 +121,7 @@ def save_checkpoint(job: Job, state: RunState) -> None:
     started = time.perf_counter()
     state.analyses = {a.name: a.state_dict() for a in job.analyses}
     save_state(job.results_dir / STATE_FILE, state)
-    log.info("checkpoint: %d of %d images of the slice done (saved in %.2f s)", state.done, state.end - state.start,
+    log.info("checkpoint: %d of %d images done (saved in %.2f s)", state.done, state.end - state.start,
              time.perf_counter() - started)
 
 
