@@ -52,7 +52,7 @@ from torch import nn
 from reportgen import plots
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
 from reportgen.analyses.predictions import display_names
-from reportgen.capture import call_key, primary_tensor
+from reportgen.capture import CaptureEngine, call_key, primary_tensor
 from reportgen.channel_reducers import (ChannelStats, ChannelTopK, CovarianceMoments, batch_reductions,
                                         symlog_edges, to_host)
 from reportgen.config import ConfigError
@@ -349,13 +349,16 @@ class Activations(Analysis):
         one image."""
         drawn = {c.key: c for c in self.calls if c.drawn}
         sums: Dict[str, np.ndarray] = {}
-        for row in range(len(example.paths)):
-            calls, _ = probe_calls(self.ctx.model, example.inputs[row:row + 1], {c.layer for c in drawn.values()})
-            for call in calls:
-                if call.key in drawn:
-                    values, _ = channel_view(call.output.float(), drawn[call.key].channels_last)  # (1, C, P)
-                    mean = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).mean(dim=(0, 2))  # (C,)
-                    sums[call.key] = sums.get(call.key, 0) + mean.double().cpu().numpy()
+        with CaptureEngine(self.ctx.model, sorted({c.layer for c in drawn.values()}), [], []) as engine:
+            for row in range(len(example.paths)):
+                captures = engine.start_batch()
+                with torch.inference_mode():
+                    self.ctx.model(example.inputs[row:row + 1])
+                for key, call in drawn.items():
+                    if key in captures:
+                        values, _ = channel_view(captures[key].float(), call.channels_last)  # (1, C, P)
+                        mean = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).mean(dim=(0, 2))  # (C,)
+                        sums[key] = sums.get(key, 0) + mean.double().cpu().numpy()
         return sums
 
     def _choose_crop_channels(self, call: LayerCall, means: Optional[np.ndarray]) -> None:
