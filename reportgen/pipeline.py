@@ -31,9 +31,9 @@ from reportgen.one_pass import RunError, run_pass, save_checkpoint
 from reportgen.render import render_report
 from reportgen.report import Alert, KeyValues, Page, Section
 from reportgen.results import library_versions, write_failed, write_json
-from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state, save_state
-from reportgen.streams import remove_stream_folders
+from reportgen.run_state import STATE_FILE, RunState, config_differences, load_state
 from reportgen.shards import runtime_shard, shard_bounds, torchrun_rank
+from reportgen.streams import remove_stream_folders
 from reportgen.validate import resolve_dataset_root, select_device, validate
 
 log = logging.getLogger("reportgen")
@@ -71,7 +71,8 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
                  state.processed / max(state.pass_seconds, 1e-9), len(state.failed))
         if shard is not None:
             return _save_shard(job, state, timings, started)
-        save_checkpoint(job, state)  # complete: a crash while finalizing or rendering resumes right here
+        if int(cfg.runtime.checkpoint_every):
+            save_checkpoint(job, state)  # complete: a crash while finalizing or rendering resumes right here
         return finish(job, [state], timings, started)
 
 
@@ -169,9 +170,8 @@ def _resume_or_start(job: Job) -> RunState:
 
 def _save_shard(job: Job, state: RunState, timings: Dict[str, float], started: float) -> Path:
     """A finished shard: its whole mergeable state in results/state.pt and a manifest saying it is a shard."""
-    state.analyses = {a.name: a.state_dict() for a in job.analyses}
+    save_checkpoint(job, state)
     path = job.results_dir / STATE_FILE
-    save_state(path, state)
     timings["total"] = time.perf_counter() - started
     write_json(job.results_dir / "manifest.json", {
         "status": "shard", "shard": list(state.shard), "reportgen": reportgen_version(), "command": command_line(),

@@ -8,6 +8,7 @@ ones when it is another run's (merging shards, in shard order, so rows end in th
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -191,8 +192,6 @@ class CsvStream:
     """A CSV file written a row at a time (header first), closed by `close`."""
 
     def __init__(self, path: Path, header: Sequence[str], _reopen: Optional[StreamRef] = None):
-        import csv
-
         self.path = Path(path)
         if _reopen is None:
             self._file = open(self.path, "w", newline="", encoding="utf-8")
