@@ -14,7 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from reportgen.config import ConfigError, check_cli_overrides, register_configs
+from reportgen.config.store import check_cli_overrides, register_configs
+from reportgen.errors import ConfigError
 
 register_configs()
 log = logging.getLogger("reportgen")
@@ -22,13 +23,13 @@ log = logging.getLogger("reportgen")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from reportgen.folder_lock import FolderBusy
-    from reportgen.models import ModelLoadError
-    from reportgen.pipeline import RunError, record_failure, run
+    from reportgen.errors import FolderBusy, ModelLoadError, RunError
+    from reportgen.runs.launch import launch
+    from reportgen.runs.pipeline import record_failure
 
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        index = run(cfg)
+        index = launch(cfg)
     except FolderBusy as exc:  # the folder belongs to a live run: write nothing into it
         log.error("%s", exc)
         if sweeping:

@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.throughput import compose_cfg, ours_per_second, plain_loop  # noqa: E402
 from reportgen.analyses.gradcam import default_target_layer  # noqa: E402
-from reportgen.data import ImageFolderDataset, make_loader, scan_folder  # noqa: E402
-from reportgen.layers import named_modules  # noqa: E402
-from reportgen.models import load_model  # noqa: E402
-from reportgen.validate import resolve_dataset_root  # noqa: E402
+from reportgen.config.validate import resolve_dataset_root  # noqa: E402
+from reportgen.engine.layers import named_modules  # noqa: E402
+from reportgen.inputs.data import ImageFolderDataset, make_loader, scan_folder  # noqa: E402
+from reportgen.inputs.models import load_model  # noqa: E402
 
 
 def pytorch_grad_cam_loop(cfg) -> float:

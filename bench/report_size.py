@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.throughput import compose_cfg  # noqa: E402
-from reportgen.demo.shapes import CLASS_NAMES, generate_shapes_folder  # noqa: E402
-from reportgen.pipeline import run  # noqa: E402
+from reportgen.inputs.demo.shapes import CLASS_NAMES, generate_shapes_folder  # noqa: E402
+from reportgen.runs.pipeline import run  # noqa: E402
 
 
 def folder_bytes(folder: Path) -> int:

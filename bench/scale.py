@@ -74,7 +74,7 @@ def peak_rss_mib() -> float:
 def child(kind: str, overrides: List[str]) -> Dict[str, float]:
     """One measurement in this process: the plain loop or our run; returns a JSON-able dict."""
     from bench.throughput import compose_cfg, plain_loop
-    from reportgen.pipeline import run
+    from reportgen.runs.pipeline import run
 
     cfg = compose_cfg(overrides)
     if kind == "plain":

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from reportgen.config import conf_dir, register_configs  # noqa: E402
-from reportgen.data import ImageFolderDataset, make_loader, scan_folder  # noqa: E402
-from reportgen.models import load_model  # noqa: E402
-from reportgen.pipeline import run  # noqa: E402
-from reportgen.validate import resolve_dataset_root, select_device  # noqa: E402
+from reportgen.config.store import conf_dir, register_configs  # noqa: E402
+from reportgen.config.validate import resolve_dataset_root, select_device  # noqa: E402
+from reportgen.inputs.data import ImageFolderDataset, make_loader, scan_folder  # noqa: E402
+from reportgen.inputs.models import load_model  # noqa: E402
+from reportgen.runs.pipeline import run  # noqa: E402
 
 
 def plain_loop(cfg) -> float:

@@ -26,8 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # train the checkout's own code, installed or not
 
-from reportgen.demo.models import DEMO_PREPROCESS, WEIGHTS_DIR, demo_cnn, demo_vit  # noqa: E402
-from reportgen.demo.shapes import CLASS_NAMES, generate_shapes_folder  # noqa: E402
+from reportgen.inputs.demo.models import DEMO_PREPROCESS, WEIGHTS_DIR, demo_cnn, demo_vit  # noqa: E402
+from reportgen.inputs.demo.shapes import CLASS_NAMES, generate_shapes_folder  # noqa: E402
 
 # 1000 per class rather than fewer images for more epochs: the ViT needs unique samples far more
 # than the CNN does, and the CNN reaches the same accuracy in fewer epochs on the bigger set.
@@ -125,7 +125,7 @@ def write_readme(results: dict, train_size: int, demo_size: int, skipped: int, t
     lines = [
         "# Demo model weights",
         "",
-        "State dicts (float32) for `reportgen.demo.models.demo_cnn` and `demo_vit`, trained on CPU by:",
+        "State dicts (float32) for `reportgen.inputs.demo.models.demo_cnn` and `demo_vit`, trained on CPU by:",
         "",
         "```",
         "python scripts/train_demo.py",

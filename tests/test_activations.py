@@ -9,16 +9,15 @@ import torch
 
 from reportgen.analyses.activations import Activations
 from reportgen.analyses.base import Batch, RunContext
-from reportgen.capture import CaptureEngine, count_hooks
-from reportgen.channel_reducers import ChannelTopK, CovarianceMoments, batch_reductions, symlog_edges
-from reportgen.config import ConfigError
-from reportgen.data import ImageFolderDataset, collate, scan_folder
-from reportgen.models import load_model
-from reportgen.pipeline import run
-from reportgen.reducers import BoundedTop, FixedHistogram
-from reportgen.tensors import channel_view
-from tests.conftest import compose_config
-from tests.test_pipeline import TINY
+from reportgen.engine.capture import CaptureEngine, count_hooks
+from reportgen.engine.tensors import channel_view
+from reportgen.errors import ConfigError
+from reportgen.inputs.data import ImageFolderDataset, collate, scan_folder
+from reportgen.inputs.models import load_model
+from reportgen.runs.pipeline import run
+from reportgen.state.channel_reducers import ChannelTopK, CovarianceMoments, batch_reductions, symlog_edges
+from reportgen.state.reducers import BoundedTop, FixedHistogram
+from tests.helpers import TINY, compose_config
 
 KEYS = ["conv", "act", "shared", "shared#2"]  # call order of TinyNet's selected layers (shared runs twice)
 LAYERS = ["analysis=[activations]", "analysis.activations.layers=[conv,act,shared]",
@@ -246,7 +245,7 @@ def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest():
 
 
 def test_vit_tokens_become_a_grid_and_the_class_token_is_the_embedding():
-    from reportgen.demo.models import demo_vit
+    from reportgen.inputs.demo.models import demo_vit
 
     model = demo_vit(pretrained=False)
     x = torch.randn(2, 3, 64, 64)

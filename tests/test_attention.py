@@ -10,14 +10,14 @@ import torchvision.models.swin_transformer as swin
 from omegaconf import OmegaConf
 from torch import nn
 
+from reportgen.analyses._attention_math import rollout
 from reportgen.analyses.attention import Attention, AttentionConfig
 from reportgen.analyses.base import Batch, RunContext
-from reportgen.attention_math import rollout
-from reportgen.capture import CaptureEngine, count_hooks
-from reportgen.config import ConfigError
-from reportgen.demo.models import demo_vit
-from reportgen.pipeline import run
-from tests.conftest import compose_config
+from reportgen.engine.capture import CaptureEngine, count_hooks
+from reportgen.errors import ConfigError
+from reportgen.inputs.demo.models import demo_vit
+from reportgen.runs.pipeline import run
+from tests.helpers import compose_config
 from tests.tiny_models import TinyNet
 
 VIT_LAYERS = [f"encoder.layers.encoder_layer_{i}.self_attention" for i in range(4)]

@@ -4,11 +4,11 @@ import csv
 
 import pytest
 
-from reportgen.data import scan_folder
-from reportgen.pipeline import RunError, run
+from reportgen.errors import RunError
+from reportgen.inputs.data import scan_folder
+from reportgen.runs.pipeline import run
 from tests.bad_corpus import build_corpus
-from tests.conftest import compose_config
-from tests.test_pipeline import TINY
+from tests.helpers import TINY, compose_config
 
 BOMB_LIMIT = ["dataset.max_pixels=1000000"]
 

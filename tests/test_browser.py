@@ -5,10 +5,9 @@ import shutil
 
 import pytest
 
-from reportgen.pipeline import run
+from reportgen.runs.pipeline import run
 from tests.browser import CHROMIUM, chromium_page, open_page
-from tests.conftest import compose_config
-from tests.test_pipeline import TINY
+from tests.helpers import TINY, compose_config
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason="Chromium is not installed (make system-deps / apt-get install chromium)")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from reportgen.capture import CaptureEngine, count_hooks, primary_tensor
-from reportgen.config import ConfigError
+from reportgen.engine.capture import CaptureEngine, count_hooks, primary_tensor
+from reportgen.errors import ConfigError
 from tests.tiny_models import ExplodingNet, TinyNet
 
 
@@ -108,7 +108,7 @@ def test_primary_tensor_of_nested_outputs():
 
 
 def test_forced_attention_weights_equal_a_direct_need_weights_call_and_outputs_are_unchanged():
-    from reportgen.demo.models import demo_vit
+    from reportgen.inputs.demo.models import demo_vit
 
     model = demo_vit(pretrained=False).eval()
     x = torch.rand(2, 3, 64, 64)

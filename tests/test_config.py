@@ -7,9 +7,11 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from reportgen.config import ConfigError, check_cli_overrides, conf_dir, group_options, torchvision_model_names
-from reportgen.validate import validate
-from tests.conftest import compose_config
+from reportgen.config.schema import torchvision_model_names
+from reportgen.config.store import check_cli_overrides, conf_dir, group_options
+from reportgen.config.validate import validate
+from reportgen.errors import ConfigError
+from tests.helpers import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +43,7 @@ def test_every_torchvision_model_is_selectable_and_validates():
 
 def test_experiment_demo_vit_switches_model():
     cfg = compose_config(["experiment=demo_vit"])
-    assert cfg.model.target._target_ == "reportgen.demo.models.demo_vit"
+    assert cfg.model.target._target_ == "reportgen.inputs.demo.models.demo_vit"
 
 
 def test_typo_in_key_is_reported_with_the_close_match_and_valid_keys():

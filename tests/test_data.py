@@ -1,4 +1,4 @@
-"""reportgen.data: folder scan, decoding of awkward images, the fault-tolerant loader; and the preprocess split."""
+"""reportgen.inputs.data: folder scan, decoding of awkward images, the fault-tolerant loader; and the preprocess split."""
 from __future__ import annotations
 
 import os
@@ -10,9 +10,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from reportgen.config import ConfigError, LabelMode
-from reportgen.data import ImageFolderDataset, RawBatch, collate, decode_image, make_loader, scan_folder
-from reportgen.preprocess import Preprocess
+from reportgen.config.schema import LabelMode
+from reportgen.errors import ConfigError
+from reportgen.inputs.data import ImageFolderDataset, RawBatch, collate, decode_image, make_loader, scan_folder
+from reportgen.inputs.preprocess import Preprocess
 
 EXTS = [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
 

@@ -8,11 +8,10 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from reportgen.analyses.gradcam import cam_from, default_target_layer, to_grid
-from reportgen.capture import CaptureEngine, count_hooks
-from reportgen.layers import named_modules
-from reportgen.pipeline import run
-from tests.conftest import compose_config
-from tests.test_pipeline import TINY
+from reportgen.engine.capture import CaptureEngine, count_hooks
+from reportgen.engine.layers import named_modules
+from reportgen.runs.pipeline import run
+from tests.helpers import TINY, compose_config
 
 ORACLES = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "layercam": LayerCAM, "hirescam": HiResCAM}
 
@@ -67,7 +66,7 @@ def test_other_methods_match_pytorch_grad_cam(method):
 
 
 def test_vit_token_grid_matches_pytorch_grad_cam_with_reshape_transform():
-    from reportgen.demo.models import demo_vit
+    from reportgen.inputs.demo.models import demo_vit
 
     torch.manual_seed(2)
     model = demo_vit(pretrained=False).eval()
@@ -109,8 +108,8 @@ def test_pipeline_writes_gradcam_npz_equal_to_direct_computation(colour_folder, 
     assert str(data["layer"]) == "act"
     assert data["cams"].shape == (12, 16, 16) and data["paths"].shape == (12,) and data["classes"].shape == (12,)
     assert not (tmp_path / "run" / "results" / ".gradcam").exists(), "temporary files removed"
-    from reportgen.data import ImageFolderDataset, collate, scan_folder
-    from reportgen.models import load_model
+    from reportgen.inputs.data import ImageFolderDataset, collate, scan_folder
+    from reportgen.inputs.models import load_model
 
     loaded = load_model(cfg.model)
     scan = scan_folder(colour_folder, list(cfg.dataset.extensions))
@@ -128,7 +127,7 @@ def test_pipeline_writes_gradcam_npz_equal_to_direct_computation(colour_folder, 
 
 
 def test_bad_method_and_target_fail_with_choices(colour_folder, tmp_path):
-    from reportgen.config import ConfigError
+    from reportgen.errors import ConfigError
 
     cfg = compose_config(TINY + [f"dataset.root={colour_folder}", "analysis=[gradcam]",
                                  "analysis.gradcam.method=gradcampp"])

@@ -9,16 +9,15 @@ import torch
 import torchvision
 from torch import nn
 
+from reportgen.analyses._dot import escape_label_line, find_dot, module_graph_dot, render_svg, sanitize_svg, svg_size
+from reportgen.analyses._modulegraph import ModuleGraph, build_module_graph, shape_text
 from reportgen.analyses.graph import (AUTOGRAD_DOT, MODULES_DOT, GraphAnalysis, GraphConfig, autograd_graph_dot,
-                                      probe_forward)
-from reportgen.capture import count_hooks
-from reportgen.demo.models import demo_vit
-from reportgen.dot import (escape_label_line, find_dot, module_graph_dot, render_svg, sanitize_svg, svg_size)
-from reportgen.modulegraph import ModuleGraph, build_module_graph, shape_text
-from reportgen.pipeline import run
-from reportgen.report import Alert, Graph
-from tests.conftest import compose_config
-from tests.test_pipeline import TINY
+                                      probe_with_calls)
+from reportgen.engine.capture import count_hooks
+from reportgen.inputs.demo.models import demo_vit
+from reportgen.report.elements import Alert, Graph
+from reportgen.runs.pipeline import run
+from tests.helpers import TINY, compose_config
 from tests.tiny_models import TinyNet
 
 needs_dot = pytest.mark.skipif(find_dot() is None, reason="graphviz `dot` is not installed")
@@ -120,7 +119,7 @@ def residual_net() -> ResidualNet:
 
 def module_graph(model: nn.Module, size: int = 8, **options) -> ModuleGraph:
     x = torch.rand(1, 3, size, size)
-    output, calls, error = probe_forward(model.eval(), x, with_grad=False)
+    output, calls, error = probe_with_calls(model.eval(), x, with_grad=False)
     assert not error
     return build_module_graph(model, calls, shape_text(x), shape_text(output), **options)
 
@@ -208,7 +207,7 @@ def test_node_cap_lowers_the_depth_then_cuts_with_notes():
 def test_probe_restores_requires_grad_mode_and_hooks():
     model = ResidualNet().train()
     model.stem.weight.requires_grad_(False)
-    output, calls, error = probe_forward(model, torch.rand(1, 3, 8, 8), with_grad=True)
+    output, calls, error = probe_with_calls(model, torch.rand(1, 3, 8, 8), with_grad=True)
     assert not error and output.grad_fn is not None
     assert not model.stem.weight.requires_grad and model.fc.weight.requires_grad
     assert model.training and count_hooks(model) == 0
@@ -217,7 +216,7 @@ def test_probe_restores_requires_grad_mode_and_hooks():
 
 def test_autograd_graph_names_parameters_and_respects_its_cap():
     model = torchvision.models.resnet18(weights=None).eval()
-    output, _, _ = probe_forward(model, torch.rand(1, 3, 32, 32), with_grad=True)
+    output, _, _ = probe_with_calls(model, torch.rand(1, 3, 32, 32), with_grad=True)
     source, count, note = autograd_graph_dot(model, output, max_nodes=3000)
     assert "conv1.weight" in source and "layer4.1.bn2.bias" in source and not note
     assert 150 < count < 3000
@@ -227,11 +226,11 @@ def test_autograd_graph_names_parameters_and_respects_its_cap():
 
 def test_densely_connected_autograd_graph_gets_the_fast_layout():
     model = torchvision.models.densenet121(weights=None).eval()
-    output, _, _ = probe_forward(model, torch.rand(1, 3, 32, 32), with_grad=True)
+    output, _, _ = probe_with_calls(model, torch.rand(1, 3, 32, 32), with_grad=True)
     source, count, note = autograd_graph_dot(model, output, max_nodes=3000)
     assert "splines=line" in source and "nslimit" in source and "straight" in note
     resnet = torchvision.models.resnet18(weights=None).eval()
-    output, _, _ = probe_forward(resnet, torch.rand(1, 3, 32, 32), with_grad=True)
+    output, _, _ = probe_with_calls(resnet, torch.rand(1, 3, 32, 32), with_grad=True)
     source, _, note = autograd_graph_dot(resnet, output, max_nodes=3000)
     assert "splines" not in source and not note
 
@@ -247,7 +246,7 @@ def test_resnet18_graphs_render_to_svg():
     assert svg.startswith(b"<?xml") and b"<svg" in svg and b"BasicBlock" in svg
     width, height = svg_size(svg)
     assert width > 50 and height > 300
-    output, _, _ = probe_forward(model, torch.rand(1, 3, 32, 32), with_grad=True)
+    output, _, _ = probe_with_calls(model, torch.rand(1, 3, 32, 32), with_grad=True)
     autograd_svg = render_svg(autograd_graph_dot(model, output, 3000)[0])
     assert b"conv1.weight" in autograd_svg and b"<svg" in autograd_svg
 
@@ -259,7 +258,7 @@ def test_hostile_names_neither_break_the_dot_source_nor_inject_markup():
     assert graph.node(EVIL_NAME).shape == "1×3×8×8"
     source = module_graph_dot(graph)
     assert 'evil\\"<script>alert(1)</script>\\\\N' in source
-    output, _, _ = probe_forward(model, torch.rand(1, 3, 8, 8), with_grad=True)
+    output, _, _ = probe_with_calls(model, torch.rand(1, 3, 8, 8), with_grad=True)
     autograd_source = autograd_graph_dot(model, output, 3000)[0]
     for dot_source, shown in ((source, [EVIL_NAME, Evil.__name__]), (autograd_source, ['evil"<script>'])):
         root = ET.fromstring(render_svg(dot_source))  # RenderFailed if the source did not parse

@@ -3,7 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from reportgen.index import collect_jobs, main
+from reportgen.report.sweep import collect_jobs, main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""reportgen.models.load_model for the three sources, and reportgen.validate's model checks.
+"""reportgen.inputs.models.load_model for the three sources, and reportgen.config.validate's model checks.
 
 Everything runs offline: pretrained weights are faked by saving a seeded state_dict into a temporary
 $TORCH_HOME/hub/checkpoints, exactly where torch.hub looks for a weights URL's file.
@@ -15,15 +15,10 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from reportgen.config import Config, ConfigError, ModelConfig, ModelSource, PreprocessConfig
-from reportgen.models import (
-    ModelLoadError,
-    hub_checkpoint_path,
-    is_torchscript,
-    load_model,
-    resolve_weights,
-)
-from reportgen.validate import validate
+from reportgen.config.schema import Config, ModelConfig, ModelSource, PreprocessConfig
+from reportgen.config.validate import validate
+from reportgen.errors import ConfigError, ModelLoadError
+from reportgen.inputs.models import hub_checkpoint_path, is_torchscript, load_model, resolve_weights
 
 R18_V1 = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 R18_FILE = Path(R18_V1.url).name  # resnet18-f37072fd.pth
@@ -467,7 +462,7 @@ def test_missing_labels_file_is_config_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reportgen.validate
+# reportgen.config.validate
 
 
 @pytest.fixture

@@ -5,16 +5,13 @@ import json
 import pytest
 import torch
 
-from reportgen.capture import count_hooks
-from reportgen.data import ImageFolderDataset, collate, scan_folder
-from reportgen.models import load_model
-from reportgen.pipeline import RunError, run
-from tests.conftest import compose_config
+from reportgen.engine.capture import count_hooks
+from reportgen.errors import RunError
+from reportgen.inputs.data import ImageFolderDataset, collate, scan_folder
+from reportgen.inputs.models import load_model
+from reportgen.runs.pipeline import run
+from tests.helpers import TINY, compose_config
 from tests.tiny_models import LAST_BUILT
-
-TINY = ["model=target", "model.target._target_=tests.tiny_models.tiny_net", "model.preprocess.resize=16",
-        "model.preprocess.crop=16", "model.preprocess.mean=[0,0,0]", "model.preprocess.std=[1,1,1]",
-        "runtime.num_workers=0", "runtime.progress=false"]
 
 
 def read_csv(path):

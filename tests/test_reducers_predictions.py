@@ -1,8 +1,8 @@
 """Mergeable reducers and the predictions analysis's label matching and merge."""
 import numpy as np
 
-from reportgen.analyses.predictions import display_names, match_labels, normalise_class_name
-from reportgen.reducers import BoundedTop, FixedHistogram
+from reportgen.inputs.labels import display_names, match_labels, normalise_class_name
+from reportgen.state.reducers import BoundedTop, FixedHistogram
 
 
 def test_bounded_top_keeps_the_true_top_k_and_merges_exactly():

@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from reportgen.config import conf_dir
-from reportgen.one_pass import RunError
-from reportgen.pipeline import run
-from reportgen.run_state import load_state
-from tests.conftest import compose_config, make_colour_folder
+from reportgen.config.store import conf_dir
+from reportgen.errors import RunError
+from reportgen.runs.pipeline import run
+from reportgen.state.run_state import load_state
+from tests.helpers import WIDE, WIDE_MODEL, compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
-from tests.test_shards import WIDE, WIDE_MODEL
 
 REPO = conf_dir().parent
 SLOW = [o.replace("wide_net", "slow_net") for o in WIDE] + ["runtime.batch_size=2", "runtime.checkpoint_every=2"]
@@ -103,10 +102,11 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(folder, tmp_path):
 
 def test_a_folder_in_use_is_refused_and_freed_when_its_process_dies(folder, tmp_path):
     """Two runs in one folder would corrupt each other; the lock goes away with the process that held it."""
-    from reportgen.folder_lock import FolderBusy, folder_lock
+    from reportgen.errors import FolderBusy
+    from reportgen.runs.folder_lock import folder_lock
 
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from reportgen.folder_lock import folder_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from reportgen.runs.folder_lock import folder_lock\n"
                                f"with folder_lock({str(out)!r}):\n    print('held', flush=True); time.sleep(60)"],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -122,7 +122,7 @@ def test_a_folder_in_use_is_refused_and_freed_when_its_process_dies(folder, tmp_
 def test_a_run_killed_while_rendering_resumes_from_its_final_checkpoint(folder, tmp_path, monkeypatch):
     """Everything was processed, then the report failed half-way (a time limit): the rerun finalizes again from the
     complete checkpoint, with the per-image stores still there, and equals an uninterrupted run."""
-    import reportgen.pipeline as pipeline
+    import reportgen.runs.pipeline as pipeline
 
     cfg = compose_config(WIDE + [f"dataset.root={folder}"])
     real_render = pipeline.render_report

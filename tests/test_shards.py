@@ -3,22 +3,15 @@ import json
 
 import pytest
 
-from reportgen.merge import main as merge_main
-from reportgen.merge import merge_runs
-from reportgen.one_pass import RunError
-from reportgen.pipeline import run
-from reportgen.run_state import load_state
-from reportgen.shards import parse_shard, shard_bounds
-from reportgen.streams import RowFile
-from reportgen.config import ConfigError
-from tests.conftest import compose_config, make_colour_folder
+from reportgen.errors import ConfigError, RunError
+from reportgen.inputs.shards import parse_shard, shard_bounds
+from reportgen.runs.merge import main as merge_main
+from reportgen.runs.merge import merge_runs
+from reportgen.runs.pipeline import run
+from reportgen.state.run_state import load_state
+from reportgen.state.streams import RowFile
+from tests.helpers import WIDE, WIDE_MODEL, compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
-
-WIDE_MODEL = ["model=target", "model.target._target_=tests.tiny_models.wide_net", "model.preprocess.resize=16",
-              "model.preprocess.crop=16", "runtime.num_workers=0", "runtime.progress=false", "runtime.batch_size=4"]
-WIDE = WIDE_MODEL + ["analysis=[summary,predictions,gradcam,activations,weights,graph]",
-                     "analysis.activations.channels_per_layer=3", "analysis.activations.n_images=4",
-                     "report.gallery_size=5"]
 
 
 @pytest.fixture
@@ -89,7 +82,7 @@ def test_merge_refuses_missing_duplicate_different_and_unfinished_shards(folder,
         merge_runs([a, shard(1, 3, "c")], tmp_path / "m4")
     state = load_state(b / "results" / "state.pt")
     state.done -= 1
-    from reportgen.run_state import save_state
+    from reportgen.state.run_state import save_state
 
     save_state(b / "results" / "state.pt", state)
     assert merge_main([str(a), str(b), "--out", str(tmp_path / "m5")]) == 2
@@ -103,7 +96,7 @@ def test_torchrun_two_cpu_ranks_equal_one_run(folder, tmp_path):
     import subprocess
     import sys
 
-    from reportgen.config import conf_dir
+    from reportgen.config.store import conf_dir
 
     overrides = WIDE + [f"dataset.root={folder}"]
     out = tmp_path / "ranks"
@@ -128,7 +121,7 @@ def test_torchrun_a_failing_rank_fails_the_run_without_hanging(folder, tmp_path)
     import subprocess
     import sys
 
-    from reportgen.config import conf_dir
+    from reportgen.config.store import conf_dir
 
     overrides = [o.replace("wide_net", "exploding_net") for o in WIDE_MODEL] + [f"dataset.root={folder}",
                                                                               "analysis=[predictions]"]
@@ -146,8 +139,8 @@ def test_shard_sweep_on_the_joblib_launcher_is_merged_at_the_end(folder, tmp_pat
     import subprocess
     import sys
 
-    from reportgen.config import conf_dir
-    from reportgen.index import collect_jobs
+    from reportgen.config.store import conf_dir
+    from reportgen.report.sweep import collect_jobs
 
     overrides = WIDE + [f"dataset.root={folder}"]
     sweep = tmp_path / "sweep"
@@ -163,7 +156,7 @@ def test_shard_sweep_on_the_joblib_launcher_is_merged_at_the_end(folder, tmp_pat
     assert 'href="merged/report/index.html"' in (sweep / "index.html").read_text(encoding="utf-8")
     run(compose_config(overrides), out_dir=tmp_path / "whole")
     assert_same_results(tmp_path / "whole", sweep / "merged")
-    from reportgen.merge import merge_sweep
+    from reportgen.runs.merge import merge_sweep
 
     assert merge_sweep(sweep) == [sweep / "merged" / "report" / "index.html"]  # the sweep again: nothing to redo
 
@@ -173,7 +166,7 @@ def test_row_store_resume_absorb_and_pack_keep_rows_in_order(tmp_path, monkeypat
     are dropped on reopen, another store's rows are appended in order, and the packed .npz holds exactly them."""
     import numpy as np
 
-    from reportgen import streams
+    from reportgen.state import streams
 
     monkeypatch.setattr(streams, "COPY_ROWS", 3)  # copy and pack in several chunks
     rng = np.random.default_rng(0)
@@ -246,7 +239,7 @@ def test_shards_of_a_folder_where_nothing_decodes_finish_and_list_every_file_onc
 
 
 def test_a_state_pointing_outside_its_results_folder_is_refused(folder, tmp_path):
-    from reportgen.run_state import save_state
+    from reportgen.state.run_state import save_state
 
     out = tmp_path / "s"
     run(compose_config(WIDE_MODEL + [f"dataset.root={folder}", "analysis=[predictions]", "runtime.shard=0/2"]),

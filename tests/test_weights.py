@@ -12,13 +12,12 @@ from torch import nn
 
 from reportgen.analyses.base import Batch, RunContext
 from reportgen.analyses.weights import Weights, WeightsConfig, block_average, default_layers, tensor_stats
-from reportgen.capture import count_hooks
-from reportgen.config import ConfigError
-from reportgen.demo.models import demo_vit
-from reportgen.pipeline import run
-from reportgen.report import Figure
-from tests.conftest import compose_config
-from tests.test_pipeline import TINY
+from reportgen.engine.capture import count_hooks
+from reportgen.errors import ConfigError
+from reportgen.inputs.demo.models import demo_vit
+from reportgen.report.elements import Figure
+from reportgen.runs.pipeline import run
+from tests.helpers import TINY, compose_config
 from tests.tiny_models import LAST_BUILT, TiedNet, TinyNet
 
 

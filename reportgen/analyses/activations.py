@@ -1,12 +1,12 @@
 """`activations`: what the chosen layers compute, over the whole folder, inside the one pass.
 
-Layers: `layers` patterns (reportgen.layers), default each stage's output of a CNN or about four blocks of a
+Layers: `layers` patterns (reportgen.engine.layers), default each stage's output of a CNN or about four blocks of a
 transformer. Every call of a reused module is its own entry (`shared`, `shared#2`). Outputs are read as channels x
-positions (reportgen.tensors.channel_view): conv maps (B, C, h, w); ViT tokens (B, 1 + g*g, C) as a g x g grid
+positions (reportgen.engine.tensors.channel_view): conv maps (B, C, h, w); ViT tokens (B, 1 + g*g, C) as a g x g grid
 without the class token; Swin's channels-last maps permuted; other tokens (B, N, C) as N positions; (B, C) as one.
 
 Everything is reduced on the device and only small per-batch results cross to the CPU
-(reportgen.channel_reducers), so memory does not grow with the folder and every piece of state merges exactly:
+(reportgen.state.channel_reducers), so memory does not grow with the folder and every piece of state merges exactly:
 
 - Statistics per layer call and channel: count, mean, std (population, float64, Chan merge), min, max, fraction
   of values exactly 0, fraction saturated, NaN/Inf count (non-finite values are left out of everything else).
@@ -49,20 +49,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reportgen import plots
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
-from reportgen.analyses.predictions import display_names
-from reportgen.capture import CaptureEngine, call_key, primary_tensor
-from reportgen.channel_reducers import (ChannelStats, ChannelTopK, CovarianceMoments, batch_reductions,
-                                        symlog_edges, to_host)
-from reportgen.config import ConfigError
-from reportgen.layers import named_modules, select_layers, stage_outputs
-from reportgen.overlays import heat_on_thumbnail
-from reportgen.reducers import BoundedTop, FixedHistogram
-from reportgen.report import Alert, KeyValues, Section, Table, Text
-from reportgen.streams import COPY_ROWS, RowStore, absorb_rows
-from reportgen.tensors import channel_view, channels_last_output
-from reportgen.thumbnails import thumbnail
+from reportgen.engine.capture import CaptureEngine, primary_tensor, probe_forward
+from reportgen.engine.layers import named_modules, select_layers, stage_outputs
+from reportgen.engine.tensors import channel_view, channels_last_output
+from reportgen.errors import ConfigError
+from reportgen.inputs.labels import display_names
+from reportgen.report import plots
+from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
+from reportgen.report.overlays import heat_on_thumbnail
+from reportgen.report.thumbnails import thumbnail
+from reportgen.state.channel_reducers import (ChannelStats, ChannelTopK, CovarianceMoments, batch_reductions,
+                                              symlog_edges, to_host)
+from reportgen.state.reducers import BoundedTop, FixedHistogram
+from reportgen.state.streams import COPY_ROWS, RowStore, absorb_rows
 
 MAP_SIDE = 48  # feature maps kept for the gallery are average-pooled down to at most this many cells per side
 CROP_PIXELS = 96  # crops of top-activating images are shrunk to at most this side
@@ -131,38 +131,21 @@ def probe_calls(model: nn.Module, example: torch.Tensor, wanted: Set[str], recen
     restored on every path."""
     selected: List[ProbeCall] = []
     window: Deque[ProbeCall] = deque(maxlen=recent)
-    counts: Dict[str, int] = {}
     heads: List[Optional[Tuple[str, str]]] = []
-    handles = []
 
-    def record(name: str):
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            counts[name] = counts.get(name, 0) + 1
-            tensor = primary_tensor(output)
-            if tensor is not None:
-                call = ProbeCall(name, call_key(name, counts[name]), tensor.detach().clone())
-                window.append(call)
-                if name in wanted:
-                    selected.append(call)
-        return hook
-
-    def linear_input(module: nn.Module, inputs: Any) -> None:
-        if inputs and isinstance(inputs[0], torch.Tensor):
+    def linear_input(key: str, name: str, module: nn.Module, inputs: Any) -> None:
+        if isinstance(module, nn.Linear) and inputs and isinstance(inputs[0], torch.Tensor):
             heads.append(find_head_input(list(window), inputs[0].detach()))
 
-    was_training = model.training
-    try:
-        model.eval()
-        for name, module in named_modules(model).items():
-            handles.append(module.register_forward_hook(record(name)))
-            if isinstance(module, nn.Linear):
-                handles.append(module.register_forward_pre_hook(linear_input))
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    def record(key: str, name: str, module: nn.Module, inputs: Any, output: Any) -> None:
+        tensor = primary_tensor(output)
+        if tensor is not None:
+            call = ProbeCall(name, key, tensor.detach().clone())
+            window.append(call)
+            if name in wanted:
+                selected.append(call)
+
+    probe_forward(model, example, on_start=linear_input, on_end=record)
     return selected, (heads[-1] if heads else None)
 
 

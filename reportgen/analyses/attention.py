@@ -8,7 +8,7 @@ Two kinds of attention layers:
   over every self-attention layer of the model in call order (all captured, even those not shown), batched with bmm.
 - torchvision Swin's `ShiftedWindowAttention` (v1, v2): its probabilities never leave `shifted_window_attention`, so
   the block's `norm1` output (the attention's input, found and checked on a one-image probe) is captured and the
-  probabilities are recomputed exactly (`reportgen.attention_math.swin_window_attention`). Its map is the attention
+  probabilities are recomputed exactly (`reportgen.analyses._attention_math.swin_window_attention`). Its map is the attention
   each patch receives from the queries of its own (shifted) window, summed over them (1 = its fair share, whatever
   the size of the region the shift mask leaves it) and averaged over heads.
   There is no class token and no rollout (windows and patch merging change the token grid between stages).
@@ -34,19 +34,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reportgen import plots
+from reportgen.analyses._attention_math import (centre_window, grid_distances, is_swin_attention, mean_distance,
+                                                rollout, row_entropy, swin_window_attention, token_layout,
+                                                windows_to_grid)
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
-from reportgen.analyses.predictions import display_names
-from reportgen.attention_math import (centre_window, grid_distances, is_swin_attention, mean_distance, rollout,
-                                      row_entropy, swin_window_attention, token_layout, windows_to_grid)
-from reportgen.config import ConfigError
-from reportgen.layers import named_modules, select_layers
-from reportgen.overlays import HEATMAP_ALPHA, HEATMAP_CMAP, heat_on_thumbnail
-from reportgen.reducers import BoundedTop
-from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
-from reportgen.run_state import allow_in_state
-from reportgen.streams import RowStore, absorb_rows
-from reportgen.thumbnails import thumbnail
+from reportgen.engine.capture import probe_forward
+from reportgen.engine.layers import named_modules, select_layers
+from reportgen.errors import ConfigError
+from reportgen.inputs.labels import display_names
+from reportgen.report import plots
+from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
+from reportgen.report.overlays import HEATMAP_ALPHA, HEATMAP_CMAP, heat_on_thumbnail
+from reportgen.report.thumbnails import thumbnail
+from reportgen.state.reducers import BoundedTop
+from reportgen.state.run_state import allow_in_state
+from reportgen.state.streams import RowStore, absorb_rows
 
 DEFAULT_MAX_HEADS = 16  # heads drawn per layer when `heads` is null, so 24-head layers stay readable
 
@@ -177,19 +179,16 @@ class Attention(Analysis):
         the stage's patch embedding); the analysis captures that output and recomputes the attention from it."""
         inputs: Dict[str, torch.Tensor] = {}
         outputs: List[Tuple[str, Any]] = []  # (module name, output) in the order forwards finished
-        handles = []
-        try:
-            for name in self.shown_swin:
-                handles.append(self.modules[name].register_forward_pre_hook(
-                    lambda m, args, name=name: inputs.setdefault(name, args[0])))
-            for other, module in self.modules.items():
-                handles.append(module.register_forward_hook(
-                    lambda m, i, o, other=other: outputs.append((other, o))))
-            with torch.no_grad():
-                self.ctx.model(example)
-        finally:
-            for handle in handles:
-                handle.remove()
+        shown = set(self.shown_swin)
+
+        def attention_input(key: str, name: str, module: nn.Module, args: Any) -> None:
+            if name in shown:
+                inputs.setdefault(name, args[0])
+
+        def output(key: str, name: str, module: nn.Module, args: Any, out: Any) -> None:
+            outputs.append((name, out))
+
+        probe_forward(self.ctx.model, example, on_start=attention_input, on_end=output)
         found = {}
         for name, tensor in inputs.items():
             block = name.rsplit(".", 1)[0] + "." if "." in name else ""

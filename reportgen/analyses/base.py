@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Type
 
 import torch
 
-from reportgen.config import ConfigError
+from reportgen.errors import ConfigError
 
 if TYPE_CHECKING:
-    from reportgen.capture import Captures
-    from reportgen.models import LoadedModel
-    from reportgen.report import Section
+    from reportgen.engine.capture import Captures
+    from reportgen.inputs.models import LoadedModel
+    from reportgen.report.elements import Section
 
 ANALYSES: Dict[str, Type["Analysis"]] = {}
 

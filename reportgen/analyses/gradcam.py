@@ -16,23 +16,23 @@ the CLS token, so its patch gradients are zero).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from reportgen import plots
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
-from reportgen.analyses.predictions import display_names, match_labels
-from reportgen.config import ConfigError
-from reportgen.layers import last_spatial_layer, named_modules, select_layers, transformer_blocks
-from reportgen.overlays import HEATMAP_CMAP, heat_on_thumbnail, normalise_maps
-from reportgen.reducers import BoundedTop
-from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Text
-from reportgen.streams import RowStore, absorb_rows
-from reportgen.tensors import to_grid
-from reportgen.thumbnails import thumbnail
+from reportgen.engine.layers import last_spatial_layer, named_modules, select_layers, transformer_blocks
+from reportgen.engine.tensors import to_grid
+from reportgen.errors import ConfigError
+from reportgen.inputs.labels import display_names, match_labels
+from reportgen.report import plots
+from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Text
+from reportgen.report.overlays import HEATMAP_CMAP, heat_on_thumbnail, normalise_maps
+from reportgen.report.thumbnails import thumbnail
+from reportgen.state.reducers import BoundedTop
+from reportgen.state.streams import RowStore, absorb_rows
 
 METHODS = ["gradcam", "gradcam++", "layercam", "hirescam"]
 TARGETS = ["predicted", "label"]

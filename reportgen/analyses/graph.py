@@ -20,13 +20,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from reportgen.analyses._dot import (INSTALL_HINT, GraphvizMissing, RenderFailed, find_dot, module_graph_dot,
+                                     render_svg, svg_size)
+from reportgen.analyses._modulegraph import ModuleCall, build_module_graph, record_calls
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
-from reportgen.capture import primary_tensor
-from reportgen.config import ConfigError
-from reportgen.dot import (INSTALL_HINT, GraphvizMissing, RenderFailed, find_dot, module_graph_dot, render_svg,
-                           svg_size)
-from reportgen.modulegraph import ModuleCall, build_module_graph, record_calls, shape_text
-from reportgen.report import Alert, Graph, KeyValues, Section, Text
+from reportgen.engine.capture import primary_tensor, shape_text
+from reportgen.errors import ConfigError
+from reportgen.report.elements import Alert, Graph, KeyValues, Section, Text
 
 MODULES_DOT = "graph_modules.dot"
 AUTOGRAD_DOT = "graph_autograd.dot"
@@ -68,10 +68,10 @@ class GraphAnalysis(Analysis):
     def begin(self, example: Batch) -> None:
         model = self.ctx.model
         image = example.inputs[:1].clone()  # (1, 3, H, W); a clone is never an inference tensor
-        output, calls, probe_error = probe_forward(model, image, with_grad=bool(self.cfg.autograd))
+        output, calls, probe_error = probe_with_calls(model, image, with_grad=bool(self.cfg.autograd))
         if probe_error:
             self.autograd_note = f"Not drawn: the forward with gradients enabled failed ({probe_error})."
-            output, calls, probe_error = probe_forward(model, image, with_grad=False)
+            output, calls, probe_error = probe_with_calls(model, image, with_grad=False)
         if probe_error:
             self.module_notes.append(f"Nothing drawn: the probe forward of one image failed ({probe_error}).")
             return
@@ -157,25 +157,17 @@ class GraphAnalysis(Analysis):
                      height=height)
 
 
-def probe_forward(model: nn.Module, image: torch.Tensor,
+def probe_with_calls(model: nn.Module, image: torch.Tensor,
                   with_grad: bool) -> Tuple[Any, List[ModuleCall], str]:
     """(output, module calls, error text or "") of one eval-mode forward of `image`. With grad, every floating
     parameter requires grad during the call so the autograd graph reaches (and names) all of them."""
-    requires = {id(p): (p, p.requires_grad) for p in model.parameters()}
     try:
-        if with_grad:
-            for param, _ in requires.values():
-                if param.is_floating_point() or param.is_complex():
-                    param.requires_grad_(True)
-        with eval_mode(model), record_calls(model) as calls, torch.inference_mode(False), \
+        with record_calls(model, requires_grad=with_grad) as calls, torch.inference_mode(False), \
                 torch.set_grad_enabled(with_grad):
             output = model(image)
         return output, calls, ""
     except Exception as exc:  # a model that cannot run its probe still gets a report, with the reason
         return None, [], f"{type(exc).__name__}: {exc}"
-    finally:
-        for param, flag in requires.values():
-            param.requires_grad_(flag)
 
 
 @contextlib.contextmanager

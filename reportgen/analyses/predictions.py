@@ -7,20 +7,20 @@ folder matched a class, and the report says how many did.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from reportgen import plots
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
-from reportgen.reducers import BoundedTop, FixedHistogram
-from reportgen.results import write_json
-from reportgen.streams import CsvStream, absorb_csv
-from reportgen.report import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
-from reportgen.thumbnails import thumbnail
+from reportgen.inputs.labels import display_names, match_labels
+from reportgen.report import plots
+from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
+from reportgen.report.thumbnails import thumbnail
+from reportgen.state.files import write_json
+from reportgen.state.reducers import BoundedTop, FixedHistogram
+from reportgen.state.streams import CsvStream, absorb_csv
 
 CONFIDENCE_EDGES = np.linspace(0.0, 1.0, 21)
 CSV_HEADER = ["path", "label", "top1_index", "top1_name", "top1_prob", "topk_indices", "topk_names", "topk_probs"]
@@ -30,24 +30,6 @@ CSV_HEADER = ["path", "label", "top1_index", "top1_name", "top1_prob", "topk_ind
 class PredictionsConfig:
     top_k: int = 5  # classes listed per image (and top-k accuracy)
     low_confidence: float = 0.5  # top-1 probability under this is flagged as low confidence
-
-
-def normalise_class_name(name: str) -> str:
-    """'Golden_Retriever' and 'golden retriever' match; so do 'tench, Tinca tinca'-style first names."""
-    return re.sub(r"[\s_\-]+", " ", str(name).split(",")[0]).strip().lower()
-
-
-def match_labels(dataset_classes: List[str], model_classes: List[str]) -> np.ndarray:
-    """For each folder class, the model output index with the same normalised name, or -1."""
-    lookup: Dict[str, int] = {}
-    for index, name in enumerate(model_classes):
-        lookup.setdefault(normalise_class_name(name), index)
-    return np.array([lookup.get(normalise_class_name(c), -1) for c in dataset_classes], dtype=np.int64)
-
-
-def display_names(class_names: List[str], num_outputs: int) -> List[str]:
-    """One readable name per logit: the known names, then 'class i' for any output without one."""
-    return [class_names[i] if i < len(class_names) else f"class {i}" for i in range(num_outputs)]
 
 
 @register("predictions")

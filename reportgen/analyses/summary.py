@@ -16,9 +16,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
-from reportgen.capture import call_key, primary_tensor
-from reportgen.report import Alert, KeyValues, Section, Table, Text
-from reportgen.results import write_json
+from reportgen.engine.capture import ModuleProbe, shape_text
+from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
+from reportgen.state.files import write_json
 
 
 @dataclass
@@ -35,11 +35,6 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in seen.values())
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return total, trainable
-
-
-def _shape(value: Any) -> str:
-    tensor = primary_tensor(value)
-    return "" if tensor is None else "×".join(str(d) for d in tensor.shape)
 
 
 def _bytes(value: Any) -> int:
@@ -59,38 +54,25 @@ def _flops_so_far(counter: FlopCounterMode) -> int:
 def profile_modules(model: nn.Module, example: torch.Tensor) -> tuple[List[Dict[str, Any]], int]:
     """Rows (one per module call, in call order) and the total FLOPs of one forward of `example`."""
     rows: List[Dict[str, Any]] = []
-    pending: Dict[int, List[tuple]] = {}
-    calls: Dict[str, int] = {}
-    handles = []
+    started: Dict[str, tuple] = {}  # call key -> (its row, FLOPs counted when it started)
     counter = FlopCounterMode(display=False)
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False) if n}
     params = {id(m): count_parameters(m) for m in model.modules()}
 
-    def pre_hook(module, args):
-        name = names[id(module)]
-        calls[name] = calls.get(name, 0) + 1
-        row = {"name": call_key(name, calls[name]), "type": type(module).__name__, "depth": name.count(".") + 1,
-               "input_shape": _shape(args), "params": params[id(module)][0],
+    def start(key: str, name: str, module: nn.Module, args: Any) -> None:
+        row = {"name": key, "type": type(module).__name__, "depth": name.count(".") + 1,
+               "input_shape": shape_text(args), "params": params[id(module)][0],
                "trainable_params": params[id(module)][1]}
         rows.append(row)
-        pending.setdefault(id(module), []).append((row, _flops_so_far(counter)))
+        started[key] = (row, _flops_so_far(counter))
 
-    def post_hook(module, args, output):
-        row, start = pending[id(module)].pop()
-        row["output_shape"] = _shape(output)
-        row["flops"] = _flops_so_far(counter) - start
+    def end(key: str, name: str, module: nn.Module, args: Any, output: Any) -> None:
+        row, flops_before = started.pop(key)
+        row["output_shape"] = shape_text(output)
+        row["flops"] = _flops_so_far(counter) - flops_before
         row["output_bytes"] = _bytes(output)
 
-    try:
-        if not isinstance(model, torch.jit.ScriptModule):
-            for module in {id(m): m for m in model.modules() if id(m) in names}.values():
-                handles.append(module.register_forward_pre_hook(pre_hook))
-                handles.append(module.register_forward_hook(post_hook))
-        with torch.no_grad(), counter:
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with ModuleProbe(model, start, end), torch.no_grad(), counter:
+        model(example)
     return rows, _flops_so_far(counter)
 
 

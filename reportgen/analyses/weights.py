@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from reportgen import plots
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
-from reportgen.config import ConfigError
-from reportgen.layers import named_modules, select_layers, stage_outputs
-from reportgen.report import Alert, KeyValues, Section, Table, Text
+from reportgen.engine.layers import named_modules, select_layers, stage_outputs
+from reportgen.errors import ConfigError
+from reportgen.report import plots
+from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
 
 HISTOGRAMS = ["all", "selected"]
 PANELS_PER_FIGURE = 24  # histogram panels in one figure (4 columns x 6 rows)
@@ -185,7 +185,7 @@ def _ndim(entry_of: Dict[str, WeightTensor], name: str) -> int:
 
 def default_layers(model: nn.Module, example: Optional[torch.Tensor]) -> Tuple[List[str], str]:
     """Layers drawn when `layers` is null, and a sentence saying how they were chosen: the first conv, for each
-    stage (reportgen.layers.stage_outputs, one probe forward of `example`) the last conv defined between the previous
+    stage (reportgen.engine.layers.stage_outputs, one probe forward of `example`) the last conv defined between the previous
     stage's end and this stage's end (so the stem's conv belongs to the stem stage), or for a transformer block its
     attention projection, and the classifier head (the last Linear). Without an example, or when the probe fails,
     only the first conv and the head."""
@@ -229,7 +229,7 @@ def default_layers(model: nn.Module, example: Optional[torch.Tensor]) -> Tuple[L
 
 
 def resolve_layers(model: nn.Module, patterns: List[str], key: str = "analysis.weights.layers") -> List[str]:
-    """Layers named by `patterns` (reportgen.layers syntax) that own a weight; a matched container stands for the
+    """Layers named by `patterns` (reportgen.engine.layers syntax) that own a weight; a matched container stands for the
     weight-owning modules inside it, so `layer4` means every weight of layer4. ConfigError with close names for a
     pattern that matches nothing, or nothing with a weight."""
     owning = {name for entry in weight_tensors(model) for name in (entry.layer, *entry.shared_with)}

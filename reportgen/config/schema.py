@@ -1,0 +1,133 @@
+"""The typed config schema: one dataclass per config group, enums for closed choices, a reason on every field.
+
+The dataclasses are the single source of truth for every option and its default; the yaml files under `conf/`
+only select and override. Hydra merges every file into these schemas (registered by config/store.py), so a typo'd
+key or a wrong type fails at composition; config/validate.py then checks what a schema cannot.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ModelSource(Enum):
+    torchvision = "torchvision"  # an architecture from torchvision.models by name, optional pretrained weights
+    checkpoint = "checkpoint"  # a local state_dict for a named architecture, or a TorchScript file
+    target = "target"  # any callable returning an nn.Module, given as a Hydra `_target_` node
+
+
+class Device(Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast; activations and statistics still reduced in fp32
+    fp16 = "fp16"
+
+
+class LabelMode(Enum):
+    auto = "auto"  # first-level subfolders are classes when any image lies in one
+    folders = "folders"  # same, but an error if there are no class folders
+    none = "none"  # ignore folder names; no accuracy
+
+
+@dataclass
+class PreprocessConfig:
+    """How a decoded image becomes the model's input; null fields come from the weights' metadata or ImageNet."""
+
+    resize: Optional[int] = None  # shorter side resized to this before the crop (null: weights' value, else 256)
+    crop: Optional[int] = None  # centre crop size in pixels (null: weights' value, else 224)
+    mean: Optional[List[float]] = None  # per-channel normalisation mean, RGB order (null: weights' or ImageNet)
+    std: Optional[List[float]] = None  # per-channel normalisation std, RGB order (null: weights' or ImageNet)
+    interpolation: Optional[str] = None  # resize filter: bilinear | bicubic | nearest (null: weights' or bilinear)
+
+
+@dataclass
+class ModelConfig:
+    """Which network to load and how; see reportgen/models.py for the three sources."""
+
+    source: ModelSource = ModelSource.torchvision  # where the model comes from
+    name: Optional[str] = None  # torchvision architecture (source=torchvision), e.g. resnet18
+    weights: Optional[str] = "DEFAULT"  # null (random init) | DEFAULT | an enum name such as IMAGENET1K_V2
+    arch: Optional[str] = None  # torchvision architecture the checkpoint's state_dict belongs to
+    path: Optional[str] = None  # checkpoint file: a state_dict (.pt/.pth) or a TorchScript archive
+    target: Optional[Any] = None  # source=target: {_target_: pkg.module.fn, ...kwargs} returning an nn.Module
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra builder arguments, e.g. {num_classes: 10}
+    labels_file: Optional[str] = None  # class names: a .txt (one per line) or .json list; overrides weights' meta
+    trust_checkpoint: bool = False  # allow full pickles (runs code from the file!); default weights_only loading
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+
+@dataclass
+class DatasetConfig:
+    """The image folder the pass runs over."""
+
+    root: Optional[str] = None  # folder scanned recursively; relative paths are from the working directory
+    synthetic: Optional[str] = None  # 'shapes': when root is null, generate the demo folder into the user cache
+    extensions: List[str] = field(
+        default_factory=lambda: [".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"]
+    )  # file suffixes scanned, case-insensitive
+    labels: LabelMode = LabelMode.auto  # class labels from first-level subfolders
+    limit: Optional[int] = None  # process only the first N files of the sorted list
+    max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (PIL's default limit)
+
+
+@dataclass
+class ReportConfig:
+    """What the HTML report shows and how large it may get."""
+
+    title: Optional[str] = None  # page title (null: model name and dataset folder)
+    thumbnail_size: int = 128  # longest side of gallery thumbnails, pixels
+    gallery_size: int = 48  # images per gallery (bounded so reports stay small)
+    image_format: str = "jpeg"  # thumbnails: jpeg | png | webp
+    figure_dpi: int = 110  # resolution of matplotlib figures
+    single_file: bool = False  # also write <run>/report.html with every image inlined (for mail; warns > 50 MB)
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the pass runs."""
+
+    device: Device = Device.auto  # auto | cpu | cuda
+    precision: Precision = Precision.fp32  # fp32 | bf16 | fp16 (autocast)
+    batch_size: int = 32  # images per forward pass
+    num_workers: int = 2  # DataLoader decode processes (0: decode in the main process)
+    channels_last: bool = False  # NHWC memory format for convolutions (faster on recent GPUs)
+    seed: int = 0  # seeds torch/numpy/random for anything stochastic (e.g. random-init weights)
+    progress: bool = True  # tqdm progress bar with images/s
+    strict: bool = False  # stop at the first unreadable file instead of listing it and going on
+    shard: Optional[str] = None  # "i/n": only the i-th of n equal slices of the sorted file list; writes the
+    #   mergeable state (results/state.pt) for `python -m reportgen.merge`, no report. "i" alone with num_shards
+    num_shards: Optional[int] = None  # n for a bare "i", so a sweep can say: runtime.num_shards=8 'runtime.shard=range(0,8)'
+    resume: bool = True  # a run folder holding an interrupted run of this config continues where it stopped
+    #   (false: start over, discarding it)
+    checkpoint_every: int = 50  # batches between saves of the mergeable state (0: never; a crash restarts)
+
+
+@dataclass
+class Config:
+    """The whole run. `analysis` maps analysis name -> that analysis's own config dataclass."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    analysis: Dict[str, Any] = field(default_factory=dict)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def torchvision_model_names() -> List[str]:
+    """Every classification architecture torchvision can build by name."""
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def to_container(cfg: DictConfig) -> Dict[str, Any]:
+    """Plain, resolved dict of a config (enums as their names) for manifests and reports."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]

@@ -1,0 +1,296 @@
+"""The hook engine, the only module that registers hooks: `CaptureEngine` for the pass (one set of forward hooks
+for the union of what all analyses asked for) and `ModuleProbe` for one-off probe forwards (layer shapes, FLOPs,
+module graphs, which call feeds the head).
+
+Used as a context manager around the whole pass. On entry it checks every requested layer name, puts the model in
+eval mode and (when gradients are wanted) freezes the parameters; on exit, on every path including exceptions, it
+removes every hook and restores the mode and each parameter's `requires_grad`.
+
+Attention weights: torchvision's ViT calls nn.MultiheadAttention with need_weights=False, so a forward hook sees
+(out, None). For the requested attention modules only, a forward pre-hook with kwargs sets need_weights=True and
+average_attn_weights=False; the forward hook stores the (B, heads, N, N) weights and hands the caller back what it
+asked for ((out, None), or head-averaged weights by default), so the model's own code sees what it expects.
+
+Gradients cheaply: a hooked layer whose gradient is wanted returns
+`output.detach().requires_grad_()`, so autograd records only the part of the network after it, and
+`torch.autograd.grad(score, captures[layer])` differentiates just that head.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+from reportgen.errors import ConfigError
+
+
+@dataclass
+class Captures:
+    """Tensors captured during one batch, keyed by call: `layer4` for the first call, `layer4#2` for the second."""
+
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    notes: Dict[str, str] = field(default_factory=dict)  # key -> why the capture is partial (tuple output, ...)
+    attention: Dict[str, torch.Tensor] = field(default_factory=dict)  # key -> (B, heads, N, N) attention weights
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def calls(self, layer: str) -> List[str]:
+        """Every key captured for `layer`, in call order."""
+        return [k for k in self.tensors if k == layer or k.startswith(layer + "#")]
+
+
+def call_key(layer: str, call: int) -> str:
+    """Key of the n-th (1-based) call of a layer within a batch."""
+    return layer if call == 1 else f"{layer}#{call}"
+
+
+def primary_tensor(output: Any) -> Optional[torch.Tensor]:
+    """The tensor an analysis means by "the output": the output itself, or the first tensor inside a
+    tuple/list/dict/dataclass output (e.g. nn.MultiheadAttention returns (out, weights))."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        items: Iterable[Any] = output
+    elif isinstance(output, dict):
+        items = output.values()
+    elif is_dataclass(output):
+        items = (getattr(output, f.name) for f in fields(output))
+    else:
+        return None
+    for item in items:
+        tensor = primary_tensor(item)
+        if tensor is not None:
+            return tensor
+    return None
+
+
+def shape_text(value: Any) -> str:
+    """`1×64×8×8` for the primary tensor of a module's output (or inputs), "" when it holds none."""
+    tensor = primary_tensor(value)
+    return "" if tensor is None else "×".join(str(d) for d in tensor.shape)
+
+
+def resolve_layer_names(model: nn.Module, names: Iterable[str], key: str = "analysis layers") -> List[str]:
+    """Check that every name is a qualified module name of `model`; ConfigError with close matches otherwise."""
+    modules = dict(model.named_modules())
+    resolved = []
+    for name in names:
+        if name not in modules:
+            raise ConfigError(key, name, "a module name of the model", sorted(n for n in modules if n))
+        resolved.append(name)
+    return resolved
+
+
+class _ModelHooks:
+    """What every hook owner shares: inside the block the model is in eval mode with the hooks `_setup` registers;
+    on exit, and when setting up fails, every hook is removed and the model's mode and each parameter's
+    `requires_grad` are put back as they were on entry."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._handles: List[Any] = []
+        self._was_training = model.training
+        self._flags: List[tuple] = []  # (parameter, requires_grad on entry)
+
+    def _setup(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._was_training = self.model.training
+        self._flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        try:
+            self.model.eval()
+            self._setup()
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for param, flag in self._flags:
+            param.requires_grad_(flag)
+        self.model.train(self._was_training)
+
+
+class CaptureEngine(_ModelHooks):
+    """Context manager owning every hook of the pass; `captures` holds the current batch's tensors."""
+
+    def __init__(self, model: nn.Module, activations: Iterable[str] = (), gradients: Iterable[str] = (),
+                 attention: Iterable[str] = ()):
+        super().__init__(model)
+        self.activations = sorted(set(activations))
+        self.gradients = sorted(set(gradients))
+        self.attention = sorted(set(attention))
+        self.captures = Captures()
+        self._calls: Dict[str, int] = defaultdict(int)
+
+    @property
+    def needs_grad(self) -> bool:
+        return bool(self.gradients)
+
+    def __enter__(self) -> "CaptureEngine":
+        return super().__enter__()
+
+    def _setup(self) -> None:
+        leaf_calls: Dict[str, set] = defaultdict(set)  # layer -> call numbers made leaves ("layer#2" -> 2)
+        for key in self.gradients:
+            layer, _, call = key.partition("#")
+            leaf_calls[layer].add(int(call) if call else 1)
+        wanted = resolve_layer_names(self.model, self.activations + list(leaf_calls))
+        resolve_layer_names(self.model, self.attention, key="attention layers")
+        modules = dict(self.model.named_modules())
+        for name in self.attention:
+            if not isinstance(modules[name], nn.MultiheadAttention):
+                raise ConfigError("attention layers", name, "an nn.MultiheadAttention module",
+                                  sorted(n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)))
+        if self.needs_grad:  # only the head after each leaf is differentiated; no parameter gradients
+            for param, _ in self._flags:
+                param.requires_grad_(False)
+        for name in sorted(set(wanted)):
+            hook = self._make_hook(name, leaf_calls.get(name, set()))
+            self._handles.append(modules[name].register_forward_hook(hook))
+        for name in self.attention:
+            pre_hook, hook = self._make_attention_hooks(name)
+            self._handles.append(modules[name].register_forward_pre_hook(pre_hook, with_kwargs=True))
+            self._handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
+
+    def start_batch(self) -> Captures:
+        """Forget the previous batch's tensors (so memory stays bounded) and reset call counters."""
+        self.captures = Captures()
+        self._calls.clear()
+        return self.captures
+
+    def _make_hook(self, name: str, leaf_calls: set):
+        """Capture every call's output; the calls in `leaf_calls` (1-based) become autograd leaves. Only those:
+        a reused module whose every call were a leaf would cut the graph between its own calls."""
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
+            self._calls[name] += 1
+            key = call_key(name, self._calls[name])
+            tensor = primary_tensor(output)
+            if tensor is None:
+                self.captures.notes[key] = f"output of type {type(output).__name__} holds no tensor"
+                return None
+            if not isinstance(output, torch.Tensor):
+                self.captures.notes[key] = f"first tensor of a {type(output).__name__} output"
+            if self._calls[name] in leaf_calls and isinstance(output, torch.Tensor) and torch.is_grad_enabled():
+                leaf = output.detach().requires_grad_()  # gradients flow from here to the score only
+                self.captures.tensors[key] = leaf
+                return leaf
+            # clone: a later in-place op (e.g. ReLU(inplace=True)) must not overwrite what was captured
+            self.captures.tensors[key] = tensor.detach().clone()
+            return None
+
+        return hook
+
+
+    def _make_attention_hooks(self, name: str):
+        asked: List[tuple] = []  # (need_weights, average_attn_weights) the caller asked for, per pending call
+
+        def pre_hook(module: nn.Module, args: Any, kwargs: Dict[str, Any]):
+            # arguments after (query, key, value) given by position become keywords, so forcing them cannot clash
+            kwargs = dict(kwargs, **dict(zip(_MHA_OPTIONAL_ARGS, args[3:])))
+            asked.append((bool(kwargs.get("need_weights", True)), bool(kwargs.get("average_attn_weights", True))))
+            kwargs = dict(kwargs, need_weights=True, average_attn_weights=False)
+            return args[:3], kwargs
+
+        def hook(module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> Any:
+            caller_wanted, caller_averaged = asked.pop() if asked else (True, False)
+            out, weights = output
+            self._calls[f"attention:{name}"] += 1
+            key = call_key(name, self._calls[f"attention:{name}"])
+            self.captures.attention[key] = weights.detach()  # (B, heads, N, N)
+            if not caller_wanted:
+                return out, None
+            # the caller gets what it asked for: head-averaged weights by default, as nn.MultiheadAttention does
+            return (out, weights.mean(dim=-3)) if caller_averaged else output
+
+        return pre_hook, hook
+
+
+# nn.MultiheadAttention.forward's parameters after (query, key, value), in order
+_MHA_OPTIONAL_ARGS = ("key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def count_hooks(model: nn.Module) -> int:
+    """Hooks currently registered on any module of `model` (tests assert this returns to zero)."""
+    total = 0
+    for module in model.modules():
+        total += len(module._forward_hooks) + len(module._forward_pre_hooks)
+        total += len(module._backward_hooks) + len(getattr(module, "_backward_pre_hooks", {}))
+    return total
+
+
+StartCallback = Callable[[str, str, nn.Module, Any], None]  # (call key, module name, module, args)
+EndCallback = Callable[[str, str, nn.Module, Any, Any], None]  # (call key, module name, module, args, output)
+
+
+class ModuleProbe(_ModelHooks):
+    """Hooks for a one-off probe forward (not the pass): `on_start` runs as each call of a submodule starts and
+    `on_end` as it returns, both with the call's key (`layer`, `layer#2`, numbered as the pass numbers them).
+
+    Every submodule is hooked once, under its first name (as named_modules and torch.fx name it); `modules`
+    narrows that to some names. Inside the block the model is in eval mode (a probe must not update batch-norm
+    statistics); with `requires_grad=True` every floating parameter requires grad, so an autograd graph reaches all
+    of them. On exit, on every path, the hooks are removed and the mode and each `requires_grad` restored.
+    TorchScript modules take no Python hooks: nothing is reported for them."""
+
+    def __init__(self, model: nn.Module, on_start: Optional[StartCallback] = None,
+                 on_end: Optional[EndCallback] = None, modules: Optional[Iterable[str]] = None,
+                 requires_grad: bool = False):
+        super().__init__(model)
+        self.on_start, self.on_end = on_start, on_end
+        self.wanted = None if modules is None else set(modules)
+        self.requires_grad = requires_grad
+
+    def __enter__(self) -> "ModuleProbe":
+        return super().__enter__()
+
+    def _setup(self) -> None:
+        if self.requires_grad:
+            for param, _ in self._flags:
+                if param.is_floating_point() or param.is_complex():
+                    param.requires_grad_(True)
+        if not isinstance(self.model, torch.jit.ScriptModule):
+            for name, module in self.model.named_modules():
+                if name and (self.wanted is None or name in self.wanted):
+                    self._hook(name, module)
+
+    def _hook(self, name: str, module: nn.Module) -> None:
+        calls = [0]
+        pending: List[str] = []  # keys of this module's calls that started and have not returned (re-entrant calls)
+
+        def start(mod: nn.Module, args: Any) -> None:
+            calls[0] += 1
+            key = call_key(name, calls[0])
+            pending.append(key)
+            if self.on_start is not None:
+                self.on_start(key, name, mod, args)
+
+        def end(mod: nn.Module, args: Any, output: Any) -> None:
+            key = pending.pop()
+            if self.on_end is not None:
+                self.on_end(key, name, mod, args, output)
+
+        self._handles.append(module.register_forward_pre_hook(start))
+        self._handles.append(module.register_forward_hook(end))
+
+
+def probe_forward(model: nn.Module, example: torch.Tensor, on_start: Optional[StartCallback] = None,
+                  on_end: Optional[EndCallback] = None, modules: Optional[Iterable[str]] = None) -> Any:
+    """One probe forward of `example` without gradients (see ModuleProbe); returns the model's output."""
+    with ModuleProbe(model, on_start, on_end, modules), torch.no_grad():
+        return model(example)
+

@@ -1,0 +1,277 @@
+"""Load the network to report on, from one of three sources, with its preprocessing and class names.
+
+- torchvision: any architecture of `torchvision.models` by name; weights null | DEFAULT | an enum member name,
+  read from the torch hub cache (`$TORCH_HOME/hub/checkpoints`), downloaded only where a network allows.
+- checkpoint: a local state_dict for a named torchvision architecture, or a TorchScript archive. Loaded with
+  `weights_only=True`, so a pickle cannot run code unless the user opts in with `model.trust_checkpoint=true`.
+- target: any callable named by a Hydra `_target_` node that returns an `nn.Module`.
+"""
+from __future__ import annotations
+
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torchvision
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from reportgen.config.schema import ModelSource, torchvision_model_names
+from reportgen.errors import ConfigError, ModelLoadError
+from reportgen.inputs.labels import read_labels_file
+from reportgen.inputs.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run module plus what the report needs to say about it."""
+
+    module: torch.nn.Module
+    name: str  # short display name, e.g. "resnet18" or "DemoCNN"
+    source: str  # torchvision | checkpoint | target
+    weights: str  # what the parameters are: enum name, checkpoint path, "random initialisation", ...
+    random_init: bool  # True: predictions mean nothing; the report shows a banner
+    preprocess: Preprocess
+    class_names: List[str]  # one per output logit ("class 17" when unknown)
+    notes: List[str] = field(default_factory=list)  # things the report should mention (e.g. inferred num_classes)
+
+
+def load_model(cfg: DictConfig) -> LoadedModel:
+    """Build the model described by the `model` config node, in eval mode, on the CPU."""
+    source = ModelSource(cfg.source) if not isinstance(cfg.source, ModelSource) else cfg.source
+    if source is ModelSource.torchvision:
+        loaded = _load_torchvision(cfg)
+    elif source is ModelSource.checkpoint:
+        loaded = _load_checkpoint(cfg)
+    else:
+        loaded = _load_target(cfg)
+    if cfg.labels_file:
+        loaded.class_names = read_labels_file(Path(cfg.labels_file))
+    loaded.module.eval()
+    return loaded
+
+
+def weights_enum(arch: str):
+    """torchvision's weights enum for an architecture (ConfigError with close matches for an unknown name)."""
+    names = torchvision_model_names()
+    if arch not in names:
+        raise ConfigError("model.name", arch, "a torchvision classification model", names)
+    return torchvision.models.get_model_weights(arch)
+
+
+def resolve_weights(arch: str, weights: Optional[str]):
+    """null -> None; DEFAULT or a member name -> the enum member; anything else -> ConfigError."""
+    if weights is None:
+        return None
+    enum = weights_enum(arch)
+    members = ["DEFAULT"] + [m.name for m in enum]
+    if weights == "DEFAULT":
+        return enum.DEFAULT
+    if weights not in members:
+        raise ConfigError("model.weights", weights, f"null or a weights name of {arch}", members)
+    return enum[weights]
+
+
+def hub_checkpoint_path(url: str) -> Path:
+    """Where torch.hub caches (and looks for) the file of a weights URL."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
+def _load_torchvision(cfg: DictConfig) -> LoadedModel:
+    arch = cfg.name
+    if not arch:
+        raise ConfigError("model.name", arch, "a torchvision architecture name", torchvision_model_names())
+    weights = resolve_weights(arch, cfg.weights)
+    kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
+    meta_weights = weights if weights is not None else weights_enum(arch).DEFAULT
+    if weights is not None:
+        _ensure_cached(weights, arch)
+    builder = torchvision.models.get_model_builder(arch)
+    try:
+        module = builder(weights=weights, **kwargs)
+    except (TypeError, ValueError) as exc:  # unknown kwarg, or num_classes that contradicts pretrained weights
+        raise ModelLoadError(f"torchvision.models.{arch}(weights={cfg.weights}, **{kwargs}) failed: {exc} "
+                             f"(check model.kwargs)") from exc
+    except (OSError, RuntimeError) as exc:
+        raise ModelLoadError(_offline_message(weights, arch, exc)) from exc
+    class_names = _class_names(module, _categories_if_same_head(meta_weights, kwargs.get("num_classes")))
+    return LoadedModel(
+        module=module,
+        name=arch,
+        source="torchvision",
+        weights=f"{type(weights).__name__}.{weights.name}" if weights is not None else "random initialisation",
+        random_init=weights is None,
+        preprocess=Preprocess.resolve(cfg.preprocess, meta_weights.transforms()),
+        class_names=class_names,
+    )
+
+
+def _ensure_cached(weights: Any, arch: str) -> None:
+    """Use the hub cache when the file is there; otherwise try torch.hub's download and explain a failure."""
+    path = hub_checkpoint_path(weights.url)
+    if path.is_file():
+        return
+    log.info("weights %s not in the hub cache (%s); trying to download", weights.name, path)
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, progress=False, check_hash=True)
+    except Exception as exc:  # URLError, HTTPError, timeouts, hash mismatch: all mean "no usable file"
+        raise ModelLoadError(_offline_message(weights, arch, exc)) from exc
+
+
+def _offline_message(weights: Any, arch: str, exc: BaseException) -> str:
+    path = hub_checkpoint_path(weights.url)
+    return (
+        f"pretrained weights {type(weights).__name__}.{weights.name} for '{arch}' are not in the torch hub cache "
+        f"and could not be downloaded ({type(exc).__name__}: {exc}).\n"
+        f"  Either put the file '{path.name}' (from {weights.url}) at:\n    {path}\n"
+        f"  (the cache folder is $TORCH_HOME/hub/checkpoints; TORCH_HOME defaults to ~/.cache/torch),\n"
+        f"  or run with random weights: model.weights=null"
+    )
+
+
+def _load_checkpoint(cfg: DictConfig) -> LoadedModel:
+    if not cfg.path:
+        raise ConfigError("model.path", cfg.path, "the path of a checkpoint file (state_dict or TorchScript)")
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise ConfigError("model.path", str(path), "an existing checkpoint file")
+    if is_torchscript(path):
+        module = torch.jit.load(str(path), map_location="cpu")
+        name = cfg.arch or path.stem
+        return LoadedModel(module=module, name=name, source="checkpoint", weights=f"TorchScript {path.name}",
+                           random_init=False, preprocess=Preprocess.resolve(cfg.preprocess),
+                           class_names=_class_names(module, None))
+    if not cfg.arch:
+        raise ConfigError("model.arch", None, "the torchvision architecture of this state_dict",
+                          torchvision_model_names())
+    weights_enum(cfg.arch)  # validates the name
+    state = _read_state_dict(path, trust=cfg.trust_checkpoint)
+    kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
+    module, notes, num_classes = _build_and_load(cfg.arch, state, kwargs, path)
+    default_weights = weights_enum(cfg.arch).DEFAULT
+    return LoadedModel(module=module, name=cfg.arch, source="checkpoint", weights=f"checkpoint {path.name}",
+                       random_init=False, preprocess=Preprocess.resolve(cfg.preprocess, default_weights.transforms()),
+                       class_names=_class_names(module, _categories_if_same_head(default_weights, num_classes)),
+                       notes=notes)
+
+
+def is_torchscript(path: Path) -> bool:
+    """TorchScript archives are zip files with a `<name>/code/` folder; torch.save files have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any("/code/" in name for name in archive.namelist())
+
+
+def _read_state_dict(path: Path, trust: bool) -> Dict[str, torch.Tensor]:
+    """Load with weights_only=True; unwrap {'state_dict': ...}/{'model': ...} and DDP/Lightning prefixes."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust)
+    except Exception as exc:
+        if not trust and "weights_only" in str(exc):
+            raise ModelLoadError(
+                f"checkpoint {path} is not a plain state_dict: loading it would run code from the pickle, so it was "
+                f"refused (torch.load weights_only=True said: {str(exc).splitlines()[0]}).\n"
+                f"  Re-save it as a state_dict, or, only if you trust its author, set model.trust_checkpoint=true."
+            ) from exc
+        raise ModelLoadError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if trust:
+        log.warning("model.trust_checkpoint=true: %s was unpickled with full trust", path)
+    if isinstance(obj, torch.nn.Module):
+        obj = obj.state_dict()
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelLoadError(f"checkpoint {path} does not hold a state_dict (a mapping of names to tensors)")
+    return _strip_prefixes(obj)
+
+
+def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    for prefix in ("module.", "model."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _build_and_load(arch: str, state: Dict[str, torch.Tensor], kwargs: Dict[str, Any], path: Path):
+    """Build `arch` and load `state` strictly. When only the classifier's output size differs and
+    num_classes was not given, rebuild with the checkpoint's num_classes (and say so)."""
+    builder = torchvision.models.get_model_builder(arch)
+    module = builder(weights=None, **kwargs)
+    notes: List[str] = []
+    expected = module.state_dict()
+    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    head = None
+    if mismatched and "num_classes" not in kwargs:
+        head = _classifier_out_features(state, mismatched, expected)
+        if head is not None:
+            module = builder(weights=None, num_classes=head, **kwargs)
+            expected = module.state_dict()
+            notes.append(f"num_classes={head} inferred from the checkpoint's classifier")
+            mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {path} does not match architecture '{arch}':"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}"
+                         f"{' ...' if len(unexpected) > 12 else ''}")
+        for k in mismatched[:12]:
+            lines.append(f"  shape of {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
+        lines.append("  check model.arch (and model.kwargs, e.g. num_classes) against how the checkpoint was made")
+        raise ModelLoadError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
+    return module, notes, kwargs.get("num_classes", head if notes else None)
+
+
+def _classifier_out_features(state, mismatched, expected) -> Optional[int]:
+    """num_classes of the checkpoint when the mismatch is exactly the last layer's weight (and bias)."""
+    last_weight = [k for k in expected if k.endswith("weight") and expected[k].dim() == 2][-1:]
+    if not last_weight:
+        return None
+    head = last_weight[0]
+    allowed = {head, head[: -len("weight")] + "bias"}
+    if set(mismatched) <= allowed and head in mismatched and state[head].shape[1:] == expected[head].shape[1:]:
+        return int(state[head].shape[0])
+    return None
+
+
+def _load_target(cfg: DictConfig) -> LoadedModel:
+    if cfg.target is None or "_target_" not in cfg.target:
+        raise ConfigError("model.target", None if cfg.target is None else dict(cfg.target),
+                          "a node with _target_: the dotted path of a callable returning an nn.Module")
+    target_name = str(cfg.target["_target_"])
+    try:
+        module = instantiate(cfg.target)
+    except Exception as exc:
+        raise ModelLoadError(f"model.target {target_name} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(module, torch.nn.Module):
+        raise ModelLoadError(f"model.target {target_name} returned {type(module).__name__}, not an nn.Module")
+    random_init = bool(getattr(module, "random_init", False))
+    return LoadedModel(module=module, name=type(module).__name__, source="target", weights=target_name,
+                       random_init=random_init, preprocess=Preprocess.resolve(cfg.preprocess),
+                       class_names=_class_names(module, None))
+
+
+def _categories_if_same_head(weights: Any, num_classes: Optional[int]) -> Optional[List[str]]:
+    """The weights' category names, unless the model was built with a different number of outputs (a fine-tuned
+    head's outputs are not ImageNet's classes, so naming them 'tench', 'goldfish', ... would be wrong)."""
+    categories = weights.meta.get("categories")
+    if categories is None or (num_classes is not None and int(num_classes) != len(categories)):
+        return None
+    return categories
+
+
+def _class_names(module: torch.nn.Module, categories: Optional[List[str]]) -> List[str]:
+    """Names for the model's outputs: a `class_names` attribute, the weights' categories, or "class i"."""
+    names = getattr(module, "class_names", None) or categories
+    return list(names) if names else []

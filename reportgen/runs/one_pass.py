@@ -1,0 +1,225 @@
+"""The one hooked pass over a slice of the folder: decode in workers -> device -> forward -> every analysis's update.
+
+It advances a `RunState` (positions done, images processed, failures) and saves it with every analysis's mergeable
+state each `runtime.checkpoint_every` batches, so a killed run resumes where its last checkpoint was. A CUDA
+out-of-memory error halves the batch (and every later one) and goes on, with a warning in the report, when it came
+from the forward or from an analysis whose update changes nothing before its device work is done (`oom_safe`, run
+first: Grad-CAM's gradients, predictions); after that, a retry could count images twice, so the run stops instead.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+from tqdm import tqdm
+
+from reportgen.analyses.base import Analysis, Batch
+from reportgen.config.schema import Precision
+from reportgen.engine.capture import CaptureEngine, primary_tensor
+from reportgen.errors import ConfigError, RunError
+from reportgen.inputs.data import ImageFolderDataset, RawBatch, ScanResult, example_batch, make_loader
+from reportgen.runs.job import Job
+from reportgen.state.run_state import STATE_FILE, RunState, save_state
+
+log = logging.getLogger("reportgen")
+DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+EXAMPLE_IMAGES = 16  # images of the analyses' one-time setup (probes, channel choices)
+
+
+def run_pass(job: Job, state: RunState) -> float:
+    """Process the positions of `state`'s slice not done yet; returns the seconds spent in analyses' `begin`.
+    `state` is updated in place (and saved at checkpoints); the caller saves or finalises it at the end."""
+    cfg, scan = job.cfg, job.scan
+    runtime = cfg.runtime
+    remaining = range(state.start + state.done, state.end)
+    dataset = ImageFolderDataset(scan, job.loaded.preprocess, indices=remaining, max_pixels=int(cfg.dataset.max_pixels))
+    loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers),
+                         pin_memory=job.device.type == "cuda")
+    labels_lookup = torch.tensor(scan.labels + [-1], dtype=torch.int64)
+    strict = bool(runtime.strict)
+    every = int(runtime.checkpoint_every)
+    progress = tqdm(total=state.end - state.start, initial=state.done, unit="img", disable=not runtime.progress,
+                    file=sys.stderr, desc="reportgen", dynamic_ncols=True)
+    try:
+        probe_started = time.perf_counter()
+        example = folder_example(job)
+        if example is None:  # nothing in the folder decodes: list every failure; the analyses never begin
+            _next_good_batch(iter(loader), scan, state, progress, strict)
+            return 0.0
+        begin_analyses(job.analyses, example)
+        if state.analyses:  # resumed: the saved state goes into freshly begun analyses (exact, see merge)
+            restore_analyses(job.analyses, state.analyses)
+        probe_seconds = time.perf_counter() - probe_started
+        # the workers start now, not during the probes: the pass is timed from its first batch's decode, as a
+        # plain loop over the same loader would be (benchmarks compare the two)
+        pass_started, pass_before = time.perf_counter(), state.pass_seconds
+        batches = iter(loader)
+        first = _next_good_batch(batches, scan, state, progress, strict)
+        requirements = [a.requires() for a in job.analyses]  # after begin: defaults may depend on a probe
+        order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # retryable updates first (out of memory)
+        with CaptureEngine(job.model, [n for r in requirements for n in r.activations],
+                           [n for r in requirements for n in r.gradients],
+                           [n for r in requirements for n in r.attention]) as engine:
+            stepper = _Stepper(job, engine, order)
+            raw, batches_done = first, 0
+            while raw is not None:
+                batch = to_batch(raw, job, labels_lookup)
+                state.notes.update(stepper.step(batch))
+                state.warnings.extend(w for w in stepper.warnings if w not in state.warnings)
+                state.processed += len(batch.paths)
+                progress.update(len(batch.paths))
+                batches_done += 1
+                if every and batches_done % every == 0:
+                    state.pass_seconds = pass_before + time.perf_counter() - pass_started
+                    save_checkpoint(job, state)
+                raw = _next_good_batch(batches, scan, state, progress, strict)
+        state.pass_seconds = pass_before + time.perf_counter() - pass_started
+        return probe_seconds
+    finally:
+        progress.close()
+
+
+def folder_example(job: Job) -> Optional[Batch]:
+    """The example batch every analysis's `begin` sees: the folder's first images that decode, whichever slice
+    this process runs, so a shard, a resumed run and a merge set up identically (same layers, same channels)."""
+    dataset = ImageFolderDataset(job.scan, job.loaded.preprocess, max_pixels=int(job.cfg.dataset.max_pixels))
+    raw = example_batch(dataset, EXAMPLE_IMAGES, attempts=4 * EXAMPLE_IMAGES)
+    if raw is None:
+        return None
+    return to_batch(raw, job, torch.tensor(job.scan.labels + [-1], dtype=torch.int64))
+
+
+def begin_analyses(analyses: List[Analysis], example: Batch) -> None:
+    """Every analysis's one-time setup on an example batch; a model error names the files."""
+    for analysis in analyses:
+        try:
+            analysis.begin(example)
+        except (ConfigError, RunError):
+            raise
+        except Exception as exc:  # probes run the model: its errors must name the files, as in the pass
+            raise RunError(f"analysis '{analysis.name}' failed while probing the model with the first batch "
+                           f"(files {example.paths}): {type(exc).__name__}: {exc}") from exc
+
+
+def restore_analyses(analyses: List[Analysis], states: Dict[str, dict]) -> None:
+    """Fold saved states into freshly begun analyses (a resume, or each shard in turn for a merge)."""
+    for analysis in analyses:
+        if analysis.name not in states:
+            raise RunError(f"the saved state has no '{analysis.name}' analysis (it has {sorted(states)})")
+        analysis.merge(states[analysis.name])
+
+
+def save_checkpoint(job: Job, state: RunState) -> None:
+    """Write `results/state.pt` with every analysis's state (streams flushed first, by their `state_dict`)."""
+    started = time.perf_counter()
+    state.analyses = {a.name: a.state_dict() for a in job.analyses}
+    save_state(job.results_dir / STATE_FILE, state)
+    log.info("checkpoint: %d of %d images done (saved in %.2f s)", state.done, state.end - state.start,
+             time.perf_counter() - started)
+
+
+def to_batch(raw: RawBatch, job: Job, labels_lookup: torch.Tensor) -> Batch:
+    """A decoded CPU batch as analyses see it: normalised inputs on the run device (non-blocking from pinned
+    memory on CUDA), labels on the device, the uint8 images kept on the CPU for thumbnails."""
+    device = job.device
+    non_blocking = device.type == "cuda"
+    images = raw.images.to(device, non_blocking=non_blocking)  # (B, 3, H, W) uint8
+    inputs = job.loaded.preprocess.normalize(images)  # (B, 3, H, W) float32 on device
+    if job.cfg.runtime.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    labels = labels_lookup[raw.indices].to(device, non_blocking=non_blocking)  # (B,)
+    return Batch(indices=raw.indices, paths=[job.scan.paths[i] for i in raw.indices.tolist()], images=raw.images,
+                 inputs=inputs, labels=labels)
+
+
+def _next_good_batch(batches, scan: ScanResult, state: RunState, progress, strict: bool) -> Optional[RawBatch]:
+    """Next batch with at least one decoded image. Every fetched batch counts as done (checkpoints are saved only
+    after the batches before them were processed); its failures go to the state (runtime.strict: stop instead)."""
+    for raw in batches:
+        if strict and raw.failed:
+            index, reason = raw.failed[0]
+            raise RunError(f"runtime.strict=true and {scan.paths[index]} could not be read: {reason}")
+        for index, reason in raw.failed:
+            state.failed.append((scan.paths[index], reason))
+            log.warning("skipped %s: %s", scan.paths[index], reason)
+        state.done += len(raw.failed) + len(raw.indices)
+        progress.update(len(raw.failed))
+        if len(raw.indices):
+            return raw
+    return None
+
+
+class _Stepper:
+    """Forward one batch and feed every analysis; on out-of-memory, halve and retry (and keep the smaller size)."""
+
+    def __init__(self, job: Job, engine: CaptureEngine, analyses: List[Analysis]):
+        self.job, self.engine, self.analyses = job, engine, analyses
+        self.precision = Precision(getattr(job.cfg.runtime.precision, "name", str(job.cfg.runtime.precision)))
+        self.limit: Optional[int] = None  # images per forward after an out-of-memory error
+        self.warnings: List[str] = []
+        self.updated = False  # whether an analysis consumed the current attempt (then a retry would count twice)
+
+    def step(self, batch: Batch) -> Dict[str, str]:
+        notes: Dict[str, str] = {}
+        size = self.limit or len(batch.paths)
+        for start in range(0, len(batch.paths), size):
+            notes.update(self._step_or_halve(_slice(batch, start, start + size)))
+        return notes
+
+    def _step_or_halve(self, batch: Batch) -> Dict[str, str]:
+        self.updated = False
+        try:
+            return self._forward_and_update(batch)
+        except OUT_OF_MEMORY as exc:
+            if self.updated or len(batch.paths) == 1:
+                where = "with a batch of one image" if len(batch.paths) == 1 else "after some analyses had updated"
+                raise RunError(f"out of memory {where} (files {batch.paths}); lower runtime.batch_size or choose "
+                               f"fewer layers: {exc}") from exc
+        if self.job.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = (len(batch.paths) + 1) // 2
+        self.limit = half if self.limit is None else min(self.limit, half)
+        message = (f"out of memory at {len(batch.paths)} images per forward: continued with {self.limit} "
+                   f"(set runtime.batch_size={self.limit} to avoid the retry)")
+        log.warning("%s", message)
+        self.warnings.append(message)
+        notes: Dict[str, str] = {}
+        size = self.limit  # fixed for this batch's parts (a part may lower self.limit again for the next ones)
+        for start in range(0, len(batch.paths), size):
+            notes.update(self._step_or_halve(_slice(batch, start, start + size)))
+        return notes
+
+    def _forward_and_update(self, batch: Batch) -> Dict[str, str]:
+        captures = self.engine.start_batch()
+        grad_mode = torch.enable_grad() if self.engine.needs_grad else torch.inference_mode()
+        device_type = self.job.device.type
+        with grad_mode:
+            try:
+                with torch.autocast(device_type, dtype=DTYPES[self.precision],
+                                    enabled=self.precision is not Precision.fp32):
+                    logits = primary_tensor(self.job.model(batch.inputs))
+            except OUT_OF_MEMORY:
+                raise
+            except Exception as exc:
+                raise RunError(f"the model's forward raised on the batch of files {batch.paths}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+            if logits is None or logits.dim() != 2:
+                raise RunError(f"expected the model to return logits of shape (batch, classes), got "
+                               f"{None if logits is None else tuple(logits.shape)}")
+            for analysis in self.analyses:
+                if not analysis.oom_safe:
+                    self.updated = True  # an out-of-memory error inside may leave part of this batch counted
+                analysis.update(batch, logits, captures)
+                self.updated = True
+        return captures.notes
+
+
+def _slice(batch: Batch, start: int, end: int) -> Batch:
+    if start == 0 and end >= len(batch.paths):
+        return batch
+    return Batch(indices=batch.indices[start:end], paths=batch.paths[start:end], images=batch.images[start:end],
+                 inputs=batch.inputs[start:end], labels=batch.labels[start:end])
