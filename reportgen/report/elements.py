@@ -108,6 +108,17 @@ class Gallery:
 
 
 @dataclass
+class ImageStrip:
+    """One item seen several ways, side by side (an image and each run's map of it), with lines under each panel;
+    `status` colours a panel's frame (ok | bad | neutral). A panel without an image shows its lines only."""
+
+    title: str
+    lines: Sequence[str]  # about the item (e.g. its folder class)
+    panels: List[GalleryItem]  # GalleryItem.image may be None here: the panel says why there is no picture
+    kind: str = "strip"
+
+
+@dataclass
 class Section:
     """One analysis's part of the report."""
 

@@ -15,13 +15,13 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, List
 
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from PIL import Image
 
-from reportgen.report.elements import Figure, Gallery, Graph, Page, Table
+from reportgen.report.elements import Figure, Gallery, Graph, ImageStrip, Page, Table
 
 log = logging.getLogger("reportgen")
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
@@ -130,6 +130,13 @@ def _view(element: Any, section_id: str, writer: _AssetWriter) -> Any:
                     note=element.note, width=element.width, height=element.height)
     if isinstance(element, Table):
         return _table_view(element, f"{section_id}-table-{id(element) % 100000}")
+    if isinstance(element, ImageStrip):
+        panels = []
+        for item in element.panels:
+            src = writer.write_image(f"{section_id}-strip", item.image) if item.image is not None else None
+            panels.append(_Obj(src=src, title=item.title, lines=list(item.lines), status=item.status,
+                               width=item.image.shape[1] if src else 0, height=item.image.shape[0] if src else 0))
+        return _Obj(kind="strip", title=element.title, lines=list(element.lines), panels=panels)
     return element
 
 
@@ -186,3 +193,29 @@ def render_index(sweep_dir: Path, rows: List[Any], figures: List[Figure]) -> Pat
     tmp.write_text(html, encoding="utf-8")
     os.replace(tmp, sweep_dir / "index.html")
     return sweep_dir / "index.html"
+
+
+def render_comparison(out_dir: Path, context: Dict[str, Any]) -> Path:
+    """Write a comparison page `<out_dir>/index.html` with its images in `<out_dir>/assets/` (templates/compare.html).
+
+    `context` holds plain values and report elements; every element, alone or in a list, is turned into its
+    template-facing form (assets written) under the same key."""
+    out_dir = Path(out_dir)
+    assets = out_dir / "assets"
+    if assets.exists():
+        shutil.rmtree(assets)
+    assets.mkdir(parents=True)
+    writer = _AssetWriter(assets, "jpeg")
+
+    def view(value: Any) -> Any:
+        if isinstance(value, list):
+            return [view(v) for v in value]
+        if isinstance(value, (Figure, Table, Gallery, ImageStrip)):
+            return _view(value, "compare", writer)
+        return value
+
+    html = environment().get_template("compare.html").render(**{k: view(v) for k, v in context.items()})
+    tmp = out_dir / f"index.html.tmp-{os.getpid()}"
+    tmp.write_text(html, encoding="utf-8")
+    os.replace(tmp, out_dir / "index.html")
+    return out_dir / "index.html"

@@ -1,0 +1,337 @@
+"""The comparison page and its results files, from a computed Comparison (reportgen/report/compare_data.py).
+
+Writes into one folder: `index.html` + `assets/` (the page, static and offline like a report), `comparison.json`
+(runs and pairs), `comparison.csv` (one row per shared image) and `per_class.csv` (classes × runs).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from reportgen.inputs.data import decode_image
+from reportgen.inputs.preprocess import Preprocess
+from reportgen.report import compare_plots
+from reportgen.report.compare_data import (DEFAULT_DEAD_ZERO_FRACTION, Comparison, RunResults, activation_layers,
+                                           comparison_rows)
+from reportgen.report.compare_stats import pareto_front
+from reportgen.report.elements import GalleryItem, ImageStrip, Table
+from reportgen.report.overlays import heat_on_thumbnail
+from reportgen.report.thumbnails import thumbnail
+from reportgen.state.files import write_atomic, write_json
+
+log = logging.getLogger("reportgen")
+HEATMAP_CLASSES = 40  # classes drawn in the heatmap; past this, the ones where the runs differ most
+THUMBNAIL = 128  # longest side of each panel of the disagreement gallery, pixels
+GRADCAM_HINT = "add gradcam to the runs' analyses (analysis=[predictions,gradcam,...]) to see each run's map here"
+
+
+def write_comparison(comparison: Comparison, out_dir: Path) -> Path:
+    """The page and the results files; returns the page's path."""
+    from reportgen.report.render import render_comparison
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "comparison.json", comparison_json(comparison))
+    write_atomic(out_dir / "comparison.csv", comparison_rows(comparison.joined).to_csv(index=False))
+    write_atomic(out_dir / "per_class.csv", comparison.per_class.to_csv())
+    return render_comparison(out_dir, page_context(comparison, out_dir))
+
+
+def _ci(interval) -> List[Optional[float]]:
+    return [None if math.isnan(v) else v for v in interval]
+
+
+def comparison_json(comparison: Comparison) -> Dict[str, Any]:
+    """comparison.json: `runs` (name, run dir, differing config values, top1, top1_ci, images) and `pairs`."""
+    flats = {r.name: _flat(r) for r in comparison.runs}
+    return {
+        "shared_images": len(comparison.joined.paths),
+        "evaluated_images": int(comparison.joined.evaluated.sum()),
+        "interval": "Wilson score, 95 %",
+        "test": "exact two-sided McNemar (binomial on the discordant pairs); mcnemar_p_holm: Holm-adjusted",
+        "runs": [{"name": r.name, "run_dir": str(r.run_dir),
+                  "config": {k: flats[r.name].get(k) for k in comparison.differing},
+                  "top1": acc.top1, "top1_ci": _ci(acc.top1_ci), "topk": acc.topk, "topk_ci": _ci(acc.topk_ci),
+                  "top_k": r.top_k, "images": comparison.joined.images_per_run[r.name], "evaluated": acc.evaluated}
+                 for r, acc in zip(comparison.runs, comparison.accuracies)],
+        "pairs": [{"a": p.a, "b": p.b, "images": p.images, "agreement": p.agreement, "evaluated": p.evaluated,
+                   "both_right": p.both_right, "a_only": p.a_only, "b_only": p.b_only, "both_wrong": p.both_wrong,
+                   "mcnemar_p": p.mcnemar_p, "mcnemar_p_holm": p.mcnemar_p_holm} for p in comparison.pairs],
+        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason}
+                         for n in comparison.not_compared],
+    }
+
+
+def _flat(run: RunResults) -> Dict[str, str]:
+    from reportgen.report.compare_data import flatten_config
+
+    return flatten_config(run.config)
+
+
+# ---------------------------------------------------------------------------------------------------- page parts
+
+def page_context(comparison: Comparison, out_dir: Path) -> Dict[str, Any]:
+    runs, joined = comparison.runs, comparison.joined
+    leaderboard = _leaderboard(comparison, out_dir)
+    shared_images = len(joined.paths)
+    sizes = sorted(set(joined.images_per_run.values()))
+    return {
+        "title": f"Comparison of {len(runs)} runs",
+        "generated": dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "runs": leaderboard,
+        "differing": [(key, [_flat(r).get(key, "—") for r in runs]) for key in comparison.differing],
+        "shared_config": sorted(comparison.shared_config.items()),
+        "not_compared": comparison.not_compared,
+        "images": {"shared": shared_images, "evaluated": int(joined.evaluated.sum()),
+                   "per_run": joined.images_per_run, "same_set": len(sizes) == 1 and sizes[0] == shared_images,
+                   "labels_conflict": joined.labels_conflict},
+        "folders": sorted({_folder_text(r) for r in runs}),
+        "top_k": sorted({r.top_k for r in runs}),
+        "cost_figures": _cost_figures(leaderboard),
+        "class_figure": _class_figure(comparison),
+        "class_table": _class_table(comparison),
+        "pairs": comparison.pairs,
+        "matrix": _pair_matrix(comparison),
+        "strips": disagreement_strips(comparison),
+        "disagreeing": comparison.disagreeing,
+        "gradcam_runs": [r.name for r in runs if (r.run_dir / "results" / "gradcam.npz").is_file()],
+        "gradcam_hint": GRADCAM_HINT,
+        "weight_changes": _weight_parts(comparison),
+        "activation_parts": _activation_parts(comparison),
+    }
+
+
+def _folder_text(run: RunResults) -> str:
+    dataset = run.config.get("dataset", {})
+    return str(dataset.get("root") or f"built-in demo folder ({dataset.get('synthetic')})")
+
+
+def _leaderboard(comparison: Comparison, out_dir: Path) -> List[Dict[str, Any]]:
+    rows = []
+    for run, acc in zip(comparison.runs, comparison.accuracies):
+        report = run.run_dir / "report" / "index.html"
+        counts = run.manifest.get("counts", {})
+        flops = run.summary.get("flops_per_image")
+        rows.append({"name": run.name, "model": run.manifest.get("model", {}).get("name", ""),
+                     "accuracy": acc, "params": run.summary.get("params"),
+                     "gflops": flops / 1e9 if flops is not None else None,
+                     "images_per_second": run.manifest.get("images_per_second"),
+                     "images": comparison.joined.images_per_run[run.name], "failed": counts.get("failed"),
+                     "top_k": run.top_k, "run_dir": run.run_dir.name,
+                     "report": os.path.relpath(report, out_dir) if report.is_file() else None})
+    nan = float("nan")
+    gains = [r["accuracy"].top1 if r["accuracy"].top1 is not None else nan for r in rows]
+    for key, sign in (("gflops", 1.0), ("images_per_second", -1.0)):
+        costs = [sign * r[key] if r[key] is not None else nan for r in rows]
+        for row, on_front in zip(rows, pareto_front(costs, gains)):
+            row[f"front_{key}"] = on_front
+    return rows
+
+
+def _cost_figures(rows: List[Dict[str, Any]]) -> List[Any]:
+    figures = []
+    nan = float("nan")
+    names = [r["name"] for r in rows]
+    accuracy = [r["accuracy"].top1 if r["accuracy"].top1 is not None else nan for r in rows]
+    intervals = [r["accuracy"].top1_ci for r in rows]
+    for key, label, log_x, what in (("gflops", "GFLOPs per image", True, "cheaper"),
+                                    ("images_per_second", "images/s (this machine, as run)", False, "faster")):
+        figure = compare_plots.accuracy_vs_cost(
+            names, [r[key] if r[key] is not None else nan for r in rows], accuracy, intervals,
+            [r[f"front_{key}"] for r in rows], name=f"accuracy-{key}", xlabel=label,
+            caption=f"Top-1 accuracy against {label} (bars: 95 % Wilson intervals). Red: the Pareto front, the runs "
+                    f"no other run beats on both (none is both {what} and more accurate).", log_x=log_x)
+        if figure is not None:
+            figures.append(figure)
+    return figures
+
+
+def _class_figure(comparison: Comparison):
+    table = comparison.per_class
+    if table.empty:
+        return None
+    names = [r.name for r in comparison.runs]
+    if len(table) <= HEATMAP_CLASSES:
+        shown = table.sort_index()
+        caption = (f"Per-class top-1 accuracy on the shared labelled images, all {len(table)} classes "
+                   f"(percent in each cell).")
+    else:
+        shown = table.head(HEATMAP_CLASSES)
+        caption = (f"The {HEATMAP_CLASSES} of {len(table)} classes where the runs differ most (largest spread "
+                   f"between the best and the worst run); every class is in the table below and in per_class.csv.")
+    return compare_plots.class_heatmap(shown[names].to_numpy(dtype=np.float64), list(shown.index), names,
+                                       name="per-class", caption=caption)
+
+
+def _class_table(comparison: Comparison) -> Optional[Table]:
+    table = comparison.per_class
+    if table.empty:
+        return None
+    names = [r.name for r in comparison.runs]
+    rows = [[cls, int(row["images"])] + [round(float(row[n]), 4) for n in names] + [round(float(row["spread"]), 4)]
+            for cls, row in table.iterrows()]
+    return Table(columns=["class", "images"] + names + ["spread"], rows=rows, collapsed=len(rows) > 12,
+                 caption=f"Per-class accuracy, all {len(rows)} classes, largest spread first (click a header to sort)")
+
+
+def _pair_matrix(comparison: Comparison) -> List[Dict[str, Any]]:
+    """Row run × column run: above the diagonal the pair (a = row, b = column), below it the same pair mirrored."""
+    names = [r.name for r in comparison.runs]
+    by_key = {(p.a, p.b): p for p in comparison.pairs}
+    matrix = []
+    for a in names:
+        cells = []
+        for b in names:
+            pair = by_key.get((a, b)) or by_key.get((b, a))
+            if pair is None:
+                cells.append(None)
+                continue
+            mirrored = pair.a != a
+            cells.append({"agreement": pair.agreement, "a_only": pair.b_only if mirrored else pair.a_only,
+                          "b_only": pair.a_only if mirrored else pair.b_only, "p": pair.mcnemar_p})
+        matrix.append({"name": a, "cells": cells})
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------------- disagreements
+
+def dataset_folder(run: RunResults) -> Optional[Path]:
+    """The image folder a run read (the built-in demo folder when it used one)."""
+    dataset = run.config.get("dataset", {})
+    if dataset.get("root"):
+        return Path(dataset["root"])
+    if dataset.get("synthetic") == "shapes":
+        from reportgen.inputs.demo.shapes import ensure_demo_folder
+
+        return ensure_demo_folder()
+    return None
+
+
+def display_preprocess(model: Dict[str, Any]) -> Preprocess:
+    """The resize/crop a run's model saw, resolved as the model loader does (config values, then the torchvision
+    weights' own transform), without loading any weights: Grad-CAM maps are laid over exactly that crop."""
+    from reportgen.inputs.models import resolve_weights, weights_enum
+
+    cfg = OmegaConf.create(model.get("preprocess") or {})
+    source, transform = model.get("source"), None
+    try:
+        if source == "torchvision" and model.get("name"):
+            weights = resolve_weights(model["name"], model.get("weights"))
+            transform = (weights if weights is not None else weights_enum(model["name"]).DEFAULT).transforms()
+        elif source == "checkpoint" and model.get("arch") and not str(model.get("path", "")).endswith((".pt.jit",)):
+            transform = weights_enum(model["arch"]).DEFAULT.transforms()
+    except Exception as exc:  # an architecture this torchvision no longer has: the config's values still apply
+        log.warning("comparison: preprocessing of %s not resolved (%s); using the config's values", model, exc)
+    return Preprocess.resolve(cfg, transform)
+
+
+class _Maps:
+    """One run's Grad-CAM maps by image path (results/gradcam.npz), read once."""
+
+    def __init__(self, run: RunResults):
+        path = run.run_dir / "results" / "gradcam.npz"
+        self.available = path.is_file()
+        self.index: Dict[str, int] = {}
+        if self.available:
+            with np.load(path, allow_pickle=False) as data:
+                self.cams = data["cams"]  # (N, h, w) raw maps
+                self.classes = data["classes"]  # (N,) target class per image
+                self.index = {str(p): i for i, p in enumerate(data["paths"])}
+
+    def get(self, path: str) -> Optional[np.ndarray]:
+        i = self.index.get(path)
+        return None if i is None else self.cams[i]
+
+
+def disagreement_strips(comparison: Comparison) -> List[ImageStrip]:
+    """One strip per disagreeing image: the image, then each run's model input with its Grad-CAM map (where the run
+    computed maps), with the run's top-1 class and probability; frames green (right) / red (wrong)."""
+    joined, runs = comparison.joined, comparison.runs
+    if not comparison.disagreements:
+        return []
+    folder = dataset_folder(runs[0])
+    maps = [_Maps(r) for r in runs]
+    preprocess = [display_preprocess(r.config.get("model", {})) for r in runs]
+    strips = []
+    for path in comparison.disagreements:
+        label = joined.label[path]
+        image = None
+        if folder is not None:
+            try:
+                image = decode_image(folder / path)
+            except Exception as exc:  # moved or deleted since the runs: the strip still shows every run's answer
+                log.warning("comparison: %s could not be read (%s); its strip has no pictures", folder / path, exc)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1) if image is not None else None
+        panels = [GalleryItem(image=thumbnail(pixels, THUMBNAIL) if pixels is not None else None,
+                              title="the image", lines=[] if pixels is not None else ["image not found"])]
+        for run, run_maps, pre in zip(runs, maps, preprocess):
+            right = joined.right.loc[path, run.name]
+            status = "neutral" if math.isnan(right) else ("ok" if right else "bad")
+            lines = [f"{joined.top1.loc[path, run.name]} {joined.prob.loc[path, run.name]:.1%}",
+                     "" if math.isnan(right) else ("right" if right else "wrong")]
+            picture = None
+            cam = run_maps.get(path)
+            if image is not None and cam is not None:
+                model_input = pre.to_uint8(image)  # (3, crop, crop) uint8: what this run's model saw
+                picture = heat_on_thumbnail(thumbnail(model_input, THUMBNAIL), torch.from_numpy(cam))
+            elif not run_maps.available:
+                lines.append("no Grad-CAM in this run")
+            panels.append(GalleryItem(image=picture, title=run.name, lines=[l for l in lines if l], status=status))
+        strips.append(ImageStrip(title=path, lines=[f"label: {label}" if label else "no label"], panels=panels))
+    return strips
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+
+def _weight_parts(comparison: Comparison) -> List[Dict[str, Any]]:
+    parts = []
+    for change in comparison.weight_changes:
+        part: Dict[str, Any] = {"a": change.a, "b": change.b, "note": change.note, "figure": None, "table": None}
+        if change.rows:
+            names = [r[0] for r in change.rows]
+            part["figure"] = compare_plots.layer_lines(
+                names, [(f"{change.b} vs {change.a}", [r[1] for r in change.rows])], name="weight-change",
+                ylabel="‖W_b − W_a‖ / ‖W_a‖",
+                caption=f"Relative weight change per parameter tensor, in model order: {change.a} → {change.b}.")
+            part["table"] = Table(columns=["parameter", "relative change", "‖W_a‖"],
+                                  rows=[[n, float(c), float(w)] for n, c, w in change.rows], collapsed=True,
+                                  caption=f"Relative change of every parameter tensor ({len(change.rows)})")
+        parts.append(part)
+    return parts
+
+
+def _activation_parts(comparison: Comparison) -> List[Dict[str, Any]]:
+    """Runs with activation statistics over the same layers (checkpoints of one architecture), side by side."""
+    groups: Dict[tuple, List[tuple]] = {}
+    for run in comparison.runs:
+        stats = run.run_dir / "results" / "activation_stats.csv"
+        if not stats.is_file():
+            continue
+        options = run.config.get("analysis", {}).get("activations", {})
+        layers = activation_layers(stats, float(options.get("dead_zero_fraction", DEFAULT_DEAD_ZERO_FRACTION)))
+        groups.setdefault(tuple(layers.index), []).append((run.name, layers))
+    parts = []
+    for layer_names, members in groups.items():
+        if len(members) < 2:
+            continue
+        names = list(layer_names)
+        dead = compare_plots.layer_lines(names, [(n, 100 * t["dead_fraction"].to_numpy()) for n, t in members],
+                                         name="dead", ylabel="dead channels (%)",
+                                         caption="Dead-channel fraction per analysed layer, side by side.")
+        scale = compare_plots.layer_lines(names, [(n, t["rms"].to_numpy()) for n, t in members], name="scale",
+                                          ylabel="activation RMS", caption="Activation scale (root mean square of "
+                                          "every value of the layer over the folder) per analysed layer.")
+        rows = [[layer] + [v for _, t in members for v in (round(float(t.loc[layer, "dead_fraction"]), 4),
+                                                          float(t.loc[layer, "rms"]))] for layer in names]
+        columns = ["layer"] + [c for n, _ in members for c in (f"{n}: dead", f"{n}: RMS")]
+        parts.append({"runs": [n for n, _ in members], "figures": [dead, scale],
+                      "table": Table(columns=columns, rows=rows, collapsed=True, caption="Per-layer numbers")})
+    return parts
