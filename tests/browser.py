@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Iterator, List
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# axe-core (the npm package) for the accessibility checks: the repository's node_modules (make system-deps runs
+# `npm install`), else a global install
+_ROOT = Path(__file__).resolve().parent.parent
+AXE = next((p for p in (_ROOT / "node_modules/axe-core/axe.min.js", Path("/usr/lib/node_modules/axe-core/axe.min.js"),
+                        Path("/usr/local/lib/node_modules/axe-core/axe.min.js")) if p.is_file()), None)
+AXE_IMPACTS = ("serious", "critical")  # the violations a page must not have
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 TIMEOUT_MS = 60_000  # any single browser step; generous for a shared 2-core machine
@@ -42,6 +48,7 @@ class PageCheck:
     images: int = 0
     missing_anchors: List[str] = field(default_factory=list)
     load_seconds: float = 0.0
+    accessibility: List[str] = field(default_factory=list)  # axe-core's serious and critical violations
 
 
 @contextmanager
@@ -59,10 +66,23 @@ def chromium_page(viewport=None) -> Iterator["object"]:
             browser.close()
 
 
-def open_page(html: Path, screenshot: Path | None = None) -> PageCheck:
-    """Load `html` from disk, scroll through it, load every image, and report what went wrong."""
+def axe_violations(page) -> List[str]:
+    """Run axe-core in the loaded page: 'rule (impact): n elements: selectors' for each serious or critical
+    violation (WCAG 2 A/AA and best-practice rules)."""
+    page.add_script_tag(path=str(AXE))
+    result = page.evaluate("""async () => {
+        const r = await axe.run(document, {resultTypes: ['violations']});
+        return r.violations.map(v => ({id: v.id, impact: v.impact, targets: v.nodes.map(n => n.target.join(' '))}));
+    }""")
+    return [f"{v['id']} ({v['impact']}): {len(v['targets'])} elements: {', '.join(v['targets'][:5])}"
+            for v in result if v["impact"] in AXE_IMPACTS]
+
+
+def open_page(html: Path, screenshot: Path | None = None, allowed_root: Path | None = None) -> PageCheck:
+    """Load `html` from disk, scroll through it, load every image, run axe-core (where installed), and report what
+    went wrong. Requests may go to `allowed_root` (default: the folder above the page's, a run folder)."""
     html = html.resolve()
-    allowed = html.parent.parent.as_uri()  # the run folder: report/ and the results/ it links to
+    allowed = (allowed_root or html.parent.parent).resolve().as_uri()  # a run folder: report/ and its results/
     check = PageCheck()
     with chromium_page() as page:
         page.on("console", lambda m: check.console_errors.append(m.text) if m.type == "error" else None)
@@ -81,6 +101,8 @@ def open_page(html: Path, screenshot: Path | None = None) -> PageCheck:
         check.broken_images = [src for src, width in images if not width]
         check.missing_anchors = page.evaluate("""Array.from(document.querySelectorAll('a[href^="#"]'))
             .map(a => a.getAttribute('href').slice(1)).filter(id => id && !document.getElementById(id))""")
+        if AXE is not None:
+            check.accessibility = axe_violations(page)
         if screenshot is not None:
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(screenshot), full_page=False)

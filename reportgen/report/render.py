@@ -175,7 +175,8 @@ class _Obj:
         self.__dict__.update(kwargs)
 
 
-def render_index(sweep_dir: Path, rows: List[Any], figures: List[Figure]) -> Path:
+def render_index(sweep_dir: Path, rows: List[Any], figures: List[Figure], shared_overrides: str = "",
+                 comparison: str | None = None) -> Path:
     """Write a sweep's comparison page `<sweep_dir>/index.html` (figures into `<sweep_dir>/index_assets/`)."""
     import datetime as dt
 
@@ -188,7 +189,8 @@ def render_index(sweep_dir: Path, rows: List[Any], figures: List[Figure]) -> Pat
         view.src = f"index_assets/{Path(view.src).name}"
     html = environment().get_template("index.html").render(
         title=f"Sweep {sweep_dir.parent.name}/{sweep_dir.name}", rows=rows, figures=views,
-        ok=sum(r.status == "ok" for r in rows), generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"))
+        ok=sum(r.status == "ok" for r in rows), generated=dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        shared_overrides=shared_overrides, comparison=comparison)
     tmp = sweep_dir / f"index.html.tmp-{os.getpid()}"
     tmp.write_text(html, encoding="utf-8")
     os.replace(tmp, sweep_dir / "index.html")

@@ -145,7 +145,21 @@ def build_index(sweep_dir: Path) -> Path:
         raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist")
     rows = collect_jobs(sweep_dir)
     figures = [f for f in (per_class_figure(rows), dead_channels_figure(sweep_dir, rows)) if f is not None]
-    return render_index(sweep_dir, rows, figures)
+    shared = shared_overrides(rows)
+    comparison = "comparison/index.html" if (sweep_dir / "comparison" / "index.html").is_file() else None
+    return render_index(sweep_dir, rows, figures, shared_overrides=" ".join(shared), comparison=comparison)
+
+
+def shared_overrides(rows: List[JobRow]) -> List[str]:
+    """The overrides every job has: said once above the table, and left out of each row (which keeps the ones
+    that tell the jobs apart), so the table fits the page."""
+    if len(rows) < 2:
+        return []
+    words = [row.overrides.split() for row in rows]
+    shared = [w for w in words[0] if all(w in other for other in words[1:])]
+    for row, own in zip(rows, words):
+        row.overrides = " ".join(w for w in own if w not in shared)
+    return shared
 
 
 def main(argv: Optional[List[str]] = None) -> int:
