@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup system-deps demo test clean-outputs
+.PHONY: setup system-deps node-deps demo test clean-outputs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,14 @@ system-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q graphviz chromium; \
 	else echo "note: install graphviz (dot) and chromium with your package manager for graph diagrams and browser tests"; fi
 
-setup: system-deps $(VENV)/.installed
+# axe-core (npm package.json -> ./node_modules) for the accessibility checks of the browser tests
+node-deps:
+	@if ! command -v npm >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nodejs npm; fi
+	@if command -v npm >/dev/null 2>&1; then npm install --no-audit --no-fund --silent; \
+	else echo "note: install node and npm for the accessibility checks (axe-core) of the browser tests"; fi
+
+setup: system-deps node-deps $(VENV)/.installed
 
 demo: setup
 	$(PY) run.py

@@ -18,6 +18,7 @@ def assert_clean(check):
     assert check.outside_requests == []
     assert check.pending_images == [] and check.broken_images == [] and check.images > 0
     assert check.missing_anchors == []
+    assert check.accessibility == []  # axe-core: no serious or critical violation (checked where axe is installed)
 
 
 def test_demo_report_in_chromium(tmp_path):

@@ -141,15 +141,22 @@ def _command_overrides(run: RunResults) -> List[str]:
     return [w for w in words if "=" in w]
 
 
+def _short_override(word: str) -> str:
+    """'+model.target.path=/ckpt/ep10.pt' -> 'model.target.path=ep10.pt': a file's name says which checkpoint."""
+    key, _, value = word.lstrip("+~").partition("=")
+    return f"{key}={Path(value).name}" if "/" in value else f"{key}={value}"
+
+
 def name_runs(runs: Sequence[RunResults], differing_keys: Sequence[str]) -> None:
     """Give every run a short distinct name: the command-line overrides that only some runs have
     (`model=demo_cnn`), else the differing config values, else the run folder's name."""
     overrides = [_command_overrides(r) for r in runs]
     common = set.intersection(*(set(o) for o in overrides)) if overrides else set()
-    names = [" ".join(o for o in words if o not in common) for words in overrides]
+    names = [" ".join(_short_override(o) for o in words if o not in common) for words in overrides]
     if len(set(names)) < len(runs) or not all(names):
         flats = [flatten_config(r.config) for r in runs]
-        names = [" ".join(f"{k.split('.')[-1]}={flat.get(k, '—')}" for k in differing_keys[:3]) for flat in flats]
+        names = [" ".join(_short_override(f"{k.split('.')[-1]}={flat.get(k, '—')}") for k in differing_keys[:3])
+                 for flat in flats]
     if len(set(names)) < len(runs) or not all(names):
         names = [f"{n} ({r.run_dir.name})".strip() for n, r in zip(names, runs)]
     if len(set(names)) < len(runs):

@@ -200,8 +200,8 @@ def render_index(sweep_dir: Path, rows: List[Any], figures: List[Figure], shared
 def render_comparison(out_dir: Path, context: Dict[str, Any]) -> Path:
     """Write a comparison page `<out_dir>/index.html` with its images in `<out_dir>/assets/` (templates/compare.html).
 
-    `context` holds plain values and report elements; every element, alone or in a list, is turned into its
-    template-facing form (assets written) under the same key."""
+    `context` holds plain values and report elements; every element, also inside lists and dicts, is turned into
+    its template-facing form (assets written) in place."""
     out_dir = Path(out_dir)
     assets = out_dir / "assets"
     if assets.exists():
@@ -212,6 +212,8 @@ def render_comparison(out_dir: Path, context: Dict[str, Any]) -> Path:
     def view(value: Any) -> Any:
         if isinstance(value, list):
             return [view(v) for v in value]
+        if isinstance(value, dict):
+            return {k: view(v) for k, v in value.items()}
         if isinstance(value, (Figure, Table, Gallery, ImageStrip)):
             return _view(value, "compare", writer)
         return value
