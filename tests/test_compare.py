@@ -98,6 +98,17 @@ def test_sweep_comparison_equals_a_recount_and_shows_the_failed_job(sweep):
     assert 'href="comparison/index.html"' in index
 
 
+def test_a_comparison_that_fails_is_logged_and_the_sweep_goes_on(sweep, tmp_path, caplog):
+    from reportgen.runs.hydra_callback import SweepIndexCallback
+
+    for job in ("0", "1"):
+        shutil.copytree(sweep / job / "results", tmp_path / job / "results")
+    (tmp_path / "1" / "results" / "predictions.csv").unlink()  # cannot be compared image by image
+    SweepIndexCallback._compare(tmp_path)
+    assert "could not compare the runs" in caplog.text and "predictions.csv" in caplog.text
+    assert not (tmp_path / "comparison").exists()
+
+
 def test_compare_command_gives_the_same_numbers(sweep, tmp_path, capsys):
     assert main([str(sweep / "0"), str(sweep / "1"), "--out", str(tmp_path / "cmp")]) == 0
     assert "comparison:" in capsys.readouterr().out

@@ -22,7 +22,7 @@ import pandas as pd
 
 from reportgen.errors import RunError
 from reportgen.inputs.labels import normalise_class_name
-from reportgen.report.compare_stats import holm_adjusted, mcnemar_exact, wilson_interval
+from reportgen.report.compare_stats import holm_adjusted, mcnemar_exact, p_value_text, wilson_interval
 
 DEFAULT_DEAD_ZERO_FRACTION = 0.99  # the activations analysis's default, for runs whose config lacks it
 
@@ -246,8 +246,7 @@ class Pair:
     mcnemar_p_holm: float = 1.0
 
     def sentence(self) -> str:
-        from reportgen.report.compare_stats import p_value_text
-
+        """The pair in words, as the page says it."""
         if not self.evaluated:
             return (f"{self.a} and {self.b} give the same top-1 class on {self.agreement:.1%} of "
                     f"{self.images} images; no image has a label both can be scored on.")

@@ -20,7 +20,7 @@ from reportgen.inputs.data import decode_image
 from reportgen.inputs.preprocess import Preprocess
 from reportgen.report import compare_plots
 from reportgen.report.compare_data import (DEFAULT_DEAD_ZERO_FRACTION, Comparison, RunResults, activation_layers,
-                                           comparison_rows)
+                                           comparison_rows, flatten_config)
 from reportgen.report.compare_stats import pareto_front
 from reportgen.report.elements import GalleryItem, ImageStrip, Table
 from reportgen.report.overlays import heat_on_thumbnail
@@ -71,8 +71,6 @@ def comparison_json(comparison: Comparison) -> Dict[str, Any]:
 
 
 def _flat(run: RunResults) -> Dict[str, str]:
-    from reportgen.report.compare_data import flatten_config
-
     return flatten_config(run.config)
 
 
@@ -218,7 +216,7 @@ def dataset_folder(run: RunResults) -> Optional[Path]:
 def display_preprocess(model: Dict[str, Any]) -> Preprocess:
     """The resize/crop a run's model saw, resolved as the model loader does (config values, then the torchvision
     weights' own transform), without loading any weights: Grad-CAM maps are laid over exactly that crop."""
-    from reportgen.inputs.models import resolve_weights, weights_enum
+    from reportgen.inputs.models import is_torchscript, resolve_weights, weights_enum
 
     cfg = OmegaConf.create(model.get("preprocess") or {})
     source, transform = model.get("source"), None
@@ -226,8 +224,10 @@ def display_preprocess(model: Dict[str, Any]) -> Preprocess:
         if source == "torchvision" and model.get("name"):
             weights = resolve_weights(model["name"], model.get("weights"))
             transform = (weights if weights is not None else weights_enum(model["name"]).DEFAULT).transforms()
-        elif source == "checkpoint" and model.get("arch") and not str(model.get("path", "")).endswith((".pt.jit",)):
-            transform = weights_enum(model["arch"]).DEFAULT.transforms()
+        elif source == "checkpoint" and model.get("arch"):
+            path = Path(str(model.get("path")))
+            if not (path.is_file() and is_torchscript(path)):  # a TorchScript archive keeps the config's values
+                transform = weights_enum(model["arch"]).DEFAULT.transforms()
     except Exception as exc:  # an architecture this torchvision no longer has: the config's values still apply
         log.warning("comparison: preprocessing of %s not resolved (%s); using the config's values", model, exc)
     return Preprocess.resolve(cfg, transform)
