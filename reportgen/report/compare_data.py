@@ -142,8 +142,11 @@ def _command_overrides(run: RunResults) -> List[str]:
 
 
 def _short_override(word: str) -> str:
-    """'+model.target.path=/ckpt/ep10.pt' -> 'model.target.path=ep10.pt': a file's name says which checkpoint."""
+    """'+model.target.path=/ckpt/ep10.pt' -> 'model.target.path=ep10.pt' (a file's name says which checkpoint);
+    '_target_=pkg.models.demo_cnn' -> 'target=demo_cnn' (the callable's name says which model)."""
     key, _, value = word.lstrip("+~").partition("=")
+    if key.endswith("_target_"):
+        key, value = key[: -len("_target_")] + "target", value.rsplit(".", 1)[-1]
     return f"{key}={Path(value).name}" if "/" in value else f"{key}={value}"
 
 
@@ -371,6 +374,23 @@ class Comparison:
     disagreements: List[str]  # image paths, most telling first (bounded)
     disagreeing: int  # how many shared images have differing top-1 classes in all
     weight_changes: List[WeightChange] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # warnings for the page (e.g. a recount that disagrees)
+
+
+def recount_notes(runs: Sequence[RunResults]) -> List[str]:
+    """A warning for every run whose top-1 accuracy recounted from its predictions.csv (all its images) is not the
+    one its predictions.json reports: the page's numbers then rest on a label matching the run did not use."""
+    notes = []
+    for run in runs:
+        reported = run.totals.get("top1_accuracy")
+        right = run.predictions["right"].dropna() if run.predictions is not None else pd.Series(dtype=float)
+        if reported is None or right.empty:
+            continue
+        if abs(float(right.mean()) - float(reported)) > 1e-9:
+            notes.append(f"{run.name}: its predictions.csv recounts to top-1 {right.mean():.4%}, its "
+                         f"predictions.json says {reported:.4%} (class names the model repeats?); the page uses "
+                         f"the recount")
+    return notes
 
 
 def compare(runs: List[RunResults], not_compared: Sequence[NotCompared] = (), gallery_size: int = 24) -> Comparison:
@@ -385,4 +405,4 @@ def compare(runs: List[RunResults], not_compared: Sequence[NotCompared] = (), ga
     return Comparison(runs=list(runs), not_compared=list(not_compared), differing=differing, shared_config=shared,
                       joined=joined, accuracies=[accuracy(joined, n) for n in names], pairs=pairs(joined, names),
                       per_class=per_class(joined), disagreements=disagreements(joined, gallery_size),
-                      disagreeing=int((joined.top1_key.nunique(axis=1) > 1).sum()))
+                      disagreeing=int((joined.top1_key.nunique(axis=1) > 1).sum()), notes=recount_notes(runs))

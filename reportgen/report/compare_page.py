@@ -65,6 +65,7 @@ def comparison_json(comparison: Comparison) -> Dict[str, Any]:
         "pairs": [{"a": p.a, "b": p.b, "images": p.images, "agreement": p.agreement, "evaluated": p.evaluated,
                    "both_right": p.both_right, "a_only": p.a_only, "b_only": p.b_only, "both_wrong": p.both_wrong,
                    "mcnemar_p": p.mcnemar_p, "mcnemar_p_holm": p.mcnemar_p_holm} for p in comparison.pairs],
+        "notes": comparison.notes,
         "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason}
                          for n in comparison.not_compared],
     }
@@ -88,6 +89,7 @@ def page_context(comparison: Comparison, out_dir: Path) -> Dict[str, Any]:
         "differing": [(key, [_flat(r).get(key, "—") for r in runs]) for key in comparison.differing],
         "shared_config": sorted(comparison.shared_config.items()),
         "not_compared": comparison.not_compared,
+        "notes": comparison.notes,
         "images": {"shared": shared_images, "evaluated": int(joined.evaluated.sum()),
                    "per_run": joined.images_per_run, "same_set": len(sizes) == 1 and sizes[0] == shared_images,
                    "labels_conflict": joined.labels_conflict},
@@ -279,11 +281,11 @@ def disagreement_strips(comparison: Comparison) -> List[ImageStrip]:
                      "" if math.isnan(right) else ("right" if right else "wrong")]
             picture = None
             cam = run_maps.get(path)
-            if image is not None and cam is not None:
-                model_input = pre.to_uint8(image)  # (3, crop, crop) uint8: what this run's model saw
-                picture = heat_on_thumbnail(thumbnail(model_input, THUMBNAIL), torch.from_numpy(cam))
-            elif not run_maps.available:
-                lines.append("no Grad-CAM in this run")
+            if image is not None:
+                model_input = thumbnail(pre.to_uint8(image), THUMBNAIL)  # what this run's model saw, (h, w, 3)
+                picture = heat_on_thumbnail(model_input, torch.from_numpy(cam)) if cam is not None else model_input
+            if cam is None:
+                lines.append("no Grad-CAM in this run" if not run_maps.available else "no Grad-CAM map of this image")
             panels.append(GalleryItem(image=picture, title=run.name, lines=[l for l in lines if l], status=status))
         strips.append(ImageStrip(title=path, lines=[f"label: {label}" if label else "no label"], panels=panels))
     return strips

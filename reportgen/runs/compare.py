@@ -80,36 +80,42 @@ def _state_dict(run: RunResults) -> Dict[str, object]:
     return {name: p.detach().double().numpy() for name, p in module.named_parameters()}
 
 
-def _architecture(run: RunResults) -> Optional[Tuple]:
-    """What must be equal for two runs to be checkpoints of one architecture: the model class and, where the runs
-    wrote results/weights.csv, every weight tensor's name and shape."""
-    name = run.manifest.get("model", {}).get("name")
+def _weight_shapes(run: RunResults) -> Optional[Tuple]:
+    """Every weight tensor's (layer, param, shape) from results/weights.csv, or None when the run has no such file."""
     path = run.run_dir / "results" / "weights.csv"
-    if path.is_file():
-        import pandas as pd
+    if not path.is_file():
+        return None
+    import pandas as pd
 
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        return name, tuple(zip(table["layer"], table["param"], table["shape"]))
-    return (name,) if name else None
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return tuple(zip(table["layer"], table["param"], table["shape"]))
 
 
 def weight_changes(runs: Sequence[RunResults]) -> List[WeightChange]:
-    """For consecutive runs (in the order given, e.g. ep10 → ep20 → ep30) of one architecture, the relative change
-    of every parameter tensor. A model that cannot be rebuilt gets a note instead."""
+    """For each run, the relative change of every parameter tensor since the previous run of its architecture (in
+    the order given, e.g. ep10 → ep20 → ep30): same model class and, where both runs wrote results/weights.csv,
+    the same tensor names and shapes. A model that cannot be rebuilt gets a note instead."""
     changes: List[WeightChange] = []
     cache: Dict[str, Dict[str, object]] = {}
+    previous: Dict[str, RunResults] = {}  # model class -> the last run of it
 
     def weights(run: RunResults) -> Dict[str, object]:
         if run.name not in cache:
-            if len(cache) >= 2:  # consecutive pairs: at most the pair in hand stays in memory
+            if len(cache) >= 2:  # at most the pair in hand stays in memory
                 del cache[next(iter(cache))]
             cache[run.name] = _state_dict(run)
         return cache[run.name]
 
-    for a, b in zip(runs, runs[1:]):
-        arch_a = _architecture(a)
-        if arch_a is None or arch_a != _architecture(b):
+    for b in runs:
+        model = b.manifest.get("model", {}).get("name")
+        a = previous.get(model) if model else None
+        if model:
+            previous[model] = b
+        if a is None:
             continue
+        shapes_a, shapes_b = _weight_shapes(a), _weight_shapes(b)
+        if shapes_a is not None and shapes_b is not None and shapes_a != shapes_b:
+            continue  # one class name, different layers (e.g. another depth or head): not checkpoints of one model
         change = WeightChange(a=a.name, b=b.name)
         try:
             change.rows = relative_weight_change(weights(a), weights(b))
