@@ -127,12 +127,18 @@ def weight_changes(runs: Sequence[RunResults]) -> List[WeightChange]:
     return changes
 
 
-def compare_runs(paths: Sequence[Path], out_dir: Path, gallery_size: int = 24) -> Path:
-    """Compare the runs in `paths` and write the page and files into `out_dir`; returns the page's path."""
-    runs, left_out = load_runs(run_folders(paths))
+def compare_loaded(runs: List[RunResults], left_out: Sequence[NotCompared], out_dir: Path,
+                   gallery_size: int = 24) -> Path:
+    """Compare loaded runs and write the page and files into `out_dir`; returns the page's path."""
     comparison: Comparison = compare(runs, left_out, gallery_size=gallery_size)
     comparison.weight_changes = weight_changes(comparison.runs)
     return write_comparison(comparison, out_dir)
+
+
+def compare_runs(paths: Sequence[Path], out_dir: Path, gallery_size: int = 24) -> Path:
+    """Compare the runs in `paths` (run folders or folders of them); returns the page's path."""
+    runs, left_out = load_runs(run_folders(paths))
+    return compare_loaded(runs, left_out, out_dir, gallery_size=gallery_size)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -40,14 +40,14 @@ class SweepIndexCallback(Callback):
     def _compare(sweep_dir: Path) -> None:
         """The comparison of the sweep's finished runs; a sweep with fewer than two gets none, and an error here is
         logged, never raised: the jobs' reports and the index stand without it."""
-        from reportgen.runs.compare import compare_runs, load_runs, run_folders
+        from reportgen.runs.compare import compare_loaded, load_runs, run_folders
 
         try:
-            runs, _ = load_runs(run_folders([sweep_dir]))
+            runs, left_out = load_runs(run_folders([sweep_dir]))
             if len(runs) < 2:
                 log.info("comparison: %d finished run(s) in %s, nothing to compare", len(runs), sweep_dir)
                 return
-            path = compare_runs([sweep_dir], sweep_dir / COMPARISON_DIR)
+            path = compare_loaded(runs, left_out, sweep_dir / COMPARISON_DIR)
         except Exception as exc:  # noqa: BLE001 - whatever breaks here must not end the sweep
             log.error("could not compare the runs of %s: %s: %s", sweep_dir, type(exc).__name__, exc)
             return
