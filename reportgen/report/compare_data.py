@@ -54,6 +54,7 @@ class NotCompared:
     run_dir: Path
     status: str
     reason: str
+    command: str = ""  # the command line that made it, where its manifest says
 
 
 def _read_json(path: Path) -> Dict[str, Any]:
@@ -197,6 +198,10 @@ def join_predictions(runs: Sequence[RunResults]) -> Joined:
     for table in tables.values():
         shared = table.index if shared is None else shared.intersection(table.index)
     shared = shared.sort_values()
+    if shared.empty:
+        raise RunError("the runs share no image (matched by path inside the folder): "
+                       + ", ".join(f"{run}: {len(table)} images" for run, table in tables.items())
+                       + "; compare runs over the same folder")
 
     def column(name: str) -> pd.DataFrame:
         return pd.DataFrame({run: table.loc[shared, name] for run, table in tables.items()}, index=shared)

@@ -66,7 +66,7 @@ def comparison_json(comparison: Comparison) -> Dict[str, Any]:
                    "both_right": p.both_right, "a_only": p.a_only, "b_only": p.b_only, "both_wrong": p.both_wrong,
                    "mcnemar_p": p.mcnemar_p, "mcnemar_p_holm": p.mcnemar_p_holm} for p in comparison.pairs],
         "notes": comparison.notes,
-        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason}
+        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason, "command": n.command}
                          for n in comparison.not_compared],
     }
 

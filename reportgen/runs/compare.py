@@ -57,12 +57,17 @@ def load_runs(folders: Sequence[Path]) -> Tuple[List[RunResults], List[NotCompar
     for folder in folders:
         manifest_path = folder / "results" / "manifest.json"
         try:
-            status = json.loads(manifest_path.read_text(encoding="utf-8")).get("status", "?")
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             left_out.append(NotCompared(folder, "incomplete", "no results/manifest.json: the job did not finish"))
             continue
+        status = str(manifest.get("status", "?"))
         if status == "shard":
             continue  # a slice of a folder: its merge is the run to compare
+        if status != "ok":
+            left_out.append(NotCompared(folder, status, str(manifest.get("error") or "see its run.log"),
+                                        command=str(manifest.get("command", ""))))
+            continue
         try:
             runs.append(load_run(folder))
         except RunError as exc:
