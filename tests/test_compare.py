@@ -143,12 +143,12 @@ def test_runs_over_different_image_sets_are_compared_on_the_intersection(sweep, 
 
 
 def test_three_runs_get_every_pair_a_matrix_and_distinct_names(sweep, tmp_path):
-    rerun = tmp_path / "again"  # the same config as job 0, run "another day": named by its folder
+    rerun = tmp_path / "<img src=x onerror=alert(1)>"  # job 0's config "another day": named by its folder
     shutil.copytree(sweep / "0" / "results", rerun / "results")
     page = compare_runs([sweep / "0", sweep / "1", rerun], tmp_path / "cmp")
     data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     names = [r["name"] for r in data["runs"]]
-    assert len(set(names)) == 3 and names[2].endswith("(again)")
+    assert len(set(names)) == 3 and names[2].endswith("(<img src=x onerror=alert(1)>)")
     assert [(p["a"], p["b"]) for p in data["pairs"]] == list(combinations(names, 2))
     same = data["pairs"][1]  # job 0 against its copy
     assert same["agreement"] == 1.0 and same["a_only"] == same["b_only"] == 0 and same["mcnemar_p"] == 1.0
@@ -156,6 +156,7 @@ def test_three_runs_get_every_pair_a_matrix_and_distinct_names(sweep, tmp_path):
     assert data["notes"] == []
     html = page.read_text(encoding="utf-8")
     assert 'aria-label="pairwise matrix"' in html and "Holm-adjusted" in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html  # names are text, not markup
 
 
 def test_wilson_interval_matches_the_published_example():
