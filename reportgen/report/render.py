@@ -91,9 +91,13 @@ class _AssetWriter:
         self.image_format = image_format if image_format in IMAGE_SUFFIX else "jpeg"
         self.counter = 0
 
-    def write(self, stem: str, data: bytes, suffix: str) -> str:
+    def next_number(self) -> int:
+        """A number no other asset or element of this page has (asset names, table ids)."""
         self.counter += 1
-        name = f"{_slug(stem)}-{self.counter}{suffix}"
+        return self.counter
+
+    def write(self, stem: str, data: bytes, suffix: str) -> str:
+        name = f"{_slug(stem)}-{self.next_number()}{suffix}"
         (self.folder / name).write_bytes(data)
         return f"assets/{name}"
 
@@ -129,7 +133,7 @@ def _view(element: Any, section_id: str, writer: _AssetWriter) -> Any:
         return _Obj(kind="graph", title=element.title, src=src, dot_file=element.dot_file, caption=element.caption,
                     note=element.note, width=element.width, height=element.height)
     if isinstance(element, Table):
-        return _table_view(element, f"{section_id}-table-{id(element) % 100000}")
+        return _table_view(element, f"{section_id}-table-{writer.next_number()}")
     if isinstance(element, ImageStrip):
         panels = []
         for item in element.panels:
