@@ -69,8 +69,7 @@ def build_page(cfg: DictConfig, loaded: LoadedModel, scan: ScanResult, root: Pat
         ("dataset", str(dataset_label)),
         ("images", f"{processed} processed, {len(failed)} failed, {len(scan.paths)} found"),
         ("folder classes", ", ".join(scan.class_names) if scan.class_names else "none (unlabelled)"),
-        ("input", f"resize {loaded.preprocess.resize}, crop {loaded.preprocess.crop}, mean "
-                  f"{list(loaded.preprocess.mean)}, std {list(loaded.preprocess.std)}"),
+        ("input", loaded.preprocess.summary()),
         ("device", f"{device} ({precision}, batch {cfg.runtime.batch_size}, {cfg.runtime.num_workers} workers)"),
         ("throughput", f"{throughput:.1f} images/s over the pass"
                        + (f" ({shards} shards side by side, timed by the slowest)" if shards > 1 else "")),
