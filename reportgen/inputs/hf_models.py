@@ -159,7 +159,8 @@ def processor_to_preprocess(processor: Any, channels: int) -> Preprocess:
         mean, std = _per_channel(processor.image_mean, channels), _per_channel(processor.image_std, channels)
     else:
         mean, std = (0.0,) * channels, (1.0,) * channels
-    return Preprocess(mean=mean, std=std, interpolation=interpolation, channels=channels, **geometry)
+    return Preprocess(mean=mean, std=std, interpolation=interpolation, channels=channels, crop_offset="floor",
+                      **geometry)
 
 
 def _size(value: Any) -> Dict[str, Any]:

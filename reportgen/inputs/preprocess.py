@@ -13,6 +13,7 @@ Three geometries cover the libraries' evaluation recipes (`crop_mode`):
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -46,6 +47,8 @@ class Preprocess:
     interpolation: str = "bilinear"
     crop_mode: str = "center"
     channels: int = 3  # 1: images are decoded to grayscale ("L"), 3: to RGB
+    crop_offset: str = "round"  # centre crop's top/left: round((size - crop) / 2) as torchvision and timm do, or
+    #   "floor" as transformers' image processors do (the two differ by a pixel when size - crop is odd)
 
     @classmethod
     def from_torchvision(cls, transform: Any, channels: int = 3) -> "Preprocess":
@@ -72,13 +75,13 @@ class Preprocess:
         if channels not in CHANNELS:
             raise ConfigError("model.preprocess.channels", channels, "1 (grayscale) or 3 (RGB) input channels",
                               [str(c) for c in CHANNELS])
-        resolved = cls(
+        resolved = dataclasses.replace(
+            base,
             resize=int(get("resize")) if get("resize") is not None else base.resize,
             crop=int(get("crop")) if get("crop") is not None else base.crop,
             mean=tuple(float(m) for m in get("mean")) if get("mean") is not None else base.mean,
             std=tuple(float(s) for s in get("std")) if get("std") is not None else base.std,
-            interpolation=interpolation, crop_mode=crop_mode, channels=channels,
-        )
+            interpolation=interpolation, crop_mode=crop_mode, channels=channels)
         for key in ("mean", "std"):
             values = getattr(resolved, key)
             if len(values) != channels:
@@ -96,7 +99,7 @@ class Preprocess:
         """The effective numbers, as the manifest records them."""
         return {"resize": self.resize, "crop": self.crop, "crop_mode": self.crop_mode,
                 "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
-                "channels": self.channels}
+                "channels": self.channels, "crop_offset": self.crop_offset}
 
     def summary(self) -> str:
         """One line for the report's overview."""
@@ -114,13 +117,17 @@ class Preprocess:
         if self.crop_mode == "squash":
             image = TF.resize(image, [self.resize, self.resize], interpolation=mode, antialias=True)
         elif self.crop_mode == "border":
-            scale = self.resize / max(image.width, image.height)
-            size = [max(1, round(image.height * scale)), max(1, round(image.width * scale))]  # (h, w), longer = resize
+            ratio = max(image.height / self.resize, image.width / self.resize)
+            size = [max(1, round(image.height / ratio)), max(1, round(image.width / ratio))]  # (h, w), longer = resize
             image = TF.resize(image, size, interpolation=mode, antialias=True)
             image = _pad_to(image, self.crop, tuple(round(255 * m) for m in self.mean))
         else:
             image = TF.resize(image, self.resize, interpolation=mode, antialias=True)
-        image = TF.center_crop(image, [self.crop, self.crop])
+        if self.crop_offset == "floor" and min(image.width, image.height) >= self.crop:
+            top, left = (image.height - self.crop) // 2, (image.width - self.crop) // 2
+            image = TF.crop(image, top, left, self.crop, self.crop)
+        else:
+            image = TF.center_crop(image, [self.crop, self.crop])
         return TF.pil_to_tensor(image)  # (C, crop, crop) uint8
 
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
