@@ -62,14 +62,15 @@ def load_model(cfg: DictConfig) -> LoadedModel:
     return loaded
 
 
-def with_model_channels(preprocess: Preprocess, module: torch.nn.Module, cfg: DictConfig) -> Preprocess:
-    """The preprocessing with the model's input channel count (first conv), unless model.preprocess.channels is set;
-    mean/std are checked against it again."""
+def model_preprocess(cfg: DictConfig, module: torch.nn.Module, base: Optional[Preprocess] = None,
+                     source: str = "ImageNet defaults") -> Preprocess:
+    """`base` (the library's numbers, else ImageNet's) with the model's input channel count (first conv), then the
+    config's `model.preprocess` values on top; mean/std are checked against the channel count."""
+    base = base or Preprocess()
     channels = first_input_channels(module)
-    if channels is None or cfg.preprocess.channels is not None or channels == preprocess.channels:
-        return preprocess
-    base = dataclasses.replace(preprocess, channels=channels)
-    return Preprocess.resolve(cfg.preprocess, base, source="the defaults")
+    if channels is not None and channels != base.channels:
+        base = dataclasses.replace(base, channels=channels)
+    return Preprocess.resolve(cfg.preprocess, base, source=source)
 
 
 def weights_enum(arch: str):
@@ -116,8 +117,8 @@ def _load_torchvision(cfg: DictConfig) -> LoadedModel:
     except (OSError, RuntimeError) as exc:
         raise ModelLoadError(_offline_message(weights, arch, exc)) from exc
     class_names = _class_names(module, _categories_if_same_head(meta_weights, kwargs.get("num_classes")))
-    preprocess = Preprocess.resolve(cfg.preprocess, Preprocess.from_torchvision(meta_weights.transforms()),
-                                    source="the torchvision weights' metadata")
+    preprocess = model_preprocess(cfg, module, Preprocess.from_torchvision(meta_weights.transforms()),
+                                  source="the torchvision weights' metadata")
     return LoadedModel(
         module=module,
         name=arch,
@@ -126,7 +127,7 @@ def _load_torchvision(cfg: DictConfig) -> LoadedModel:
         weights=f"{type(weights).__name__}.{weights.name}" if weights is not None else "random initialisation",
         weights_file=str(hub_checkpoint_path(weights.url)) if weights is not None else None,
         random_init=weights is None,
-        preprocess=with_model_channels(preprocess, module, cfg),
+        preprocess=preprocess,
         class_names=class_names,
     )
 
@@ -165,7 +166,7 @@ def _load_checkpoint(cfg: DictConfig) -> LoadedModel:
         name = cfg.arch or path.stem
         return LoadedModel(module=module, name=name, source="checkpoint", weights=f"TorchScript {path.name}",
                            weights_file=str(path), random_init=False,
-                           preprocess=with_model_channels(Preprocess.resolve(cfg.preprocess), module, cfg),
+                           preprocess=model_preprocess(cfg, module),
                            class_names=_class_names(module, None))
     if not cfg.arch:
         raise ConfigError("model.arch", None, "the torchvision architecture of this state_dict",
@@ -175,11 +176,11 @@ def _load_checkpoint(cfg: DictConfig) -> LoadedModel:
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
     module, notes, num_classes = _build_and_load(cfg.arch, state, kwargs, path)
     default_weights = weights_enum(cfg.arch).DEFAULT
-    preprocess = Preprocess.resolve(cfg.preprocess, Preprocess.from_torchvision(default_weights.transforms()),
-                                    source="the torchvision weights' metadata")
+    preprocess = model_preprocess(cfg, module, Preprocess.from_torchvision(default_weights.transforms()),
+                                  source="the torchvision weights' metadata")
     return LoadedModel(module=module, name=cfg.arch, source="checkpoint", library="torchvision",
                        weights=f"checkpoint {path.name}", weights_file=str(path), random_init=False,
-                       preprocess=with_model_channels(preprocess, module, cfg),
+                       preprocess=preprocess,
                        class_names=_class_names(module, _categories_if_same_head(default_weights, num_classes)),
                        notes=notes)
 
@@ -238,7 +239,7 @@ def _load_target(cfg: DictConfig) -> LoadedModel:
     random_init = bool(getattr(module, "random_init", False))
     return LoadedModel(module=module, name=type(module).__name__, source="target", weights=target_name,
                        random_init=random_init,
-                       preprocess=with_model_channels(Preprocess.resolve(cfg.preprocess), module, cfg),
+                       preprocess=model_preprocess(cfg, module),
                        class_names=_class_names(module, None))
 
 
