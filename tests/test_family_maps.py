@@ -311,3 +311,76 @@ def test_swin_window_attention_equals_the_library_softmax_placed_on_the_token_gr
         np.testing.assert_allclose(first["heads"][name].numpy(), received.reshape(heads, height, width), atol=1e-5)
     assert shifts == {0, 2}, "shifted and unshifted windows are both exercised"
     assert "Swin" in section.summary and "rollout" not in np.load(tmp_path / "attention.npz").files
+
+
+# ---------------------------------------------------------------- end to end through model=timm and model=hf
+
+
+def pipeline_inputs(cfg, folder):
+    """The model the run loaded and the normalised inputs of every decodable image, as the pass saw them."""
+    from reportgen.inputs.data import ImageFolderDataset, collate, scan_folder
+    from reportgen.inputs.models import load_model
+
+    loaded = load_model(cfg.model)
+    scan = scan_folder(folder, list(cfg.dataset.extensions))
+    dataset = ImageFolderDataset(scan, loaded.preprocess)
+    batch = collate([item for item in (dataset[i] for i in range(len(dataset))) if item["image"] is not None])
+    return loaded.module.eval(), loaded.preprocess.normalize(batch.images)
+
+
+def save_timm_vit(path):
+    from safetensors.torch import save_file
+
+    model = tiny_models.timm_vit_tiny()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return ["model=timm", "model.name=vit_tiny_patch16_224", f"model.path={path}", "+model.kwargs.img_size=32",
+            "+model.kwargs.depth=2", "+model.kwargs.pretrained_cfg_overlay.input_size=[3,32,32]"]
+
+
+def save_hf_vit(folder):
+    from transformers import ViTImageProcessor
+
+    tiny_models.hf_vit_tiny().model.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return ["model=hf", f"model.path={folder}"]
+
+
+@pytest.mark.parametrize("source", ["timm", "hf"])
+def test_report_of_a_timm_and_a_transformers_vit_has_attention_and_gradcam_equal_to_the_libraries(
+        source, tmp_path):
+    from reportgen.runs.pipeline import run
+    from tests.helpers import compose_config, make_colour_folder
+
+    colour_folder = make_colour_folder(tmp_path / "colours", per_class=3, noise=90, seed=1)  # noisy: varied maps
+
+    model_overrides = (save_timm_vit(tmp_path / "vit.safetensors") if source == "timm"
+                       else save_hf_vit(tmp_path / "hf_vit"))
+    cfg = compose_config(model_overrides + [f"dataset.root={colour_folder}", "analysis=[gradcam,attention]",
+                                            "runtime.num_workers=0", "runtime.progress=false", "runtime.batch_size=5",
+                                            "analysis.attention.n_images=2", "report.gallery_size=4"])
+    html = run(cfg, out_dir=tmp_path / "run").read_text(encoding="utf-8")
+    assert 'id="attention"' in html and 'id="gradcam"' in html and "Attention rollout" in html
+    assert "no attention layers" not in html and "prefix tokens" in html
+    model, x = pipeline_inputs(cfg, colour_folder)
+    results = tmp_path / "run" / "results"
+    attention, gradcam = np.load(results / "attention.npz"), np.load(results / "gradcam.npz")
+    if source == "timm":
+        layer, reshape, grid, expected = "blocks.1.norm1", tokens_to_grid(1, 2, 2), (2, 2), timm_softmax_reference
+    else:
+        layer, reshape, grid = "model.vit.layers.1.layernorm_before", tokens_to_grid(1, 4, 4), (4, 4)
+        expected = hf_attentions_reference
+    weights = expected(model, x)  # (layers, B, heads, N, N)
+    np.testing.assert_allclose(attention["rollout"], numpy_rollout(weights, 1).reshape(-1, *grid), atol=1e-5)
+    assert str(gradcam["layer"]) == layer and gradcam["cams"].shape == (len(x), *grid)
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    assert gradcam["classes"].tolist() == targets.tolist()
+    with OracleGradCAM(model=model, target_layers=[named_modules(model)[layer]], reshape_transform=reshape) as cam:
+        oracle = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
+    scaled = scale_cam_image(gradcam["cams"], (32, 32))
+    assert sum(b.std() > 0 for b in oracle) >= len(x) // 2, "most oracle maps must not be flat"
+    for ours, theirs in zip(scaled, oracle):  # a map that is 0 everywhere (ReLU of a negative map) on both sides
+        if theirs.std() == 0:
+            assert ours.std() == 0
+        else:
+            assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.999
