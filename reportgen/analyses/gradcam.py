@@ -85,7 +85,7 @@ def default_target_layer(model: nn.Module, example: torch.Tensor) -> Optional[st
     if blocks:
         modules = named_modules(model)
         norms = [n for n, m in modules.items() if n.startswith(blocks[-1] + ".") and isinstance(m, nn.LayerNorm)]
-        if norms and grid_layout(model, norms[0], example) is not None:
+        if norms and (grid_layout(model, norms[0], example) or ("",))[0] == "tokens":
             return norms[0]
     return last_spatial_layer(model, example)
 
