@@ -219,6 +219,20 @@ def test_timm_fused_attention_is_restored_after_an_exception():
     assert model.blocks[0].attn.fused_attn and count_hooks(model) == 0
 
 
+def test_activations_lay_deit_tokens_on_the_patch_grid_without_both_prefix_tokens():
+    from reportgen.analyses.activations import Activations, ActivationsConfig
+
+    model = tiny_models.timm_deit_distilled_tiny()
+    x = torch.randn(2, 3, 48, 32)
+    cfg = OmegaConf.merge(OmegaConf.structured(ActivationsConfig), {"layers": ["blocks.1"]})
+    ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[]), dataset_classes=[], num_images=2,
+                     device=torch.device("cpu"), results_dir=None, report=REPORT)
+    analysis = Activations(cfg, ctx)
+    analysis.begin(make_batch(x))
+    (call,) = analysis.calls
+    assert call.grid == (3, 2) and call.tokens.prefix == 2  # 2 + 3*2 = 8 tokens; a square-root guess finds none
+
+
 # ---------------------------------------------------------------- Swin window attention (timm, transformers)
 
 
