@@ -54,14 +54,21 @@ def patch_grid_of(model: nn.Module, height: int, width: int) -> Optional[Tuple[i
 def token_layout_of(model: nn.Module, tokens: int, height: int, width: int) -> Optional[TokenLayout]:
     """The layout of a sequence of `tokens` the model makes from a height x width input: its patch grid, and the
     tokens before it (timm declares them as `num_prefix_tokens`; otherwise all tokens beyond the grid, as
-    transformers' ViT (1 class token) and DeiT (class and distillation tokens) put them first). None when the model
-    declares no patch grid or the sequence is not prefix + grid (e.g. a later Swin stage's tokens)."""
+    transformers' ViT (1 class token) and DeiT (class and distillation tokens) put them first). Fewer tokens than
+    patches: a later stage of a hierarchical model (transformers Swin), whose patch merging halved the grid's sides
+    once per stage. None when the model declares no patch grid or the sequence fits neither."""
     grid = patch_grid_of(model, height, width)
     if grid is None:
         return None
     prefix = tokens - grid[0] * grid[1]
+    if prefix < 0:  # a hierarchical model's later stage: patch merging halved the grid's sides (rounding up)
+        for merges in range(1, 6):
+            merged = (-(-grid[0] // 2 ** merges), -(-grid[1] // 2 ** merges))
+            if merged[0] * merged[1] == tokens:
+                return TokenLayout(0, merged, False)
+        return None
     timm_vit = next((m for m in model.modules() if isinstance(getattr(m, "num_prefix_tokens", None), int)), None)
-    if prefix < 0 or (timm_vit is not None and prefix != timm_vit.num_prefix_tokens):
+    if timm_vit is not None and prefix != timm_vit.num_prefix_tokens:
         return None
     class_token = prefix > 0
     if timm_vit is not None:  # timm: a class token only with class_token=True, read by the head unless pooled
