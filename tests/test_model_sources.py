@@ -20,6 +20,7 @@ from reportgen.config.validate import validate
 from reportgen.errors import ConfigError, ModelLoadError
 from reportgen.inputs.data import decode_image
 from reportgen.inputs.hf_models import HFClassifier
+from reportgen.inputs.labels import imagenet_synsets
 from reportgen.inputs.models import load_model
 from reportgen.runs.pipeline import run
 from tests.helpers import compose_config
@@ -171,6 +172,21 @@ def test_timm_pretrained_from_seeded_hub_cache(tmp_path, offline_hub):
         assert torch.equal(loaded.module.state_dict()[key], value), key
     assert loaded.class_names[:2] == ["tench", "goldfish"] and len(loaded.class_names) == 1000
     assert loaded.synsets[0] == "n01440764" and loaded.synsets == sorted(loaded.synsets)
+
+
+def test_timm_label_names_from_the_cached_hub_config(tmp_path, offline_hub):
+    """A hub repo's config.json may carry label names (WordNet ids here, in an order of its own)."""
+    source = timm.create_model("test_convnext")
+    labels = list(reversed(imagenet_synsets()))
+    hub_id = timm.models.get_pretrained_cfg("test_convnext").hf_hub_id
+    config = json.dumps({"architecture": "test_convnext", "num_classes": 1000, "label_names": labels}).encode()
+    seed_hub_repo(offline_hub, hub_id, {"model.safetensors": safetensors_bytes(source.state_dict(), tmp_path),
+                                        "config.json": config})
+    loaded = load_model(model_cfg(source="timm", name="test_convnext"))
+    info = timm.data.ImageNetInfo("imagenet-1k")
+    assert loaded.synsets == labels
+    assert loaded.class_names[:2] == [info.label_name_to_description(x).split(",")[0] for x in labels[:2]]
+    assert loaded.preprocess.crop == 160  # test_convnext's own data config
 
 
 def test_timm_pretrained_missing_offline_is_one_clear_error(offline_hub):
@@ -328,6 +344,18 @@ def test_hf_hub_id_from_seeded_cache_and_offline_error(tmp_path, offline_hub):
     reference = transformers.AutoModelForImageClassification.from_pretrained(str(folder)).eval()
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.module.model.state_dict()[key], value), key
+
+
+def test_hf_multi_label_head_and_missing_processor(tmp_path):
+    folder = tmp_path / "vit"
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=48, patch_size=16, num_labels=3,
+                                    problem_type="multi_label_classification")
+    transformers.ViTForImageClassification(config).save_pretrained(folder)  # no preprocessor_config.json
+    loaded = load_model(model_cfg(source="hf", path=str(folder)))
+    assert loaded.multi_label
+    assert (loaded.preprocess.resize, loaded.preprocess.crop) == (54, 48)  # the model's image_size, ImageNet recipe
+    assert any("no preprocessor_config.json" in note for note in loaded.notes)
 
 
 def test_hf_config_errors(tmp_path):

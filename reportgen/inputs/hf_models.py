@@ -58,7 +58,7 @@ def load_hf(cfg: DictConfig) -> LoadedModel:
         raise ModelLoadError(f"transformers could not load {label}: {type(exc).__name__}: {exc}") from exc
     config = module.config
     channels = int(getattr(config, "num_channels", 3) or 3)
-    base, notes = processor_preprocess(folder, channels, cfg.preprocess)
+    base, notes = processor_preprocess(folder, channels, cfg.preprocess, getattr(config, "image_size", None))
     names = [str(config.id2label[i]) for i in sorted(config.id2label)] if config.id2label else []
     if names and all(GENERIC_LABEL.match(n) for n in names):
         names = []  # LABEL_0, LABEL_1, ...: the config names no class
@@ -111,11 +111,16 @@ def _locate(cfg: DictConfig) -> Tuple[Path, str, Optional[Path]]:
     return weights.parent, repo, weights
 
 
-def processor_preprocess(folder: Path, channels: int, overrides: Any) -> Tuple[Optional[Preprocess], List[str]]:
-    """The image processor's resize/crop/normalisation as a Preprocess (None: ImageNet defaults, with a note)."""
+def processor_preprocess(folder: Path, channels: int, overrides: Any, image_size: Any = None
+                         ) -> Tuple[Optional[Preprocess], List[str]]:
+    """The image processor's resize/crop/normalisation as a Preprocess; without a processor config, ImageNet's
+    recipe at the model's `image_size` (crop = image_size, resize = image_size / 0.875), with a note."""
     if not (folder / "preprocessor_config.json").is_file():
-        return None, [f"{folder.name} has no preprocessor_config.json: ImageNet preprocessing (resize 256, crop "
-                      f"224) was used unless model.preprocess says otherwise"]
+        size = int(image_size) if isinstance(image_size, int) else 224
+        base = Preprocess(resize=int(size / 0.875), crop=size, channels=channels)  # mean/std checked by resolve
+        return base, [f"{folder.name} has no preprocessor_config.json: ImageNet preprocessing at the model's input "
+                      f"size (resize {base.resize}, crop {base.crop}, ImageNet mean/std) was used; set "
+                      f"model.preprocess.* to what the model was trained with"]
     transformers = require("transformers", "hf", "model=hf (Hugging Face transformers)")
     processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
     try:

@@ -65,6 +65,9 @@ def load_timm(cfg: DictConfig) -> LoadedModel:
     else:
         raise ConfigError("model.weights", cfg.weights, "DEFAULT (timm's pretrained weights, from the local hub "
                           "cache) or null (random); a file goes to model.path", ["DEFAULT", "null"])
+    if not getattr(module, "num_classes", 1):
+        notes.append(f"timm model '{name}' has no classifier head (num_classes=0): its outputs are pooled features, "
+                     f"not class scores; set model.kwargs.num_classes (and model.path) for a classifier")
     base = timm_preprocess(timm, module, kwargs)
     class_names, synsets = timm_class_names(timm, module, hub_config)
     return LoadedModel(module=module, name=name, source="timm", library="timm", weights=weights,
