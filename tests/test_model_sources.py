@@ -307,6 +307,7 @@ def test_hf_folder_run_matches_processor_and_model(tmp_path, kind):
     manifest = json.loads((out / "results" / "manifest.json").read_text())
     assert manifest["model"]["library"] == "transformers" and manifest["model"]["source"] == "hf"
     assert manifest["model"]["weights_file"] == str(folder / "model.safetensors")
+    assert manifest["versions"]["transformers"] == transformers.__version__
 
 
 def test_hf_wrapper_returns_logits_eager_and_keeps_module_names(tmp_path):
