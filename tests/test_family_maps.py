@@ -236,6 +236,26 @@ def test_activations_lay_deit_tokens_on_the_patch_grid_without_both_prefix_token
     assert call.grid == (3, 2) and call.tokens.prefix == 2  # 2 + 3*2 = 8 tokens; a square-root guess finds none
 
 
+class OwnAttention(torch.nn.Module):
+    """Attention written by hand with F.scaled_dot_product_attention: no weights any engine path can read."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, features):  # (B, 8, N) flattened conv features
+        q, k, v = self.qkv(features.transpose(1, 2)).chunk(3, dim=-1)  # (B, N, 8) each
+        return F.scaled_dot_product_attention(q, k, v)  # (B, N, 8)
+
+
+def test_attention_the_engine_cannot_read_is_not_supported_never_no_attention_layers(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 4, stride=4), torch.nn.Flatten(2), OwnAttention(),
+                                torch.nn.Flatten(), torch.nn.Linear(8 * 16, 3)).eval()
+    _, section = drive(Attention, AttentionConfig, model, torch.randn(1, 3, 16, 16), tmp_path)
+    text = " ".join(getattr(e, "text", "") for e in section.elements)
+    assert "Not supported" in text and "OwnAttention" in text and "no attention layers" not in text
+
+
 # ---------------------------------------------------------------- Swin window attention (timm, transformers)
 
 
@@ -401,3 +421,23 @@ def test_report_of_a_timm_and_a_transformers_vit_has_attention_and_gradcam_equal
             assert ours.std() == 0
         else:
             assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] >= 0.999
+
+
+def test_report_of_a_timm_swin_has_window_attention_and_a_channels_last_gradcam(tmp_path):
+    from reportgen.runs.pipeline import run
+    from tests.helpers import compose_config, make_colour_folder
+
+    folder = make_colour_folder(tmp_path / "colours", per_class=2, noise=90, seed=2)
+    cfg = compose_config(["model=timm", "model.name=swin_tiny_patch4_window7_224", "model.weights=null",
+                          "+model.kwargs.img_size=40", "+model.kwargs.window_size=4", "+model.kwargs.depths=[2,2]",
+                          "+model.kwargs.num_heads=[2,4]", "+model.kwargs.embed_dim=16",
+                          "+model.kwargs.num_classes=3", "+model.kwargs.pretrained_cfg_overlay.input_size=[3,40,40]",
+                          f"dataset.root={folder}", "analysis=[gradcam,attention]", "runtime.num_workers=0",
+                          "runtime.progress=false", "analysis.attention.n_images=2", "report.gallery_size=3"])
+    html = run(cfg, out_dir=tmp_path / "run").read_text(encoding="utf-8")
+    assert "channels-last map (B, h, w, C)" in html and "Swin windowed attention" in html
+    results = tmp_path / "run" / "results"
+    assert np.load(results / "gradcam.npz")["cams"].shape == (6, 5, 5)
+    saved = np.load(results / "attention.npz")
+    assert list(saved["layers"]) == [f"layers.{s}.blocks.{b}.attn" for s in range(2) for b in range(2)]
+    assert saved["received_layers_0_blocks_0_attn"].shape == (6, 10, 10)

@@ -277,6 +277,9 @@ class Attention(Analysis):
         per_head: Dict[str, torch.Tensor] = {}  # call key -> (B, heads, gh, gw) maps
         matrices: Dict[str, torch.Tensor] = {}  # call key -> (B, T, T) head-averaged token x token attention
         first_batch = self.images == 0  # layers, fields and notes are fixed on the first batch
+        if first_batch:  # modules that gave no weights (e.g. transformers < 5 returns none unless asked)
+            self.notes.extend(f"{key.split(':', 1)[1]}: {note}" for key, note in captures.notes.items()
+                              if key.startswith("attention:"))
         for key, weights in captures.attention.items():  # call order
             if key.split("#")[0] not in self.shown_mha or (not first_batch and key not in self.layers):
                 continue
@@ -487,6 +490,15 @@ class Attention(Analysis):
         elif keys:  # statistics only (no layer formed a patch grid)
             np.savez_compressed(self.ctx.results_dir / "attention.npz", **summary)
         if not self.applicable:
+            unread = sorted({type(m).__name__ for m in self.modules.values() if "Attention" in type(m).__name__})
+            if unread:  # attention the engine cannot read is "not supported", never "no attention layers"
+                section.summary = "not supported: attention of an unknown kind"
+                section.elements.append(Text(
+                    f"Not supported: {type(self.ctx.model).__name__} has attention modules ({', '.join(unread)}) "
+                    f"whose weights this analysis cannot read: it captures nn.MultiheadAttention, timm attention "
+                    f"with a fused_attn switch and an attn_drop after its softmax, transformers attention that "
+                    f"returns its weights (eager), and torchvision Swin's window attention."))
+                return section
             section.summary = "not applicable: no attention layers"
             section.elements.append(Text(f"Not applicable: no attention layers ({type(self.ctx.model).__name__} has "
                                          f"no nn.MultiheadAttention, timm or transformers attention module, or "
