@@ -176,7 +176,8 @@ class Predictions(Analysis):
 
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "num_outputs": self.num_outputs, "flagged": self.flagged, "images": self.images, "nonfinite": self.nonfinite,
+            "num_outputs": self.num_outputs, "flagged": self.flagged, "images": self.images,
+            "nonfinite": self.nonfinite,
             "evaluated": self.evaluated, "correct_top1": self.correct_top1, "correct_topk": self.correct_topk,
             "confusion": self.confusion, "hist_correct": self.hist_correct, "hist_wrong": self.hist_wrong,
             "hist_unlabelled": self.hist_unlabelled, "first": self.first, "least_confident": self.least_confident,
@@ -255,7 +256,7 @@ class Predictions(Analysis):
                                                "the first images of the sorted folder"))
         section.elements.append(self._gallery("Least confident", self.least_confident, names,
                                               "lowest top-1 probability first"))
-        if self.evaluated:
+        if self.evaluated and not multi:  # a multi-label head has no single right answer to miss
             section.elements.append(self._gallery("Most confident mistakes", self.confident_mistakes, names,
                                                   "wrong top-1 with the highest probability first"))
         return section
@@ -264,7 +265,7 @@ class Predictions(Analysis):
         if self.mode == "binary":
             return f"sigmoid of the single output = P({names[1]}); P({names[0]}) = 1 - P({names[1]})"
         if self.mode == "multi-label":
-            return f"sigmoid of each output (multi-label: independent probabilities)"
+            return "sigmoid of each output (multi-label: independent probabilities)"
         return f"softmax over the {self.num_outputs} outputs"
 
     def _multi_label_rows(self) -> List[Any]:

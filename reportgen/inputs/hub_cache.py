@@ -76,8 +76,11 @@ def find_or_fetch(repo_id: str, filenames: Sequence[str], what: str) -> Path:
 
 
 def missing_message(repo_id: str, filenames: Sequence[str], what: str, error: Optional[BaseException]) -> str:
-    reason = f" and could not be downloaded ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})" \
-        if error is not None else " (HF_HUB_OFFLINE is set, so no download was tried)" if offline() else ""
+    if error is not None:
+        first_line = str(error).splitlines()[0] if str(error) else ""
+        reason = f" and could not be downloaded ({type(error).__name__}: {first_line})"
+    else:
+        reason = " (HF_HUB_OFFLINE is set, so no download was tried)" if offline() else ""
     return (f"{what}: none of {', '.join(filenames)} of the Hugging Face repository '{repo_id}' is in the local "
             f"hub cache{reason}.\n"
             f"  Looked in: {repo_folder(repo_id)}/snapshots/<revision>/ (revision from refs/main)\n"

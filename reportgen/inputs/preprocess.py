@@ -67,7 +67,8 @@ class Preprocess:
         get = (lambda key: None) if cfg is None else (lambda key: cfg.get(key))
         interpolation = get("interpolation") or base.interpolation
         if interpolation not in INTERPOLATIONS:
-            raise ConfigError("model.preprocess.interpolation", interpolation, "a resize filter", sorted(INTERPOLATIONS))
+            raise ConfigError("model.preprocess.interpolation", interpolation, "a resize filter",
+                              sorted(INTERPOLATIONS))
         crop_mode = get("crop_mode") or base.crop_mode
         if crop_mode not in CROP_MODES:
             raise ConfigError("model.preprocess.crop_mode", crop_mode, "a resize/crop geometry", list(CROP_MODES))

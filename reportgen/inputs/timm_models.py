@@ -37,6 +37,10 @@ def check_timm_name(name: Optional[str]) -> None:
     timm = import_timm()
     if not name:
         raise ConfigError("model.name", name, "a timm model name such as vit_small_patch16_224", timm.list_models())
+    if str(name).startswith(("hf-hub:", "local-dir:")):
+        raise ConfigError("model.name", name, "a timm model name, optionally with its tag (name.tag): hf-hub: and "
+                          "local-dir: names are not supported (give the timm name; its weights come from the hub "
+                          "cache), or a state dict file as model.path")
     arch, _ = timm.models.split_model_name_tag(str(name))
     if not timm.is_model(arch):
         raise ConfigError("model.name", name, "a timm model name (timm.list_models())", timm.list_models())
