@@ -85,23 +85,24 @@ def default_target_layer(model: nn.Module, example: torch.Tensor) -> Optional[st
     if blocks:
         modules = named_modules(model)
         norms = [n for n, m in modules.items() if n.startswith(blocks[-1] + ".") and isinstance(m, nn.LayerNorm)]
-        if norms and (grid_layout(model, norms[0], example) or ("",))[0] == "tokens":
+        layout = grid_layout(model, norms[0], example) if norms else None
+        if layout is not None and layout[0] == "tokens":
             return norms[0]
     return last_spatial_layer(model, example)
 
 
 def grid_layout(model: nn.Module, layer: str, example: torch.Tensor) -> Optional[Tuple[str, Any]]:
     """How `layer`'s output (on a probe of `example`) lies on a spatial grid: ("nchw", None), ("nhwc", None) or
-    ("tokens", TokenLayout); None when it does not (a vector, a token sequence without a patch grid)."""
-    module = named_modules(model)[layer]
-    shapes = [call.shape for call in probe_calls(model, example) if call.name == layer]
-    if not shapes:
+    ("tokens", TokenLayout); None when it does not (a vector, a 1x1 map, a token sequence without a patch grid, an
+    output that is not a plain tensor)."""
+    calls = [call for call in probe_calls(model, example) if call.name == layer]
+    if not calls or not calls[0].plain:  # not called, or a tuple / output object (no gradient leaf possible)
         return None
-    shape = shapes[0]
+    shape = calls[0].shape
     if len(shape) == 4:
-        channels_last = channels_last_output(module)
-        size = spatial_size(shape, channels_last)
-        return ("nhwc" if channels_last else "nchw", None) if size and min(size) >= 1 else None
+        channels_last = channels_last_output(named_modules(model)[layer])
+        height, width = spatial_size(shape, channels_last)
+        return ("nhwc" if channels_last else "nchw", None) if height * width > 1 else None
     if len(shape) == 3:
         height, width = example.shape[-2:]
         layout = token_layout_of(model, shape[1], height, width) or guess_token_layout(shape[1])
@@ -113,7 +114,7 @@ def _grid_layers(model: nn.Module, example: torch.Tensor) -> list:
     """Names of the modules whose output lies on a grid (the valid choices for `layer`), last ones first."""
     names = []
     for call in reversed(probe_calls(model, example)):
-        if call.name not in names and call.plain and grid_layout(model, call.name, example) is not None:
+        if call.name not in names and grid_layout(model, call.name, example) is not None:
             names.append(call.name)
     return names[:12]
 
@@ -155,12 +156,13 @@ class GradCAM(Analysis):
             self.layer = select_layers(model, [self.cfg.layer], "analysis.gradcam.layer")[-1]
             self.layout = grid_layout(model, self.layer, probe)
             if self.layout is None:
-                shapes = [c.shape for c in probe_calls(model, probe) if c.name == self.layer]
-                got = "×".join(map(str, shapes[0])) if shapes else "nothing (it is not called)"
+                calls = [c for c in probe_calls(model, probe) if c.name == self.layer]
+                got = ("nothing (it is not called)" if not calls else "×".join(map(str, calls[0].shape))
+                       + ("" if calls[0].plain else " inside a tuple or output object"))
                 raise ConfigError("analysis.gradcam.layer", self.cfg.layer,
-                                  f"a layer whose output is a spatial grid, (B, C, h, w), channels-last "
-                                  f"(B, h, w, C) or patch tokens (B, prefix + rows*columns, C); {self.layer} "
-                                  f"outputs {got}", _grid_layers(model, probe))
+                                  f"a layer whose output is a plain tensor on a spatial grid, (B, C, h, w), "
+                                  f"channels-last (B, h, w, C) or patch tokens (B, prefix + rows*columns, C); "
+                                  f"{self.layer} outputs {got}", _grid_layers(model, probe))
             return
         self.layer = default_target_layer(model, probe)
         if self.layer is None:
@@ -189,7 +191,8 @@ class GradCAM(Analysis):
         targets = self._targets(batch, logits)  # (B,)
         score = logits.gather(1, targets[:, None]).sum()
         (grads,) = torch.autograd.grad(score, activation, retain_graph=True)
-        cams = cam_from(self.cfg.method, self._grid(activation.detach().float()), self._grid(grads.float()))  # (B, h, w)
+        maps, grads = self._grid(activation.detach().float()), self._grid(grads.float())  # (B, C, h, w)
+        cams = cam_from(self.cfg.method, maps, grads)  # (B, h, w)
         probs = torch.softmax(logits.detach().float(), dim=1)  # (B, K)
         confidence, predicted = probs.max(dim=1)  # (B,)
         normalised = normalise_maps(cams)  # (B, h, w) in [0, 1]
@@ -239,9 +242,9 @@ class GradCAM(Analysis):
         return predicted
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"layer": self.layer, "layout": self.layout, "missing": self.missing, "count": self.count, "class_sum": self.class_sum,
-                "class_count": self.class_count, "gallery": self.gallery, "nonfinite": self.nonfinite,
-                "grid": self.grid, "store": self.store.ref() if self.store is not None else None}
+        return {"layer": self.layer, "layout": self.layout, "missing": self.missing, "count": self.count,
+                "class_sum": self.class_sum, "class_count": self.class_count, "gallery": self.gallery,
+                "nonfinite": self.nonfinite, "grid": self.grid, "store": self.store.ref() if self.store is not None else None}
 
     def merge(self, state: Dict[str, Any]) -> None:
         self.count += state["count"]
