@@ -19,7 +19,7 @@ from reportgen.config.schema import ModelConfig
 from reportgen.config.validate import validate
 from reportgen.errors import ConfigError, ModelLoadError
 from reportgen.inputs.data import decode_image
-from reportgen.inputs.hf_models import HFClassifier
+from reportgen.inputs.hf_models import HFClassifier, processor_to_preprocess
 from reportgen.inputs.labels import imagenet_synsets
 from reportgen.inputs.models import load_model
 from reportgen.runs.pipeline import run
@@ -285,6 +285,24 @@ def test_hf_preprocessing_equals_image_processor(tmp_path, kind, expected):
         # ours for transformers): equal up to float rounding.
         pil = processor_tensor(folder, image, backend="pil")
         assert torch.allclose(ours, pil, atol=1e-5, rtol=0), (path.name, (ours - pil).abs().max().item())
+
+
+def test_hf_shortest_edge_processor_and_unsupported_geometries(tmp_path):
+    """A CLIP-style processor (shorter side, then centre crop, bicubic) matches too; what cannot be batched or is
+    not square is refused with the reason."""
+    clip_cls = transformers.CLIPImageProcessor
+    processor = clip_cls(size={"shortest_edge": 30}, crop_size={"height": 28, "width": 28})
+    pre = processor_to_preprocess(processor, 3)
+    assert (pre.resize, pre.crop, pre.crop_mode, pre.interpolation) == (30, 28, "center", "bicubic")
+    for path in sorted(photos(tmp_path / "imgs", ["a"], per_class=5).rglob("*.*")):
+        image = decode_image(path)
+        ours = pre.normalize(pre.to_uint8(image)[None])[0]  # (3, 28, 28)
+        theirs = processor(images=image, return_tensors="pt")["pixel_values"][0]
+        assert (ours - theirs).abs().max() <= 2 / 255 / min(pre.std) + 1e-5, path.name  # as for ViT/ConvNeXt
+    with pytest.raises(ValueError, match="different shapes"):
+        processor_to_preprocess(clip_cls(size={"shortest_edge": 30}, do_center_crop=False), 3)
+    with pytest.raises(ValueError, match="not square"):
+        processor_to_preprocess(transformers.ViTImageProcessor(size={"height": 32, "width": 48}), 3)
 
 
 @pytest.mark.parametrize("kind", ["vit", "convnext"])
