@@ -160,6 +160,23 @@ def test_timm_state_dict_run_matches_timm_loop(tmp_path):
     assert "shorter side 35, centre crop 32, bicubic, RGB" in page
 
 
+def test_timm_pth_checkpoint_infers_head_and_input_channels(tmp_path):
+    torch.manual_seed(2)
+    reference = timm.create_model("resnet10t", in_chans=1, num_classes=2).eval()
+    path = tmp_path / "gray.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)  # DDP-style
+    loaded = load_model(model_cfg(source="timm", name="resnet10t", path=str(path),
+                                  preprocess={"mean": [0.5], "std": [0.25]}))
+    assert {"num_classes=2 inferred from the checkpoint's fc.weight",
+            "in_chans=1 inferred from the checkpoint's conv1.0.weight"} <= set(loaded.notes)
+    assert loaded.preprocess.channels == 1 and loaded.weights == "checkpoint gray.pth"
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), reference(x))
+    with pytest.raises(ModelLoadError, match="does not match architecture 'convnext_atto'"):
+        load_model(model_cfg(source="timm", name="convnext_atto", path=str(path)))
+
+
 def test_timm_pretrained_from_seeded_hub_cache(tmp_path, offline_hub):
     torch.manual_seed(1)
     source = timm.create_model("vit_tiny_patch16_224", **TINY_VIT)
