@@ -362,7 +362,7 @@ def test_loader_never_dies_on_bad_files(mixed_folder, num_workers):
 @pytest.mark.parametrize("size", [(300, 257), (181, 400), (224, 224), (120, 90)])
 def test_preprocess_matches_torchvision_transform(weights, size):
     reference = weights.transforms()
-    pre = Preprocess.resolve(None, reference)
+    pre = Preprocess.from_torchvision(reference)
     assert pre.interpolation == reference.interpolation.value
     assert (pre.resize, pre.crop) == (reference.resize_size[0], reference.crop_size[0])
     image = noise(*size, seed=sum(size))

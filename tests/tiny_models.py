@@ -135,3 +135,87 @@ class SlowNet(WideNet):
 
 def slow_net() -> SlowNet:
     return SlowNet().eval()
+
+
+# Tiny random timm and transformers models (no downloads), one per family the attention and Grad-CAM analyses
+# handle. Heads get normal weights: libraries zero-initialise some heads, which makes every gradient 0.
+
+def _random_head(module: nn.Module, head: nn.Linear) -> nn.Module:
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator))
+    return module.eval()
+
+
+def timm_vit_tiny(**kwargs) -> nn.Module:
+    """timm ViT: 32x32 input, 16 px patches (2x2 grid) + 1 class token, 2 blocks, 3 heads."""
+    import timm
+
+    torch.manual_seed(12)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=3, **kwargs)
+    return _random_head(model, model.head)
+
+
+def timm_deit_distilled_tiny() -> nn.Module:
+    """timm DeiT with a distillation token: 2 prefix tokens (class, distillation), 48x32 input (3x2 grid)."""
+    import timm
+
+    torch.manual_seed(13)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=(48, 32), depth=2, num_classes=3)
+    _random_head(model, model.head_dist)
+    return _random_head(model, model.head)
+
+
+def timm_convnext_tiny() -> nn.Module:
+    import timm
+
+    torch.manual_seed(14)
+    model = timm.create_model("convnext_atto", num_classes=3)
+    return _random_head(model, model.head.fc)
+
+
+def timm_swin_tiny() -> nn.Module:
+    """timm Swin: 40x40 input, 4 px patches -> 10x10 then 5x5 tokens, window 4 (padded windows, shifted with masks)."""
+    import timm
+
+    torch.manual_seed(15)
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=40, window_size=4, depths=(2, 2),
+                              num_heads=(2, 4), embed_dim=16, num_classes=3)
+    return _random_head(model, model.head.fc)
+
+
+def hf_vit_tiny() -> nn.Module:
+    """transformers ViT (eager attention) behind the HFClassifier wrapper: 32x32 input, 8 px patches (4x4 grid)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from reportgen.inputs.hf_models import HFClassifier
+
+    torch.manual_seed(16)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=32, num_labels=3, attn_implementation="eager")
+    model = ViTForImageClassification(config)
+    return _random_head(HFClassifier(model), model.classifier)
+
+
+def hf_convnext_tiny() -> nn.Module:
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from reportgen.inputs.hf_models import HFClassifier
+
+    torch.manual_seed(17)
+    model = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2,
+                                                          num_labels=3))
+    return _random_head(HFClassifier(model), model.classifier)
+
+
+def hf_swin_tiny() -> nn.Module:
+    """transformers Swin (eager attention): 40x40 input, 4 px patches -> 10x10 then 5x5 tokens, window 4."""
+    from transformers import SwinConfig, SwinForImageClassification
+
+    from reportgen.inputs.hf_models import HFClassifier
+
+    torch.manual_seed(18)
+    config = SwinConfig(image_size=40, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                        num_labels=3, attn_implementation="eager")
+    model = SwinForImageClassification(config)
+    return _random_head(HFClassifier(model), model.classifier)

@@ -1,6 +1,7 @@
 """Attention arithmetic on whole batches, on the device: attention rollout, per-query entropy, mean attention
-distance, the token -> patch-grid layout, and torchvision Swin's window attention probabilities recomputed from the
-attention module's input (Swin never materialises them outside `shifted_window_attention`).
+distance, the token -> patch-grid layout, torchvision Swin's window attention probabilities recomputed from the
+attention module's input (Swin never materialises them outside `shifted_window_attention`), and the window layouts
+that put per-window values (torchvision, timm and transformers Swin) back on the token grid.
 
 Everything here is plain tensor code with no hooks and no report logic, so tests can hold it against independent
 implementations.
@@ -95,7 +96,8 @@ def mean_distance(weights: torch.Tensor, distances: torch.Tensor) -> torch.Tenso
 
 @dataclass
 class WindowLayout:
-    """How torchvision's `shifted_window_attention` cut a (B, H, W, C) input into windows."""
+    """How a Swin block cut its (B, H, W, C) input into windows: torchvision and transformers pad, then shift
+    cyclically over the padded grid; timm shifts over the input grid, then pads (`shift_first`)."""
 
     height: int  # input grid before padding
     width: int
@@ -103,6 +105,7 @@ class WindowLayout:
     padded_width: int
     window: Tuple[int, int]  # (wh, ww) tokens per window side
     shift: Tuple[int, int]  # cyclic shift actually applied (0 where the window covers the whole side)
+    shift_first: bool = False  # timm: roll the H x W grid, then pad; else pad, then roll the padded grid
 
     @property
     def windows(self) -> Tuple[int, int]:
@@ -175,11 +178,22 @@ def _shift_mask(layout: WindowLayout, device: torch.device, dtype: torch.dtype) 
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
+def window_layout(height: int, width: int, window: Tuple[int, int], shift: Tuple[int, int],
+                  shift_first: bool) -> WindowLayout:
+    """The layout of an H x W grid cut into windows: padded up to whole windows, the shift as the block applies it
+    (timm and transformers blocks already clamp window and shift to small inputs)."""
+    wh, ww = window
+    return WindowLayout(height, width, -(-height // wh) * wh, -(-width // ww) * ww, (wh, ww),
+                        (int(shift[0]), int(shift[1])), shift_first)
+
+
 def centre_window(layout: WindowLayout) -> int:
     """Index of the window that holds the input grid's centre token (after the cyclic shift)."""
     (wh, ww), (sh, sw) = layout.window, layout.shift
-    row = ((layout.height // 2 - sh) % layout.padded_height) // wh
-    column = ((layout.width // 2 - sw) % layout.padded_width) // ww
+    rolled_h, rolled_w = ((layout.height, layout.width) if layout.shift_first
+                          else (layout.padded_height, layout.padded_width))
+    row = ((layout.height // 2 - sh) % rolled_h) // wh
+    column = ((layout.width // 2 - sw) % rolled_w) // ww
     return row * layout.windows[1] + column
 
 
@@ -190,6 +204,9 @@ def windows_to_grid(values: torch.Tensor, layout: WindowLayout) -> torch.Tensor:
     (wh, ww), (n_h, n_w) = layout.window, layout.windows
     grid = values.reshape(batch, n_h, n_w, channels, wh, ww).permute(0, 3, 1, 4, 2, 5)  # (B, K, nH, wh, nW, ww)
     grid = grid.reshape(batch, channels, layout.padded_height, layout.padded_width)  # (B, K, pH, pW)
+    if layout.shift_first:  # timm: crop the padding, then undo the shift over the input grid
+        grid = grid[:, :, : layout.height, : layout.width]  # (B, K, H, W)
+        return torch.roll(grid, shifts=layout.shift, dims=(2, 3)) if sum(layout.shift) > 0 else grid
     if sum(layout.shift) > 0:
         grid = torch.roll(grid, shifts=layout.shift, dims=(2, 3))
     return grid[:, :, : layout.height, : layout.width]

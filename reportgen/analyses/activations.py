@@ -2,8 +2,9 @@
 
 Layers: `layers` patterns (reportgen.engine.layers), default each stage's output of a CNN or about four blocks of a
 transformer. Every call of a reused module is its own entry (`shared`, `shared#2`). Outputs are read as channels x
-positions (reportgen.engine.tensors.channel_view): conv maps (B, C, h, w); ViT tokens (B, 1 + g*g, C) as a g x g grid
-without the class token; Swin's channels-last maps permuted; other tokens (B, N, C) as N positions; (B, C) as one.
+positions (reportgen.engine.tensors.channel_view): conv maps (B, C, h, w); ViT tokens (B, prefix + rows*columns, C)
+on the model's own patch grid without the prefix (class, distillation, register) tokens; Swin's channels-last maps
+permuted; other tokens (B, N, C) as N positions; (B, C) as one.
 
 Everything is reduced on the device and only small per-batch results cross to the CPU
 (reportgen.state.channel_reducers), so memory does not grow with the folder and every piece of state merges exactly:
@@ -52,7 +53,7 @@ from torch import nn
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
 from reportgen.engine.capture import CaptureEngine, primary_tensor, probe_forward
 from reportgen.engine.layers import named_modules, select_layers, stage_outputs
-from reportgen.engine.tensors import channel_view, channels_last_output
+from reportgen.engine.tensors import TokenLayout, channel_view, channels_last_output, token_layout_of
 from reportgen.errors import ConfigError
 from reportgen.inputs.labels import display_names
 from reportgen.report import plots
@@ -111,6 +112,7 @@ class LayerCall:
     low: Optional[float]  # saturation bounds (None: not applied)
     high: Optional[float]
     drawn: bool = False  # gets feature-map and crop figures
+    tokens: Optional[TokenLayout] = None  # ViT tokens: the model's prefix tokens and patch grid (None: guessed)
 
 
 @dataclass
@@ -302,14 +304,16 @@ class Activations(Analysis):
             seen.add(call.name)
             module = modules[call.name]
             last = channels_last_output(module) and call.output.dim() == 4
+            tokens = (token_layout_of(model, call.output.shape[1], *one.shape[-2:]) if call.output.dim() == 3
+                      else None)
             try:
-                view, grid = channel_view(call.output, last)  # (1, C, P)
+                view, grid = channel_view(call.output, last, tokens)  # (1, C, P)
             except ValueError as exc:
                 self.notes.append(f"{call.key}: {exc}")
                 continue
             low, high = saturation_bounds(module, cfg.saturation)
             self.calls.append(LayerCall(call.key, call.name, tuple(call.output.shape[1:]), int(view.shape[1]), grid,
-                                        last, low, high))
+                                        last, low, high, tokens=tokens))
         for name in self.layers:
             if name not in seen:
                 self.notes.append(f"{name}: not called in the forward, or its output holds no tensor")
@@ -339,7 +343,7 @@ class Activations(Analysis):
                     self.ctx.model(example.inputs[row:row + 1])
                 for key, call in drawn.items():
                     if key in captures:
-                        values, _ = channel_view(captures[key].float(), call.channels_last)  # (1, C, P)
+                        values, _ = channel_view(captures[key].float(), call.channels_last, call.tokens)  # (1, C, P)
                         mean = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).mean(dim=(0, 2))  # (C,)
                         sums[key] = sums.get(key, 0) + mean.double().cpu().numpy()
         return sums
@@ -391,7 +395,7 @@ class Activations(Analysis):
             if call.key not in captures:
                 self.missing[call.key] = self.missing.get(call.key, 0) + 1
                 continue
-            values, grid = channel_view(captures[call.key].detach(), call.channels_last)  # (B, C, P)
+            values, grid = channel_view(captures[call.key].detach(), call.channels_last, call.tokens)  # (B, C, P)
             if values.shape[1] != call.channels:
                 self.missing[call.key] = self.missing.get(call.key, 0) + 1
                 continue

@@ -1,11 +1,19 @@
 """`attention`: where a transformer's attention goes, for every image of the folder, inside the one pass.
 
-Two kinds of attention layers:
-- `nn.MultiheadAttention` (torchvision's ViT and any model using it): the capture engine forces per-head weights
-  (B, heads, N, N) on for the hooked modules. With a class token (token 0, the other N - 1 tokens filling the patch
-  grid) a layer's map is the class token's attention to each patch; without one, the attention each patch receives
-  (summed over queries: 1 is its fair share under uniform attention). Attention rollout (Abnar & Zuidema 2020) runs
-  over every self-attention layer of the model in call order (all captured, even those not shown), batched with bmm.
+Kinds of attention layers:
+- global self-attention, captured by the engine as (B, heads, N, N) softmax weights: `nn.MultiheadAttention`
+  (torchvision's ViT and any model using it; per-head weights forced on), timm's `Attention` (ViT, DeiT, EVA...;
+  the fused path turned off for the pass) and transformers' (ViTAttention...; eager attention). The tokens are laid
+  out by the model's own patch embedding and prefix-token count (class, distillation, register tokens;
+  `reportgen.engine.tensors.token_layout_of`), guessed only for a model that declares neither. With a class token
+  a layer's map is the class token's attention to each patch; without one, the attention each patch receives
+  (summed over the patch queries: 1 is its fair share under uniform attention). Attention rollout (Abnar & Zuidema
+  2020) runs over every self-attention layer of the model in call order (all captured, even those not shown),
+  batched with bmm, over all tokens (prefix tokens included: they carry attention between layers); the map is the
+  class token's row over the patches, or the mean patch row.
+- timm's and transformers' Swin window attention, captured the same way as (B * windows, heads, T, T) and put back
+  on the token grid with the block's window, shift and padding (`WindowLayout`; timm shifts before padding,
+  transformers after). Maps as for torchvision Swin below.
 - torchvision Swin's `ShiftedWindowAttention` (v1, v2): its probabilities never leave `shifted_window_attention`, so
   the block's `norm1` output (the attention's input, found and checked on a one-image probe) is captured and the
   probabilities are recomputed exactly (`reportgen.analyses._attention_math.swin_window_attention`). Its map is the attention
@@ -34,12 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reportgen.analyses._attention_math import (centre_window, grid_distances, is_swin_attention, mean_distance,
-                                                rollout, row_entropy, swin_window_attention, token_layout,
-                                                windows_to_grid)
+from reportgen.analyses._attention_math import (WindowLayout, centre_window, grid_distances, is_swin_attention,
+                                                mean_distance, patch_grid, rollout, row_entropy,
+                                                swin_window_attention, token_layout, window_layout, windows_to_grid)
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
-from reportgen.engine.capture import probe_forward
+from reportgen.engine.capture import attention_kind, probe_forward
 from reportgen.engine.layers import named_modules, select_layers
+from reportgen.engine.tensors import TokenLayout, token_layout_of
 from reportgen.errors import ConfigError
 from reportgen.inputs.labels import display_names
 from reportgen.report import plots
@@ -75,6 +84,7 @@ class LayerInfo:
     keys: int  # keys per query row (N for ViT, tokens per window for Swin)
     grid: Optional[Tuple[int, int]]  # (gh, gw) of the map, None when the tokens form no patch grid
     class_token: bool  # map is the class token's row (else attention received, summed over queries)
+    prefix: int = 0  # class, distillation and register tokens before the patches (left out of every map)
 
     @property
     def field(self) -> str:
@@ -87,7 +97,13 @@ allow_in_state(LayerInfo)  # part of the saved state (checkpoints, shards)
 
 def is_attention(name: str, module: nn.Module) -> bool:
     """The layer filter for `layers`: modules whose attention this analysis can read (a `select_layers` where)."""
-    return isinstance(module, nn.MultiheadAttention) or is_swin_attention(module)
+    return attention_kind(module) is not None or is_swin_attention(module)
+
+
+def is_windowed(name: str, modules: Dict[str, nn.Module]) -> bool:
+    """A captured attention module inside a Swin block (its parent has a window size and a cyclic shift)."""
+    parent = modules.get(name.rsplit(".", 1)[0]) if "." in name else None
+    return parent is not None and hasattr(parent, "window_size") and hasattr(parent, "shift_size")
 
 
 def short_names(names: List[str]) -> List[str]:
@@ -144,10 +160,13 @@ class Attention(Analysis):
         else:
             shown = select_layers(ctx.model, list(cfg.layers), "analysis.attention.layers", where=is_attention)
         self.modules = modules
-        self.shown_mha = [n for n in shown if isinstance(modules[n], nn.MultiheadAttention)]
-        self.shown_swin = [n for n in shown if is_swin_attention(modules[n])]
-        self.rollout_mha = ([n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
-                            if cfg.rollout else [])
+        captured = [n for n in shown if attention_kind(modules[n]) is not None]
+        self.shown_mha = [n for n in captured if not is_windowed(n, modules)]  # global self-attention
+        self.shown_windows = [n for n in captured if is_windowed(n, modules)]  # timm / transformers Swin
+        self.shown_swin = [n for n in shown if is_swin_attention(modules[n])]  # torchvision Swin (recomputed)
+        self.rollout_mha = ([n for n, m in modules.items() if attention_kind(m) is not None
+                             and not is_windowed(n, modules)] if cfg.rollout else [])
+        self.window_layouts: Dict[str, WindowLayout] = {}  # windowed module -> its layout (from a probe)
         self.swin_inputs: Dict[str, str] = {}  # Swin attention module -> module whose output is its input
         self.layers: Dict[str, LayerInfo] = {}  # call key -> info, in call order (fixed on the first batch)
         self.stats: Dict[str, Dict[str, Any]] = {}  # call key -> {entropy, distance: (heads,) sums, images}
@@ -163,9 +182,11 @@ class Attention(Analysis):
 
     @property
     def applicable(self) -> bool:
-        return bool(self.shown_mha or self.shown_swin)
+        return bool(self.shown_mha or self.shown_swin or self.shown_windows)
 
     def begin(self, example: Batch) -> None:
+        if self.shown_windows:
+            self.window_layouts = self._find_window_layouts(example.inputs[:1])
         if self.shown_swin:
             self.swin_inputs = self._find_swin_inputs(example.inputs[:1])
             for name in self.shown_swin:
@@ -199,8 +220,49 @@ class Attention(Analysis):
                 found[name] = (siblings or match)[-1]
         return found
 
+    def _find_window_layouts(self, example: torch.Tensor) -> Dict[str, WindowLayout]:
+        """Each windowed attention module's layout, from its Swin block on a one-image probe: the block's input grid
+        (timm: its (1, H, W, C) input; transformers: the `input_dimensions` it is given), then its window and shift
+        as the block set them for that input."""
+        parents = {name.rsplit(".", 1)[0]: name for name in self.shown_windows}
+        grids: Dict[str, Tuple[int, int]] = {}
+        height, width = example.shape[-2:]
+
+        def block_input(key: str, name: str, module: nn.Module, args: Any) -> None:
+            if name in parents and name not in grids and args and isinstance(args[0], torch.Tensor):
+                if args[0].dim() == 4:  # timm: (B, H, W, C)
+                    grids[name] = (int(args[0].shape[1]), int(args[0].shape[2]))
+                elif len(args) > 1 and isinstance(args[1], (tuple, list)):  # transformers: (B, H*W, C), (H, W)
+                    grids[name] = (int(args[1][0]), int(args[1][1]))
+                elif args[0].dim() == 3:
+                    grids[name] = patch_grid(int(args[0].shape[1]), height, width)
+
+        probe_forward(self.ctx.model, example, on_start=block_input, modules=list(parents))
+        layouts = {}
+        for parent, name in parents.items():
+            block = self.modules[parent]
+            if grids.get(parent) is None:
+                self.notes.append(f"{name}: the token grid of its block's input could not be read, so its windows "
+                                  f"cannot be placed on the image; left out")
+                continue
+            window, shift = block.window_size, block.shift_size
+            window = tuple(int(w) for w in (window if isinstance(window, (tuple, list)) else (window, window)))
+            shift = tuple(int(s) for s in (shift if isinstance(shift, (tuple, list)) else (shift, shift)))
+            layouts[name] = window_layout(*grids[parent], window, shift,
+                                          shift_first=type(block).__module__.startswith("timm."))
+        return layouts
+
+    def _layout(self, tokens: int, height: int, width: int) -> Optional[TokenLayout]:
+        """Prefix tokens and patch grid of a `tokens`-long sequence: the model's own (`token_layout_of`), else
+        guessed (a leading class token when the rest fills a grid of the image's aspect ratio)."""
+        known = token_layout_of(self.ctx.model, tokens, height, width)
+        if known is not None:
+            return known
+        guess = token_layout(tokens, height, width)
+        return None if guess is None else TokenLayout(guess[0], guess[1:], guess[0] == 1)
+
     def requires(self) -> Requirements:
-        return Requirements(attention=sorted(set(self.shown_mha + self.rollout_mha)),
+        return Requirements(attention=sorted(set(self.shown_mha + self.rollout_mha + list(self.window_layouts))),
                             activations=sorted(set(self.swin_inputs.values())))
 
     def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
@@ -215,6 +277,9 @@ class Attention(Analysis):
         per_head: Dict[str, torch.Tensor] = {}  # call key -> (B, heads, gh, gw) maps
         matrices: Dict[str, torch.Tensor] = {}  # call key -> (B, T, T) head-averaged token x token attention
         first_batch = self.images == 0  # layers, fields and notes are fixed on the first batch
+        if first_batch:  # modules that gave no weights (e.g. transformers < 5 returns none unless asked)
+            self.notes.extend(f"{key.split(':', 1)[1]}: {note}" for key, note in captures.notes.items()
+                              if key.startswith("attention:"))
         for key, weights in captures.attention.items():  # call order
             if key.split("#")[0] not in self.shown_mha or (not first_batch and key not in self.layers):
                 continue
@@ -224,15 +289,16 @@ class Attention(Analysis):
                                       f"(batch {size}), left out")
                 continue
             weights = weights.float()  # (B, heads, N, S)
-            layout = token_layout(weights.shape[-1], height, width) if weights.shape[-2] == weights.shape[-1] else None
+            layout = self._layout(weights.shape[-1], height, width) if weights.shape[-2] == weights.shape[-1] else None
             entropy = row_entropy(weights).mean(dim=-1)  # (B, heads)
             distance = torch.full_like(entropy, float("nan"))
             if layout is not None:
-                first, gh, gw = layout
+                first, (gh, gw) = layout.prefix, layout.grid
                 patches = weights[:, :, first:, first:]  # (B, heads, P, P)
                 cells = self._distances(gh, gw, (height / gh, width / gw), weights.device)  # (P, P)
                 distance = mean_distance(patches, cells).mean(dim=-1)  # (B, heads)
-                rows = weights[:, :, 0, 1:] if first == 1 else weights.sum(dim=-2)  # (B, heads, P)
+                rows = (weights[:, :, 0, first:] if layout.class_token
+                        else weights[:, :, first:, first:].sum(dim=-2))  # (B, heads, P)
                 per_head[key] = rows.reshape(size, -1, gh, gw)  # (B, heads, gh, gw)
                 matrices[key] = weights.mean(dim=1)  # (B, N, N), reused by the rollout
             elif first_batch:
@@ -240,30 +306,51 @@ class Attention(Analysis):
                                   f"patch grid of the {height}x{width} input; statistics only")
             if first_batch:
                 self.layers[key] = LayerInfo(key, "mha", weights.shape[1], weights.shape[-1],
-                                             layout[1:] if layout else None, bool(layout and layout[0] == 1))
+                                             layout.grid if layout else None, bool(layout and layout.class_token),
+                                             layout.prefix if layout else 0)
             self._add_stats(key, entropy, distance)
+        for key, probs, layout in self._window_attention(captures, size, first_batch):
+            cells = self._distances(*layout.window, (height / layout.height, width / layout.width),
+                                    probs.device)  # (T, T)
+            entropy = windows_to_grid(row_entropy(probs), layout).mean(dim=(-2, -1))  # (B, heads)
+            distance = windows_to_grid(mean_distance(probs, cells), layout).mean(dim=(-2, -1))  # (B, heads)
+            per_head[key] = windows_to_grid(probs.sum(dim=-2), layout)  # (B, heads, h, w) received
+            matrices[key] = probs[:, centre_window(layout)].mean(dim=1)  # (B, T, T)
+            if first_batch:
+                self.layers[key] = LayerInfo(key, "swin", probs.shape[2], probs.shape[-1],
+                                             (layout.height, layout.width), False)
+            self._add_stats(key, entropy, distance)
+        rolled = self._rollout(captures, matrices, size, height, width, first_batch) if self.rollout_mha else None
+        self._stream(batch, per_head, rolled)
+        self._keep_examples(batch, logits, per_head, matrices, rolled)
+        self.images += size
+
+    def _window_attention(self, captures: Any, size: int, first_batch: bool
+                          ) -> List[Tuple[str, torch.Tensor, WindowLayout]]:
+        """(call key, (B, windows, heads, T, T) probabilities, layout) of every shown Swin attention call:
+        torchvision's recomputed from the captured attention input, timm's and transformers' as captured."""
+        found = []
         for name in self.shown_swin:
             if name not in self.swin_inputs:
                 continue
             for call, source in enumerate(captures.calls(self.swin_inputs[name]), start=1):
                 key = name if call == 1 else f"{name}#{call}"
-                if not first_batch and key not in self.layers:
-                    continue
-                probs, layout = swin_window_attention(captures[source].detach().float(), self.modules[name])
-                cells = self._distances(*layout.window, (height / layout.height, width / layout.width),
-                                        probs.device)  # (T, T)
-                entropy = windows_to_grid(row_entropy(probs), layout).mean(dim=(-2, -1))  # (B, heads)
-                distance = windows_to_grid(mean_distance(probs, cells), layout).mean(dim=(-2, -1))  # (B, heads)
-                per_head[key] = windows_to_grid(probs.sum(dim=-2), layout)  # (B, heads, h, w) received
-                matrices[key] = probs[:, centre_window(layout)].mean(dim=1)  # (B, T, T)
+                if first_batch or key in self.layers:
+                    found.append((key, *swin_window_attention(captures[source].detach().float(),
+                                                              self.modules[name])))
+        for key, weights in captures.attention.items():
+            layout = self.window_layouts.get(key.split("#")[0])
+            if layout is None or (not first_batch and key not in self.layers):
+                continue
+            windows = layout.windows[0] * layout.windows[1]
+            tokens = layout.window[0] * layout.window[1]
+            if weights.dim() != 4 or weights.shape[0] != size * windows or weights.shape[-1] != tokens:
                 if first_batch:
-                    self.layers[key] = LayerInfo(key, "swin", probs.shape[2], probs.shape[-1],
-                                                 (layout.height, layout.width), False)
-                self._add_stats(key, entropy, distance)
-        rolled = self._rollout(captures, matrices, size, height, width, first_batch) if self.rollout_mha else None
-        self._stream(batch, per_head, rolled)
-        self._keep_examples(batch, logits, per_head, matrices, rolled)
-        self.images += size
+                    self.notes.append(f"{key}: window attention of shape {tuple(weights.shape)} does not match "
+                                      f"{size} images x {windows} windows of {tokens} tokens; left out")
+                continue
+            found.append((key, weights.float().reshape(size, windows, *weights.shape[1:]), layout))  # (B, nW, h, T, T)
+        return found
 
     def _distances(self, rows: int, columns: int, cell: Tuple[float, float], device: torch.device) -> torch.Tensor:
         """(P, P) grid distances in input pixels, computed once per grid and device."""
@@ -302,7 +389,7 @@ class Attention(Analysis):
         tokens = chain[0][1].shape[-1]
         left_out = [k for k, w in chain if w.shape[-1] != tokens]
         chain = [(k, w) for k, w in chain if w.shape[-1] == tokens]
-        layout = token_layout(tokens, height, width)
+        layout = self._layout(tokens, height, width)
         if layout is None:
             if first_batch:
                 self.notes.append(f"rollout: {tokens} tokens do not form a patch grid of the input; not computed")
@@ -311,13 +398,13 @@ class Attention(Analysis):
             if left_out:
                 self.notes.append(f"rollout: {len(left_out)} attention calls with a different token count left "
                                   f"out ({', '.join(left_out[:4])})")
-            self.rollout_info = {"layers": [k for k, _ in chain], "tokens": tokens, "grid": layout[1:],
-                                 "class_token": layout[0] == 1}
+            self.rollout_info = {"layers": [k for k, _ in chain], "tokens": tokens, "grid": layout.grid,
+                                 "class_token": layout.class_token, "prefix": layout.prefix}
         layers = [averaged.get(k, w) for k, w in chain]  # head averages already taken for shown layers
-        result = rollout(layers, float(self.cfg.discard_ratio))  # (B, N, N)
-        first, gh, gw = layout
-        row = result[:, 0, 1:] if first == 1 else result.mean(dim=1)  # (B, P)
-        return row.reshape(size, gh, gw)  # (B, gh, gw)
+        result = rollout(layers, float(self.cfg.discard_ratio))  # (B, N, N) over every token, prefix ones too
+        first = layout.prefix
+        row = result[:, 0, first:] if layout.class_token else result[:, first:, first:].mean(dim=1)  # (B, P)
+        return row.reshape(size, *layout.grid)  # (B, gh, gw)
 
     def _stream(self, batch: Batch, per_head: Dict[str, torch.Tensor], rolled: Optional[torch.Tensor]) -> None:
         """Append this batch's head-averaged maps and rollout to the on-disk store (one device->host copy each)."""
@@ -403,9 +490,19 @@ class Attention(Analysis):
         elif keys:  # statistics only (no layer formed a patch grid)
             np.savez_compressed(self.ctx.results_dir / "attention.npz", **summary)
         if not self.applicable:
+            unread = sorted({type(m).__name__ for m in self.modules.values() if "Attention" in type(m).__name__})
+            if unread:  # attention the engine cannot read is "not supported", never "no attention layers"
+                section.summary = "not supported: attention of an unknown kind"
+                section.elements.append(Text(
+                    f"Not supported: {type(self.ctx.model).__name__} has attention modules ({', '.join(unread)}) "
+                    f"whose weights this analysis cannot read: it captures nn.MultiheadAttention, timm attention "
+                    f"with a fused_attn switch and an attn_drop after its softmax, transformers attention that "
+                    f"returns its weights (eager), and torchvision Swin's window attention."))
+                return section
             section.summary = "not applicable: no attention layers"
             section.elements.append(Text(f"Not applicable: no attention layers ({type(self.ctx.model).__name__} has "
-                                         f"no nn.MultiheadAttention or Swin window attention)."))
+                                         f"no nn.MultiheadAttention, timm or transformers attention module, or "
+                                         f"Swin window attention)."))
             return section
         if not self.images:
             section.elements.append(Text("No image was processed, so there are no attention maps."))
@@ -439,15 +536,22 @@ class Attention(Analysis):
         grids = sorted({info.grid for info in self.layers.values() if info.grid}, reverse=True)
         if grids:
             facts.append(("token grids", ", ".join(f"{gh}×{gw}" for gh, gw in grids)))
+        prefix = max((info.prefix for info in self.layers.values()), default=0)
+        if prefix:
+            facts.append(("prefix tokens", f"{prefix} (class / distillation / register tokens before the patches, "
+                                           f"from the model's own layout): left out of every map and of the "
+                                           f"attention distance, kept in the rollout"))
         if any(info.class_token for info in self.layers.values()):
             facts.append(("maps", "attention of the class token (token 0) to each patch, per head and averaged "
                                   "over heads"))
         elif swin:
             window = int(round(self.layers[next(k for k in keys if self.layers[k].kind == 'swin')].keys ** 0.5))
+            source = ("recomputed from each block's attention input, equal to torchvision's own computation"
+                      if self.shown_swin else "the softmax of each window attention module, as the library "
+                                              "computes it (timm: non-fused path; transformers: eager attention)")
             facts.append(("maps", f"attention each patch receives from the queries of its {window}×{window} "
                                   f"(shifted) window, summed over them (1 = its fair share) and averaged over heads; "
-                                  f"recomputed from each block's attention input, equal to torchvision's own "
-                                  f"computation"))
+                                  f"{source}"))
         elif keys:
             facts.append(("maps", "attention each patch receives, summed over all queries (no class token; 1 = its "
                                   "fair share)"))
@@ -523,9 +627,11 @@ class Attention(Analysis):
         shown = [k for k in self.layers if k in item["matrices"]]
         if not shown:
             return []
+        prefix = max(self.layers[k].prefix for k in shown)
         token_note = ("the tokens of the window holding the image centre, row by row" if swin else
-                      "token 0 is the class token, then the patches row by row" if
-                      any(self.layers[k].class_token for k in shown) else "patches row by row")
+                      f"tokens 0-{prefix - 1} are the prefix tokens (class first), then the patches row by row"
+                      if prefix > 1 else "token 0 is the class token, then the patches row by row" if prefix
+                      else "patches row by row")
         return [plots.matrix_grid(
             [item["matrices"][k] for k in shown], [labels.get(k, k) for k in shown], name="token_matrix",
             dpi=int(self.ctx.report.figure_dpi), cmap="viridis", image_format=str(self.ctx.report.image_format),

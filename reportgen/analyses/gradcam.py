@@ -9,22 +9,30 @@ second forward. Methods (Selvaraju et al. 2017; Chattopadhay et al. 2018; Jiang 
 - layercam:  relu(sum_c relu(dS/dA)_c * A_c)          (element-wise weights, sharper maps)
 - hirescam:  relu(sum_c (dS/dA)_c * A_c)              (element-wise, faithful to the score)
 
-Vision transformers: token outputs (B, 1 + g*g, C) are reshaped to a (B, C, g, g) grid without the CLS token; the
-default target there is the last encoder block's first LayerNorm (the block's output only reaches the head through
-the CLS token, so its patch gradients are zero).
+Default target layer, per family (`default_target_layer`):
+- vision transformers (torchvision, timm ViT/DeiT/EVA..., transformers ViT/DeiT): the last encoder block's first
+  norm (`ln_1`, `norm1`, `layernorm_before`). The block's output only reaches the head through the class token, so
+  its patch gradients are zero. Its tokens (B, prefix + rows * columns, C) are laid out on the model's own patch
+  grid, the prefix tokens (class, distillation, registers) dropped;
+- CNNs and hierarchical models: the last plain-tensor spatial output, read channels-last (B, h, w, C) where the
+  module works that way (timm Swin's last stage), the final Identity / LayerNorm passed over (timm ConvNeXt ->
+  `stages`, timm Swin -> `layers`, transformers ConvNeXt -> `...encoder.stages.3`).
+A layer whose output is not a grid is never used: chosen by `layer`, it is a config error; when the model has no
+spatial layer to default to, the section says so and names `analysis.gradcam.layer`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
-from reportgen.engine.layers import last_spatial_layer, named_modules, select_layers, transformer_blocks
-from reportgen.engine.tensors import to_grid
+from reportgen.engine.layers import (last_spatial_layer, named_modules, probe_calls, select_layers, spatial_size,
+                                    transformer_blocks)
+from reportgen.engine.tensors import TokenLayout, channels_last_output, guess_token_layout, to_grid, token_layout_of
 from reportgen.errors import ConfigError
 from reportgen.inputs.labels import display_names, match_labels
 from reportgen.report import plots
@@ -32,7 +40,10 @@ from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Se
 from reportgen.report.overlays import HEATMAP_CMAP, heat_on_thumbnail, normalise_maps
 from reportgen.report.thumbnails import thumbnail
 from reportgen.state.reducers import BoundedTop
+from reportgen.state.run_state import allow_in_state
 from reportgen.state.streams import RowStore, absorb_rows
+
+allow_in_state(TokenLayout)  # the target layer's token layout is part of the saved state (checkpoints, shards)
 
 METHODS = ["gradcam", "gradcam++", "layercam", "hirescam"]
 TARGETS = ["predicted", "label"]
@@ -68,16 +79,44 @@ def cam_from(method: str, activations: torch.Tensor, grads: torch.Tensor) -> tor
 
 
 def default_target_layer(model: nn.Module, example: torch.Tensor) -> Optional[str]:
-    """ViT-like models (nn.MultiheadAttention blocks): the last block's first LayerNorm; otherwise the module of
-    the last spatial (B, C, h, w) output."""
-    if any(isinstance(m, nn.MultiheadAttention) for m in model.modules()):
-        blocks = transformer_blocks(model)
-        if blocks:
-            modules = named_modules(model)
-            norms = [n for n, m in modules.items() if n.startswith(blocks[-1] + ".") and isinstance(m, nn.LayerNorm)]
-            if norms:
-                return norms[0]
+    """The last transformer block's first norm when its output is patch tokens (see the module docstring);
+    otherwise the module of the last spatial output; None when the model has neither."""
+    blocks = transformer_blocks(model)
+    if blocks:
+        modules = named_modules(model)
+        norms = [n for n, m in modules.items() if n.startswith(blocks[-1] + ".") and isinstance(m, nn.LayerNorm)]
+        layout = grid_layout(model, norms[0], example) if norms else None
+        if layout is not None and layout[0] == "tokens":
+            return norms[0]
     return last_spatial_layer(model, example)
+
+
+def grid_layout(model: nn.Module, layer: str, example: torch.Tensor) -> Optional[Tuple[str, Any]]:
+    """How `layer`'s output (on a probe of `example`) lies on a spatial grid: ("nchw", None), ("nhwc", None) or
+    ("tokens", TokenLayout); None when it does not (a vector, a 1x1 map, a token sequence without a patch grid, an
+    output that is not a plain tensor)."""
+    calls = [call for call in probe_calls(model, example) if call.name == layer]
+    if not calls or not calls[0].plain:  # not called, or a tuple / output object (no gradient leaf possible)
+        return None
+    shape = calls[0].shape
+    if len(shape) == 4:
+        channels_last = channels_last_output(named_modules(model)[layer])
+        height, width = spatial_size(shape, channels_last)
+        return ("nhwc" if channels_last else "nchw", None) if height * width > 1 else None
+    if len(shape) == 3:
+        height, width = example.shape[-2:]
+        layout = token_layout_of(model, shape[1], height, width) or guess_token_layout(shape[1])
+        return ("tokens", layout) if layout is not None else None
+    return None
+
+
+def _grid_layers(model: nn.Module, example: torch.Tensor) -> list:
+    """Names of the modules whose output lies on a grid (the valid choices for `layer`), last ones first."""
+    names = []
+    for call in reversed(probe_calls(model, example)):
+        if call.name not in names and grid_layout(model, call.name, example) is not None:
+            names.append(call.name)
+    return names[:12]
 
 
 @register("gradcam")
@@ -100,6 +139,8 @@ class GradCAM(Analysis):
         self.fixed_class = int(target) if target.isdigit() else None
         self.label_to_output = match_labels(ctx.dataset_classes, ctx.loaded.class_names)
         self.layer: Optional[str] = None
+        self.layout: Optional[Tuple[str, Any]] = None  # how the layer's output lies on a grid (see grid_layout)
+        self.missing: Optional[str] = None  # why there is no target layer (no spatial layer to default to)
         self.store: Optional[RowStore] = None
         self.grid: Optional[tuple] = None
         self.count = 0
@@ -110,18 +151,39 @@ class GradCAM(Analysis):
 
     def begin(self, example: Batch) -> None:
         model = self.ctx.model
+        probe = example.inputs[:1]
         if self.cfg.layer:
             self.layer = select_layers(model, [self.cfg.layer], "analysis.gradcam.layer")[-1]
+            self.layout = grid_layout(model, self.layer, probe)
+            if self.layout is None:
+                calls = [c for c in probe_calls(model, probe) if c.name == self.layer]
+                got = ("nothing (it is not called)" if not calls else "×".join(map(str, calls[0].shape))
+                       + ("" if calls[0].plain else " inside a tuple or output object"))
+                raise ConfigError("analysis.gradcam.layer", self.cfg.layer,
+                                  f"a layer whose output is a plain tensor on a spatial grid, (B, C, h, w), "
+                                  f"channels-last (B, h, w, C) or patch tokens (B, prefix + rows*columns, C); "
+                                  f"{self.layer} outputs {got}", _grid_layers(model, probe))
+            return
+        self.layer = default_target_layer(model, probe)
+        if self.layer is None:
+            self.missing = (f"Not applicable: no layer of {type(model).__name__} outputs a spatial grid or patch "
+                            f"tokens to default to; choose one with analysis.gradcam.layer=<module name>.")
         else:
-            self.layer = default_target_layer(model, example.inputs[:1])
-            if self.layer is None:
-                raise ConfigError("analysis.gradcam.layer", None, "a layer with a spatial or token-grid output "
-                                                                  "(the model has none to default to)")
+            self.layout = grid_layout(model, self.layer, probe)
 
     def requires(self) -> Requirements:
         return Requirements(gradients=[self.layer]) if self.layer else Requirements()
 
+    def _grid(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The target layer's output (or its gradient) as (B, C, h, w)."""
+        kind, tokens = self.layout
+        if kind == "nhwc":
+            return tensor.permute(0, 3, 1, 2)  # (B, C, h, w)
+        return to_grid(tensor, tokens)  # (B, C, h, w) or (B, C, rows, columns) without the prefix tokens
+
     def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+        if self.layer is None:
+            return
         if self.fixed_class is not None and self.fixed_class >= logits.shape[1]:
             raise ConfigError("analysis.gradcam.target", self.fixed_class,
                               f"a class index below the model's {logits.shape[1]} outputs")
@@ -129,7 +191,8 @@ class GradCAM(Analysis):
         targets = self._targets(batch, logits)  # (B,)
         score = logits.gather(1, targets[:, None]).sum()
         (grads,) = torch.autograd.grad(score, activation, retain_graph=True)
-        cams = cam_from(self.cfg.method, to_grid(activation.detach().float()), to_grid(grads.float()))  # (B, h, w)
+        maps, grads = self._grid(activation.detach().float()), self._grid(grads.float())  # (B, C, h, w)
+        cams = cam_from(self.cfg.method, maps, grads)  # (B, h, w)
         probs = torch.softmax(logits.detach().float(), dim=1)  # (B, K)
         confidence, predicted = probs.max(dim=1)  # (B,)
         normalised = normalise_maps(cams)  # (B, h, w) in [0, 1]
@@ -158,6 +221,15 @@ class GradCAM(Analysis):
                     "label": label, "wrong": wrong, "expected": expected})
         self.count += len(batch.paths)
 
+    def _layout_text(self) -> str:
+        kind, tokens = self.layout or ("nchw", None)
+        if kind == "nhwc":
+            return "channels-last map (B, h, w, C)"
+        if kind == "tokens":
+            prefix = f", the first {tokens.prefix} (class / distillation / register) dropped" if tokens.prefix else ""
+            return f"tokens on the {tokens.grid[0]}×{tokens.grid[1]} patch grid{prefix}"
+        return "feature map (B, C, h, w)"
+
     def _targets(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         predicted = logits.detach().argmax(dim=1)  # (B,)
         if self.fixed_class is not None:
@@ -170,14 +242,16 @@ class GradCAM(Analysis):
         return predicted
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"layer": self.layer, "count": self.count, "class_sum": self.class_sum,
-                "class_count": self.class_count, "gallery": self.gallery, "nonfinite": self.nonfinite,
-                "grid": self.grid, "store": self.store.ref() if self.store is not None else None}
+        return {"layer": self.layer, "layout": self.layout, "missing": self.missing, "count": self.count,
+                "class_sum": self.class_sum, "class_count": self.class_count, "gallery": self.gallery,
+                "nonfinite": self.nonfinite, "grid": self.grid, "store": self.store.ref() if self.store is not None else None}
 
     def merge(self, state: Dict[str, Any]) -> None:
         self.count += state["count"]
         self.nonfinite += state["nonfinite"]
         self.grid = self.grid or state["grid"]
+        self.layout = self.layout or state["layout"]
+        self.missing = self.missing or state["missing"]
         for cls, total in state["class_sum"].items():
             self.class_sum[cls] = self.class_sum.get(cls, 0) + total
             self.class_count[cls] = self.class_count.get(cls, 0) + state["class_count"][cls]
@@ -188,6 +262,10 @@ class GradCAM(Analysis):
         section = Section(id="gradcam", title="Grad-CAM")
         if self.store is not None:
             self.store.pack(self.ctx.results_dir / "gradcam.npz", layer=np.array(self.layer))
+        if self.missing:
+            section.summary = "not applicable: no spatial layer"
+            section.elements.append(Text(self.missing))
+            return section
         if not self.count:
             section.elements.append(Text("No image was processed, so there are no class activation maps."))
             return section
@@ -196,7 +274,7 @@ class GradCAM(Analysis):
         section.summary = (f"{self.cfg.method} on {self.layer} for {self.count} images, target: "
                            f"{target_text.get(str(self.cfg.target), 'class ' + str(self.cfg.target))}")
         section.elements.append(KeyValues([
-            ("method", self.cfg.method), ("target layer", self.layer),
+            ("method", self.cfg.method), ("target layer", self.layer), ("read as", self._layout_text()),
             ("map resolution", "×".join(str(d) for d in self.grid)), ("images", self.count),
             ("colour scale", f"each map min-max normalised to [0, 1], colormap {HEATMAP_CMAP} (bright = more)"),
         ]))

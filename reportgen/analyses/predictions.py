@@ -2,8 +2,13 @@
 
 Per-image rows stream to `results/predictions.csv` as batches arrive; everything kept in memory is bounded
 (counts, fixed-bin histograms, and a few galleries of at most `report.gallery_size` thumbnails).
-Folder names are matched to the model's class names (case, `_` and `-` ignored); accuracy counts only images whose
-folder matched a class, and the report says how many did.
+Folder names are matched to the model's class names (case, `_` and `-` ignored), or by WordNet id for ImageNet-layout
+folders; accuracy counts only images whose folder matched a class, and the report says how many did.
+
+`activation` turns logits into probabilities: softmax over the outputs, or sigmoid, where each output is its own
+probability. `auto` takes sigmoid for a single output (a binary classifier: two outcomes, "not X" and "X") and for a
+head its library declares multi-label, softmax otherwise. A multi-label head has no top-1 accuracy (several classes
+may be right at once): the section gives per-class recall and precision at probability 0.5 instead.
 """
 from __future__ import annotations
 
@@ -14,7 +19,8 @@ import numpy as np
 import torch
 
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
-from reportgen.inputs.labels import display_names, match_labels
+from reportgen.errors import ConfigError
+from reportgen.inputs.labels import WORDNET_ID, display_names, folder_display_names, imagenet_synsets, match_labels
 from reportgen.report import plots
 from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
 from reportgen.report.thumbnails import thumbnail
@@ -24,12 +30,15 @@ from reportgen.state.streams import CsvStream, absorb_csv
 
 CONFIDENCE_EDGES = np.linspace(0.0, 1.0, 21)
 CSV_HEADER = ["path", "label", "top1_index", "top1_name", "top1_prob", "topk_indices", "topk_names", "topk_probs"]
+ACTIVATIONS = ["auto", "softmax", "sigmoid"]
+MULTI_LABEL_THRESHOLD = 0.5  # a multi-label output counts as "predicted" at this probability or above
 
 
 @dataclass
 class PredictionsConfig:
     top_k: int = 5  # classes listed per image (and top-k accuracy)
     low_confidence: float = 0.5  # top-1 probability under this is flagged as low confidence
+    activation: str = "auto"  # auto | softmax | sigmoid (auto: sigmoid for one output or a multi-label head)
 
 
 @register("predictions")
@@ -37,10 +46,22 @@ class Predictions(Analysis):
     Config = PredictionsConfig
     oom_safe = True  # softmax and top-k on the device come before any count changes (num_outputs is idempotent)
 
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        if str(cfg.activation) not in ACTIVATIONS:
+            raise ConfigError("analysis.predictions.activation", cfg.activation, "how logits become probabilities",
+                              ACTIVATIONS)
+
     def __init__(self, cfg: Any, ctx: RunContext):
         super().__init__(cfg, ctx)
-        self.label_to_output = match_labels(ctx.dataset_classes, ctx.loaded.class_names)  # (n_folder_classes,)
-        self.num_outputs: Optional[int] = None
+        self.check_config(cfg)
+        loaded = ctx.loaded
+        self.label_to_output = match_labels(ctx.dataset_classes, loaded.class_names, loaded.synsets)  # (n_folder,)
+        self.folder_names = folder_display_names(ctx.dataset_classes, loaded.class_names, loaded.synsets)
+        self.num_outputs: Optional[int] = None  # logits of the model
+        self.num_classes: Optional[int] = None  # probability columns: the outputs, or 2 outcomes of a binary head
+        self.mode = "softmax"  # softmax | binary (one sigmoid output) | multi-label (independent sigmoids)
+        self.flagged: Optional[np.ndarray] = None  # multi-label: (n_folder_classes, K) images with p >= 0.5
         self.images = 0
         self.nonfinite = 0
         self.evaluated = 0  # labelled images whose folder matched a model class
@@ -57,14 +78,44 @@ class Predictions(Analysis):
         self._csv: Optional[CsvStream] = None  # results/predictions.csv, one row per image as batches arrive
         self._names: Optional[List[str]] = None
 
+    def _set_outputs(self, num_outputs: int) -> None:
+        """Decide the activation once the number of logits is known (first batch, or a merged state)."""
+        self.num_outputs = num_outputs
+        activation = str(self.cfg.activation)
+        sigmoid = activation == "sigmoid" or (activation == "auto"
+                                               and (num_outputs == 1 or self.ctx.loaded.multi_label))
+        self.mode = "softmax" if not sigmoid else "binary" if num_outputs == 1 else "multi-label"
+        self.num_classes = 2 if self.mode == "binary" else num_outputs
+        if self.mode == "binary":  # the two outcomes get the names folders are matched against
+            self.label_to_output = match_labels(self.ctx.dataset_classes, self._names_of_classes())
+        elif num_outputs == 1000 and not self.ctx.loaded.synsets:  # a nameless 1000-class head: ImageNet's order
+            self.label_to_output = match_labels(self.ctx.dataset_classes, self.ctx.loaded.class_names,
+                                                imagenet_synsets())
+
+    def _names_of_classes(self) -> List[str]:
+        """One name per probability column: a binary head's two outcomes, else the model's class names."""
+        names = list(self.ctx.loaded.class_names)
+        if self.mode == "binary":
+            return names if len(names) == 2 else [f"not {names[0]}", names[0]] if names else ["negative", "positive"]
+        return display_names(names, self.num_classes or 0)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, K) logits -> (B, num_classes) probabilities under this run's activation."""
+        if self.mode == "binary":
+            positive = torch.sigmoid(logits)  # (B, 1)
+            return torch.cat([1.0 - positive, positive], dim=1)  # (B, 2): outcome 0 = "not", 1 = the class
+        return torch.sigmoid(logits) if self.mode == "multi-label" else torch.softmax(logits, dim=1)  # (B, K)
+
     def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
         logits = logits.detach().float()  # (B, K)
         if self.num_outputs is None:
-            self.num_outputs = logits.shape[1]
-            self.confusion = np.zeros((len(self.ctx.dataset_classes), self.num_outputs), dtype=np.int64)
+            self._set_outputs(logits.shape[1])
+            self.confusion = np.zeros((len(self.ctx.dataset_classes), self.num_classes), dtype=np.int64)
+            self.flagged = np.zeros_like(self.confusion)
         finite = torch.isfinite(logits).all(dim=1)  # (B,)
-        probs = torch.softmax(logits, dim=1)  # (B, K)
-        k = min(int(self.cfg.top_k), self.num_outputs)
+        probs = self.probabilities(logits)  # (B, C)
+        flagged = (probs >= MULTI_LABEL_THRESHOLD).cpu().numpy() if self.mode == "multi-label" else None  # (B, C)
+        k = min(int(self.cfg.top_k), self.num_classes)
         top_probs, top_idx = probs.topk(k, dim=1)  # (B, k)
         mapping = torch.as_tensor(self.label_to_output, device=logits.device)
         labels = batch.labels
@@ -86,6 +137,8 @@ class Predictions(Analysis):
         self.correct_topk += int(hitk.sum())
         for label, pred in zip(labels[labels >= 0], top_idx[labels >= 0, 0]):
             self.confusion[label, pred] += 1
+        if flagged is not None:
+            np.add.at(self.flagged, labels[labels >= 0], flagged[labels >= 0].astype(np.int64))
         self.hist_correct.add(top_probs[hit1, 0])
         self.hist_wrong.add(top_probs[evaluated & ~hit1, 0])
         self.hist_unlabelled.add(top_probs[~evaluated, 0])
@@ -111,7 +164,7 @@ class Predictions(Analysis):
         if self._csv is None:
             self._csv = CsvStream(self.ctx.results_dir / "predictions.csv", CSV_HEADER)
         if self._names is None:
-            self._names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)  # once, not per batch
+            self._names = self._names_of_classes()  # once, not per batch
         names = self._names
         for row in range(len(indices)):
             label = self.ctx.dataset_classes[labels[row]] if labels[row] >= 0 else ""
@@ -123,7 +176,8 @@ class Predictions(Analysis):
 
     def state_dict(self) -> Dict[str, Any]:
         return {
-            "num_outputs": self.num_outputs, "images": self.images, "nonfinite": self.nonfinite,
+            "num_outputs": self.num_outputs, "flagged": self.flagged, "images": self.images,
+            "nonfinite": self.nonfinite,
             "evaluated": self.evaluated, "correct_top1": self.correct_top1, "correct_topk": self.correct_topk,
             "confusion": self.confusion, "hist_correct": self.hist_correct, "hist_wrong": self.hist_wrong,
             "hist_unlabelled": self.hist_unlabelled, "first": self.first, "least_confident": self.least_confident,
@@ -135,11 +189,14 @@ class Predictions(Analysis):
             return
         self._csv = absorb_csv(self._csv, state["csv"], self.ctx.results_dir / "predictions.csv", CSV_HEADER)
         if self.num_outputs is None:
-            self.num_outputs = state["num_outputs"]
+            self._set_outputs(state["num_outputs"])
             self.confusion = np.zeros_like(state["confusion"])
+            self.flagged = np.zeros_like(state["confusion"])
         for key in ("images", "nonfinite", "evaluated", "correct_top1", "correct_topk"):
             setattr(self, key, getattr(self, key) + state[key])
         self.confusion += state["confusion"]
+        if state.get("flagged") is not None:
+            self.flagged += state["flagged"]
         for key in ("hist_correct", "hist_wrong", "hist_unlabelled", "first", "least_confident",
                     "confident_mistakes"):
             getattr(self, key).merge(state[key])
@@ -151,21 +208,31 @@ class Predictions(Analysis):
         if not self.images:
             section.elements.append(Text("No image was processed, so there are no predictions."))
             return section
-        names = display_names(self.ctx.loaded.class_names, self.num_outputs or 0)
+        names = self._names_of_classes()
         self._write_totals(names)
         dpi = int(self.ctx.report.figure_dpi)
-        k = min(int(self.cfg.top_k), self.num_outputs or 0)
-        facts: List[Any] = [("images", self.images), ("model outputs", self.num_outputs)]
+        k = min(int(self.cfg.top_k), self.num_classes or 0)
+        multi = self.mode == "multi-label"
+        facts: List[Any] = [("images", self.images), ("model outputs", self.num_outputs),
+                            ("probabilities", self._activation_text(names))]
         low = int(self.hist_correct.counts[: self._low_bin()].sum() + self.hist_wrong.counts[: self._low_bin()].sum()
                   + self.hist_unlabelled.counts[: self._low_bin()].sum())
-        if self.evaluated:
+        if self.evaluated and not multi:
             facts += [("top-1 accuracy", f"{self.correct_top1 / self.evaluated:.1%} ({self.correct_top1}/"
                                          f"{self.evaluated})"),
                       (f"top-{k} accuracy", f"{self.correct_topk / self.evaluated:.1%}")]
         facts.append((f"top-1 probability < {self.cfg.low_confidence:g}", f"{low} images"))
         section.elements.append(KeyValues(facts))
-        section.summary = (f"top-1 accuracy {self.correct_top1 / self.evaluated:.1%} on {self.evaluated} labelled "
-                           f"images" if self.evaluated else f"{self.images} images, no matching labels")
+        if multi:
+            section.summary = f"{self.images} images, multi-label head (per-class recall/precision at 0.5)"
+            section.elements.append(Text(
+                "Multi-label head: every output is its own sigmoid probability and several classes may apply to one "
+                "image, so there is no top-1 accuracy. With the folder classes as labels, the table gives each "
+                f"class's recall (its images with probability >= {MULTI_LABEL_THRESHOLD:g}) and precision (of the "
+                f"labelled images at >= {MULTI_LABEL_THRESHOLD:g} for it, the share from its folder)."))
+        else:
+            section.summary = (f"top-1 accuracy {self.correct_top1 / self.evaluated:.1%} on {self.evaluated} "
+                               f"labelled images" if self.evaluated else f"{self.images} images, no matching labels")
         self._label_notes(section)
         if self.nonfinite:
             section.alerts.append(Alert("error", f"{self.nonfinite} images produced NaN or Inf logits; their "
@@ -174,7 +241,13 @@ class Predictions(Analysis):
             section.alerts.append(Alert("info", f"{low} of {self.images} images have top-1 probability under "
                                                 f"{self.cfg.low_confidence:g} (see 'Least confident')"))
         if self.evaluated:
-            self._accuracy_elements(section, names, dpi)
+            if multi:
+                section.elements.append(Table(["class", "images", f"recall at {MULTI_LABEL_THRESHOLD:g}",
+                                               f"precision at {MULTI_LABEL_THRESHOLD:g}"],
+                                              [[self.folder_names[i], *row[1:]] for i, row in self._multi_label_rows()],
+                                              caption="Per-class metrics of the multi-label head"))
+            else:
+                self._accuracy_elements(section, names, dpi)
         section.elements.append(plots.stacked_histogram(
             [self.hist_correct.counts, self.hist_wrong.counts, self.hist_unlabelled.counts], CONFIDENCE_EDGES,
             ["correct", "wrong", "no label"], name="confidence", xlabel="top-1 probability",
@@ -183,10 +256,30 @@ class Predictions(Analysis):
                                                "the first images of the sorted folder"))
         section.elements.append(self._gallery("Least confident", self.least_confident, names,
                                               "lowest top-1 probability first"))
-        if self.evaluated:
+        if self.evaluated and not multi:  # a multi-label head has no single right answer to miss
             section.elements.append(self._gallery("Most confident mistakes", self.confident_mistakes, names,
                                                   "wrong top-1 with the highest probability first"))
         return section
+
+    def _activation_text(self, names: List[str]) -> str:
+        if self.mode == "binary":
+            return f"sigmoid of the single output = P({names[1]}); P({names[0]}) = 1 - P({names[1]})"
+        if self.mode == "multi-label":
+            return "sigmoid of each output (multi-label: independent probabilities)"
+        return f"softmax over the {self.num_outputs} outputs"
+
+    def _multi_label_rows(self) -> List[Any]:
+        """(folder index, [folder class, images, recall, precision]) per matched folder class of a multi-label head."""
+        matched = [i for i, m in enumerate(self.label_to_output) if m >= 0]
+        rows = []
+        for i in matched:
+            target, total = int(self.label_to_output[i]), int(self.confusion[i].sum())
+            if not total:
+                continue
+            hits, flagged = int(self.flagged[i, target]), int(self.flagged[matched, target].sum())
+            rows.append((i, [self.ctx.dataset_classes[i], total, round(hits / total, 4),
+                             round(hits / flagged, 4) if flagged else None]))
+        return rows
 
     def _low_bin(self) -> int:
         return int(np.searchsorted(CONFIDENCE_EDGES, float(self.cfg.low_confidence), side="left"))
@@ -198,9 +291,12 @@ class Predictions(Analysis):
             return
         unmatched = [c for c, m in zip(classes, self.label_to_output) if m < 0]
         if len(unmatched) == len(classes):
-            section.alerts.append(Alert("warning", "No folder name matches a model class name, so accuracy is not "
-                                                   "computed (set model.labels_file to name the model's classes)",
-                                        details=unmatched))
+            wordnet = all(WORDNET_ID.match(c) for c in classes)
+            hint = ("the folders are named by WordNet id, which map only to an ImageNet head (1000 outputs) or a "
+                    "model.labels_file listing one WordNet id per output" if wordnet else
+                    "set model.labels_file to name the model's classes")
+            section.alerts.append(Alert("warning", f"No folder name matches a model class name, so accuracy is not "
+                                                   f"computed ({hint})", details=unmatched))
         elif unmatched:
             section.alerts.append(Alert("info", f"{len(unmatched)} of {len(classes)} folder classes match no model "
                                                 f"class; their images are left out of accuracy", details=unmatched))
@@ -222,22 +318,28 @@ class Predictions(Analysis):
 
     def _write_totals(self, names: List[str]) -> None:
         """results/predictions.json: the numbers a sweep index compares across models."""
-        k = min(int(self.cfg.top_k), self.num_outputs or 0)
-        write_json(self.ctx.results_dir / "predictions.json", {
-            "images": self.images, "evaluated": self.evaluated, "top_k": k,
-            "top1_accuracy": self.correct_top1 / self.evaluated if self.evaluated else None,
-            "topk_accuracy": self.correct_topk / self.evaluated if self.evaluated else None,
+        k = min(int(self.cfg.top_k), self.num_classes or 0)
+        accuracy = self.evaluated and self.mode != "multi-label"
+        totals: Dict[str, Any] = {
+            "images": self.images, "evaluated": self.evaluated, "top_k": k, "activation": self.mode,
+            "top1_accuracy": self.correct_top1 / self.evaluated if accuracy else None,
+            "topk_accuracy": self.correct_topk / self.evaluated if accuracy else None,
             "nonfinite_logits": self.nonfinite,
-            "per_class_accuracy": {row[0]: row[3] for row in self._per_class_rows(names)},
-        })
+            "per_class_accuracy": {row[0]: row[3] for row in self._per_class_rows(names)} if accuracy else {},
+        }
+        if self.mode == "multi-label":
+            totals["per_class_multi_label"] = {row[0]: {"images": row[1], "recall": row[2], "precision": row[3]}
+                                               for _, row in self._multi_label_rows()}
+        write_json(self.ctx.results_dir / "predictions.json", totals)
 
     def _accuracy_elements(self, section: Section, names: List[str], dpi: int) -> None:
         classes = self.ctx.dataset_classes
         rows = self._per_class_rows(names)
         per_class = [(row[0], row[2] / row[1]) for row in rows]
+        shown = {name: readable for name, readable in zip(classes, self.folder_names)}
         section.elements.append(Table(["class", "images", "correct", "accuracy", "most often predicted instead"],
-                                      rows, caption="Per-class top-1 accuracy"))
-        section.elements.append(plots.horizontal_bars([a for _, a in per_class], [n for n, _ in per_class],
+                                      [[shown[row[0]], *row[1:]] for row in rows], caption="Per-class top-1 accuracy"))
+        section.elements.append(plots.horizontal_bars([a for _, a in per_class], [shown[n] for n, _ in per_class],
                                                       name="per_class_accuracy", xlabel="top-1 accuracy",
                                                       xlim=(0, 1), dpi=dpi, highlight_below=0.5,
                                                       caption="Per-class accuracy (red: under 50%)"))
@@ -248,7 +350,7 @@ class Predictions(Analysis):
         col_labels = [names[c] for c in columns] + (["other"] if others.any() else [])
         if not others.any():
             matrix = matrix[:, :-1]
-        section.elements.append(plots.confusion_matrix(matrix, [classes[i] for i in matched], col_labels,
+        section.elements.append(plots.confusion_matrix(matrix, [self.folder_names[i] for i in matched], col_labels,
                                                        name="confusion", dpi=dpi,
                                                        caption="Confusion matrix (rows: folder class; 'other': "
                                                                "any model class without a folder)"))
@@ -264,7 +366,7 @@ class Predictions(Analysis):
             if item["target"] >= 0:
                 status = "ok" if item["top_idx"][0] == item["target"] else "bad"
             if item["label"] >= 0:
-                lines.insert(0, f"label: {self.ctx.dataset_classes[item['label']]}")
+                lines.insert(0, f"label: {self.folder_names[item['label']]}")
             items.append(GalleryItem(image=item["thumb"], title=item["path"], lines=lines, status=status,
                                      full=item["full"]))
         return Gallery(title=title, items=items, note=note)

@@ -17,6 +17,8 @@ class ModelSource(Enum):
     torchvision = "torchvision"  # an architecture from torchvision.models by name, optional pretrained weights
     checkpoint = "checkpoint"  # a local state_dict for a named architecture, or a TorchScript file
     target = "target"  # any callable returning an nn.Module, given as a Hydra `_target_` node
+    timm = "timm"  # a timm architecture by name (pip install 'reportgen[timm]'), weights from the local HF hub cache
+    hf = "hf"  # a Hugging Face transformers image classifier: a save_pretrained folder or a cached hub id ('[hf]')
 
 
 class Device(Enum):
@@ -39,24 +41,30 @@ class LabelMode(Enum):
 
 @dataclass
 class PreprocessConfig:
-    """How a decoded image becomes the model's input; null fields come from the weights' metadata or ImageNet."""
+    """How a decoded image becomes the model's input; null fields come from the model's library (torchvision
+    weights' metadata, timm's data config, the Hugging Face image processor) or ImageNet's defaults."""
 
-    resize: Optional[int] = None  # shorter side resized to this before the crop (null: weights' value, else 256)
-    crop: Optional[int] = None  # centre crop size in pixels (null: weights' value, else 224)
-    mean: Optional[List[float]] = None  # per-channel normalisation mean, RGB order (null: weights' or ImageNet)
-    std: Optional[List[float]] = None  # per-channel normalisation std, RGB order (null: weights' or ImageNet)
-    interpolation: Optional[str] = None  # resize filter: bilinear | bicubic | nearest (null: weights' or bilinear)
+    resize: Optional[int] = None  # shorter side resized to this before the crop (null: the model's, else 256)
+    crop: Optional[int] = None  # centre crop size in pixels (null: the model's, else 224)
+    mean: Optional[List[float]] = None  # per-channel normalisation mean, RGB order (null: the model's or ImageNet)
+    std: Optional[List[float]] = None  # per-channel normalisation std, RGB order (null: the model's or ImageNet)
+    interpolation: Optional[str] = None  # resize filter: bilinear | bicubic | nearest | lanczos | box | hamming
+    crop_mode: Optional[str] = None  # center (shorter side to resize, crop) | squash (both sides to resize, crop)
+    #   | border (longer side to resize, pad to crop); null: the model's (timm's crop_mode), else center
+    channels: Optional[int] = None  # 1 (grayscale decode) or 3 (RGB); null: the model's first conv's in_channels
 
 
 @dataclass
 class ModelConfig:
-    """Which network to load and how; see reportgen/models.py for the three sources."""
+    """Which network to load and how; see reportgen/inputs/models.py for the sources."""
 
     source: ModelSource = ModelSource.torchvision  # where the model comes from
-    name: Optional[str] = None  # torchvision architecture (source=torchvision), e.g. resnet18
-    weights: Optional[str] = "DEFAULT"  # null (random init) | DEFAULT | an enum name such as IMAGENET1K_V2
+    name: Optional[str] = None  # torchvision architecture (e.g. resnet18), timm model name (vit_small_patch16_224,
+    #   or name.tag), or Hugging Face hub id (google/vit-base-patch16-224, read from the local cache)
+    weights: Optional[str] = "DEFAULT"  # null (random init) | DEFAULT | a torchvision enum name such as IMAGENET1K_V2
     arch: Optional[str] = None  # torchvision architecture the checkpoint's state_dict belongs to
-    path: Optional[str] = None  # checkpoint file: a state_dict (.pt/.pth) or a TorchScript archive
+    path: Optional[str] = None  # checkpoint: a state_dict (.pt/.pth) or TorchScript file; timm: a .safetensors or
+    #   .pth state dict (instead of the pretrained weights); hf: a save_pretrained folder (instead of model.name)
     target: Optional[Any] = None  # source=target: {_target_: pkg.module.fn, ...kwargs} returning an nn.Module
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra builder arguments, e.g. {num_classes: 10}
     labels_file: Optional[str] = None  # class names: a .txt (one per line) or .json list; overrides weights' meta

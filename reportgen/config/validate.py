@@ -74,12 +74,36 @@ def _validate_model(model: DictConfig) -> None:
             raise ConfigError("model.path", model.path, "an existing checkpoint file")
         if model.arch is not None and model.arch not in torchvision_model_names():
             raise ConfigError("model.arch", model.arch, "a torchvision architecture", torchvision_model_names())
+    elif source is ModelSource.timm:
+        from reportgen.inputs.timm_models import check_timm_name
+
+        check_timm_name(model.name)
+        _check_library_weights(model, "a .safetensors or .pth state dict file")
+        if model.path and not Path(model.path).is_file():
+            raise ConfigError("model.path", model.path, "an existing .safetensors or .pth state dict file")
+    elif source is ModelSource.hf:
+        _check_library_weights(model, "a save_pretrained folder")
+        if model.path:
+            if not (Path(model.path) / "config.json").is_file():
+                raise ConfigError("model.path", model.path, "a save_pretrained folder holding config.json (and "
+                                  "model.safetensors, preprocessor_config.json)")
+        elif not model.name:
+            raise ConfigError("model.name", model.name, "a Hugging Face hub id such as google/vit-base-patch16-224 "
+                              "(read from the local cache), or model.path=<a save_pretrained folder>")
     else:
         if model.target is None or "_target_" not in model.target:
             raise ConfigError("model.target", None if model.target is None else OmegaConf.to_container(model.target),
                               "a node with _target_: the dotted path of a callable returning an nn.Module")
     if model.labels_file and not Path(model.labels_file).is_file():
         raise ConfigError("model.labels_file", model.labels_file, "an existing .txt or .json file of class names")
+
+
+def _check_library_weights(model: DictConfig, path_kind: str) -> None:
+    """timm and hf take weights DEFAULT (pretrained) or null (random); a file goes to model.path."""
+    if model.weights is not None and model.weights != "DEFAULT":
+        raise ConfigError("model.weights", model.weights, f"DEFAULT (pretrained, from the local Hugging Face hub "
+                          f"cache) or null (random initialisation); {path_kind} goes to model.path",
+                          ["DEFAULT", "null"])
 
 
 def _validate_dataset(dataset: DictConfig) -> None:

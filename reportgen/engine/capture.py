@@ -6,10 +6,20 @@ Used as a context manager around the whole pass. On entry it checks every reques
 eval mode and (when gradients are wanted) freezes the parameters; on exit, on every path including exceptions, it
 removes every hook and restores the mode and each parameter's `requires_grad`.
 
-Attention weights: torchvision's ViT calls nn.MultiheadAttention with need_weights=False, so a forward hook sees
-(out, None). For the requested attention modules only, a forward pre-hook with kwargs sets need_weights=True and
-average_attn_weights=False; the forward hook stores the (B, heads, N, N) weights and hands the caller back what it
-asked for ((out, None), or head-averaged weights by default), so the model's own code sees what it expects.
+Attention weights, per kind of attention module (`attention_kind`), for the requested modules only:
+- `mha`, nn.MultiheadAttention: torchvision's ViT calls it with need_weights=False, so a forward hook sees
+  (out, None). A forward pre-hook with kwargs sets need_weights=True and average_attn_weights=False; the forward
+  hook stores the (B, heads, N, N) weights and hands the caller back what it asked for ((out, None), or
+  head-averaged weights by default), so the model's own code sees what it expects.
+- `timm`, timm's attention modules (ViT/DeiT/EVA `Attention`, Swin `WindowAttention`, ...): with `fused_attn` on
+  (the default) they call scaled_dot_product_attention and the softmax never exists. `fused_attn` is turned off for
+  the pass, so the module takes its own non-fused path, and the input of its `attn_drop` (the softmax, exactly as
+  the module computes it; dropout is the identity in eval mode) is stored, (B, heads, N, N) or, for windowed
+  attention, (B * windows, heads, T, T).
+- `hf`, transformers attention modules (ViTAttention, SwinAttention, ...) return (output, weights); the weights
+  exist only with the eager implementation, which the module's config is switched to for the pass (a copy of the
+  config, so nothing else sees the change). The forward hook stores them.
+Every switch (`fused_attn`, the config) is put back on exit, on every path.
 
 Gradients cheaply: a hooked layer whose gradient is wanted returns
 `output.detach().requires_grad_()`, so autograd records only the part of the network after it, and
@@ -17,6 +27,7 @@ Gradients cheaply: a hooked layer whose gradient is wanted returns
 """
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional
@@ -98,6 +109,7 @@ class _ModelHooks:
         self._handles: List[Any] = []
         self._was_training = model.training
         self._flags: List[tuple] = []  # (parameter, requires_grad on entry)
+        self._switched: List[tuple] = []  # (object, attribute, value on entry) set for the block, put back on exit
 
     def _setup(self) -> None:
         raise NotImplementedError
@@ -116,10 +128,18 @@ class _ModelHooks:
     def __exit__(self, *exc_info: Any) -> None:
         self._restore()
 
+    def _switch(self, owner: Any, attribute: str, value: Any) -> None:
+        """Set `owner.attribute = value` for the block; `_restore` puts the entry value back."""
+        self._switched.append((owner, attribute, getattr(owner, attribute)))
+        setattr(owner, attribute, value)
+
     def _restore(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        while self._switched:
+            owner, attribute, value = self._switched.pop()
+            setattr(owner, attribute, value)
         for param, flag in self._flags:
             param.requires_grad_(flag)
         self.model.train(self._was_training)
@@ -153,9 +173,10 @@ class CaptureEngine(_ModelHooks):
         resolve_layer_names(self.model, self.attention, key="attention layers")
         modules = dict(self.model.named_modules())
         for name in self.attention:
-            if not isinstance(modules[name], nn.MultiheadAttention):
-                raise ConfigError("attention layers", name, "an nn.MultiheadAttention module",
-                                  sorted(n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)))
+            if attention_kind(modules[name]) is None:
+                raise ConfigError("attention layers", name, "an attention module (nn.MultiheadAttention, timm or "
+                                                            "transformers attention)",
+                                  sorted(n for n, m in modules.items() if attention_kind(m) is not None))
         if self.needs_grad:  # only the head after each leaf is differentiated; no parameter gradients
             for param, _ in self._flags:
                 param.requires_grad_(False)
@@ -163,9 +184,21 @@ class CaptureEngine(_ModelHooks):
             hook = self._make_hook(name, leaf_calls.get(name, set()))
             self._handles.append(modules[name].register_forward_hook(hook))
         for name in self.attention:
-            pre_hook, hook = self._make_attention_hooks(name)
-            self._handles.append(modules[name].register_forward_pre_hook(pre_hook, with_kwargs=True))
-            self._handles.append(modules[name].register_forward_hook(hook, with_kwargs=True))
+            module = modules[name]
+            kind = attention_kind(module)
+            if kind == "mha":
+                pre_hook, hook = self._make_attention_hooks(name)
+                self._handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            elif kind == "timm":
+                self._switch(module, "fused_attn", False)  # the non-fused path, which materialises the softmax
+                self._handles.append(module.attn_drop.register_forward_hook(self._make_softmax_hook(name)))
+            else:
+                if getattr(module.config, "_attn_implementation", None) != "eager":
+                    eager = copy.copy(module.config)  # this module's own copy: nothing else changes
+                    eager._attn_implementation = "eager"
+                    self._switch(module, "config", eager)
+                self._handles.append(module.register_forward_hook(self._make_returned_weights_hook(name)))
 
     def start_batch(self) -> Captures:
         """Forget the previous batch's tensors (so memory stays bounded) and reset call counters."""
@@ -195,7 +228,6 @@ class CaptureEngine(_ModelHooks):
 
         return hook
 
-
     def _make_attention_hooks(self, name: str):
         asked: List[tuple] = []  # (need_weights, average_attn_weights) the caller asked for, per pending call
 
@@ -209,15 +241,55 @@ class CaptureEngine(_ModelHooks):
         def hook(module: nn.Module, args: Any, kwargs: Dict[str, Any], output: Any) -> Any:
             caller_wanted, caller_averaged = asked.pop() if asked else (True, False)
             out, weights = output
-            self._calls[f"attention:{name}"] += 1
-            key = call_key(name, self._calls[f"attention:{name}"])
-            self.captures.attention[key] = weights.detach()  # (B, heads, N, N)
+            self._store_attention(name, weights)  # (B, heads, N, N)
             if not caller_wanted:
                 return out, None
             # the caller gets what it asked for: head-averaged weights by default, as nn.MultiheadAttention does
             return (out, weights.mean(dim=-3)) if caller_averaged else output
 
         return pre_hook, hook
+
+    def _store_attention(self, name: str, weights: torch.Tensor) -> None:
+        self._calls[f"attention:{name}"] += 1
+        self.captures.attention[call_key(name, self._calls[f"attention:{name}"])] = weights.detach()
+
+    def _make_softmax_hook(self, name: str):
+        """timm: the input of the attention module's `attn_drop` is its softmax (B, heads, N, N)."""
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._store_attention(name, args[0])
+
+        return hook
+
+    def _make_returned_weights_hook(self, name: str):
+        """transformers: the module returns (output, weights (B, heads, N, N)) under eager attention."""
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            weights = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
+            if isinstance(weights, torch.Tensor):
+                self._store_attention(name, weights)
+            else:
+                self.captures.notes[f"attention:{name}"] = (f"{type(module).__name__} returned no attention weights "
+                                                            f"(transformers >= 5 with eager attention returns them)")
+
+        return hook
+
+
+def attention_kind(module: nn.Module) -> Optional[str]:
+    """How the engine captures a module's attention weights: `mha` (nn.MultiheadAttention), `timm` (a timm attention
+    module with a `fused_attn` switch and an `attn_drop` applied to its softmax), `hf` (a transformers attention
+    module: class name ending in Attention, a config with an attention implementation, no such module inside), or
+    None for anything else."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module):
+        return "timm"
+    if _is_hf_attention(module) and not any(_is_hf_attention(m) for m in module.modules() if m is not module):
+        return "hf"
+    return None
+
+
+def _is_hf_attention(module: nn.Module) -> bool:
+    return (type(module).__module__.startswith("transformers.") and type(module).__name__.endswith("Attention")
+            and hasattr(getattr(module, "config", None), "_attn_implementation"))
 
 
 # nn.MultiheadAttention.forward's parameters after (query, key, value), in order

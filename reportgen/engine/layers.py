@@ -14,12 +14,14 @@ import difflib
 import fnmatch
 import re
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from reportgen.engine.capture import primary_tensor, probe_forward
+from reportgen.engine.tensors import channels_last_output
 from reportgen.errors import ConfigError
 
 
@@ -86,12 +88,22 @@ def _choices(model: nn.Module, pattern: str) -> List[str]:
     return close + [n for n in top if n not in close]
 
 
-_PROBES: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, List[Tuple[str, Tuple[int, ...]]]]]" = \
-    weakref.WeakKeyDictionary()
+@dataclass(frozen=True)
+class ProbedCall:
+    """One module call of a probe forward, as layer defaults need it."""
+
+    name: str
+    shape: Tuple[int, ...]  # of the output's primary tensor
+    plain: bool  # the output is a tensor itself (only such an output can become a gradient leaf)
+    passthrough: bool  # the output is the module's input object (nn.Identity): nothing new to look at
+    input_shape: Optional[Tuple[int, ...]]  # of the first input's primary tensor
 
 
-def probe_output_shapes(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(name, output shape) of every module call of one forward, in call order (hooks removed afterwards).
+_PROBES: "weakref.WeakKeyDictionary[nn.Module, Dict[tuple, List[ProbedCall]]]" = weakref.WeakKeyDictionary()
+
+
+def probe_calls(model: nn.Module, example: torch.Tensor) -> List[ProbedCall]:
+    """Every module call of one forward, in completion order (hooks removed afterwards).
 
     Several analyses ask for this on the same model and example shape; the answer is remembered per model (weakly,
     so it goes with the model), so a run pays for one probe forward, not one per analysis."""
@@ -104,14 +116,21 @@ def probe_output_shapes(model: nn.Module, example: torch.Tensor) -> List[Tuple[s
     return list(calls)
 
 
-def _probe(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(module name, output shape) of every module call of one forward, in completion order."""
-    calls: List[Tuple[str, Tuple[int, ...]]] = []
+def probe_output_shapes(model: nn.Module, example: torch.Tensor) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(name, output shape) of every module call of one forward, in call order (see `probe_calls`)."""
+    return [(call.name, call.shape) for call in probe_calls(model, example)]
+
+
+def _probe(model: nn.Module, example: torch.Tensor) -> List[ProbedCall]:
+    calls: List[ProbedCall] = []
 
     def record(key: str, name: str, module: nn.Module, args: Any, output: Any) -> None:
         tensor = primary_tensor(output)
         if tensor is not None:
-            calls.append((name, tuple(tensor.shape)))
+            first = primary_tensor(args)
+            calls.append(ProbedCall(name, tuple(tensor.shape), isinstance(output, torch.Tensor),
+                                    bool(args) and output is args[0],
+                                    None if first is None else tuple(first.shape)))
 
     probe_forward(model, example, on_end=record)
     return calls
@@ -162,7 +181,24 @@ def _block_names(model: nn.Module) -> Iterable[str]:
     return [n for n, m in named_modules(model).items() if re.search(r"(Block|Layer)$", type(m).__name__)]
 
 
+def spatial_size(shape: Tuple[int, ...], channels_last: bool) -> Optional[Tuple[int, int]]:
+    """(h, w) of a 4-D output, (B, C, h, w) or channels-last (B, h, w, C); None for other ranks."""
+    if len(shape) != 4:
+        return None
+    return (shape[1], shape[2]) if channels_last else (shape[2], shape[3])
+
+
 def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> Optional[str]:
-    """The module of the last (B, C, H, W) output with H, W > 1: Grad-CAM's usual target."""
-    spatial = [n for n, s in probe_output_shapes(model, example) if len(s) == 4 and s[-1] > 1 and s[-2] > 1]
-    return spatial[-1] if spatial else None
+    """Grad-CAM's usual target: the module of the last plain-tensor spatial output (h, w > 1), read channels-last
+    where the module works that way (Swin stages). Identities and a LayerNorm that end the feature part (timm
+    Swin's final `norm`) are passed over: they keep the grid of the stage before them, which is the target."""
+    modules = named_modules(model)
+    spatial = []
+    for call in probe_calls(model, example):
+        size = spatial_size(call.shape, channels_last_output(modules[call.name]))
+        if call.plain and size is not None and min(size) > 1:
+            spatial.append(call)
+    while len(spatial) > 1 and (spatial[-1].passthrough or (isinstance(modules[spatial[-1].name], nn.LayerNorm)
+                                                            and spatial[-1].input_shape == spatial[-1].shape)):
+        spatial.pop()
+    return spatial[-1].name if spatial else None

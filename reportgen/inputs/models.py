@@ -5,12 +5,17 @@
 - checkpoint: a local state_dict for a named torchvision architecture, or a TorchScript archive. Loaded with
   `weights_only=True`, so a pickle cannot run code unless the user opts in with `model.trust_checkpoint=true`.
 - target: any callable named by a Hydra `_target_` node that returns an `nn.Module`.
+- timm / hf: timm architectures and Hugging Face transformers classifiers, in their own modules (timm_models.py,
+  hf_models.py), imported only when chosen: both libraries are optional extras.
+
+Every source's input channel count is read from the model (its first convolution or patch embedding) unless
+`model.preprocess.channels` says otherwise; a 1-channel model gets grayscale images.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -21,24 +26,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from reportgen.config.schema import ModelSource, torchvision_model_names
 from reportgen.errors import ConfigError, ModelLoadError
-from reportgen.inputs.labels import read_labels_file
+from reportgen.inputs.labels import WORDNET_ID, imagenet_synsets, read_labels_file
+from reportgen.inputs.loaded_model import LoadedModel, first_input_channels
 from reportgen.inputs.preprocess import Preprocess
+from reportgen.inputs.state_dicts import check_fits, mismatched_keys, read_state_dict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class LoadedModel:
-    """A ready-to-run module plus what the report needs to say about it."""
-
-    module: torch.nn.Module
-    name: str  # short display name, e.g. "resnet18" or "DemoCNN"
-    source: str  # torchvision | checkpoint | target
-    weights: str  # what the parameters are: enum name, checkpoint path, "random initialisation", ...
-    random_init: bool  # True: predictions mean nothing; the report shows a banner
-    preprocess: Preprocess
-    class_names: List[str]  # one per output logit ("class 17" when unknown)
-    notes: List[str] = field(default_factory=list)  # things the report should mention (e.g. inferred num_classes)
+__all__ = ["LoadedModel", "load_model"]
 
 
 def load_model(cfg: DictConfig) -> LoadedModel:
@@ -48,12 +42,35 @@ def load_model(cfg: DictConfig) -> LoadedModel:
         loaded = _load_torchvision(cfg)
     elif source is ModelSource.checkpoint:
         loaded = _load_checkpoint(cfg)
+    elif source is ModelSource.timm:
+        from reportgen.inputs.timm_models import load_timm
+
+        loaded = load_timm(cfg)
+    elif source is ModelSource.hf:
+        from reportgen.inputs.hf_models import load_hf
+
+        loaded = load_hf(cfg)
     else:
         loaded = _load_target(cfg)
     if cfg.labels_file:
         loaded.class_names = read_labels_file(Path(cfg.labels_file))
+        loaded.synsets = list(loaded.class_names) if all(WORDNET_ID.match(n) for n in loaded.class_names) else []
+    if not loaded.synsets and len(loaded.class_names) == 1000:
+        loaded.synsets = imagenet_synsets()  # a 1000-class ImageNet head: outputs in sorted-synset order
+    loaded.synsets = list(getattr(loaded.module, "synsets", None) or loaded.synsets)  # a model may declare its own
     loaded.module.eval()
     return loaded
+
+
+def model_preprocess(cfg: DictConfig, module: torch.nn.Module, base: Optional[Preprocess] = None,
+                     source: str = "ImageNet defaults") -> Preprocess:
+    """`base` (the library's numbers, else ImageNet's) with the model's input channel count (first conv), then the
+    config's `model.preprocess` values on top; mean/std are checked against the channel count."""
+    base = base or Preprocess()
+    channels = first_input_channels(module)
+    if channels is not None and channels != base.channels:
+        base = dataclasses.replace(base, channels=channels)
+    return Preprocess.resolve(cfg.preprocess, base, source=source)
 
 
 def weights_enum(arch: str):
@@ -100,13 +117,17 @@ def _load_torchvision(cfg: DictConfig) -> LoadedModel:
     except (OSError, RuntimeError) as exc:
         raise ModelLoadError(_offline_message(weights, arch, exc)) from exc
     class_names = _class_names(module, _categories_if_same_head(meta_weights, kwargs.get("num_classes")))
+    preprocess = model_preprocess(cfg, module, Preprocess.from_torchvision(meta_weights.transforms()),
+                                  source="the torchvision weights' metadata")
     return LoadedModel(
         module=module,
         name=arch,
         source="torchvision",
+        library="torchvision",
         weights=f"{type(weights).__name__}.{weights.name}" if weights is not None else "random initialisation",
+        weights_file=str(hub_checkpoint_path(weights.url)) if weights is not None else None,
         random_init=weights is None,
-        preprocess=Preprocess.resolve(cfg.preprocess, meta_weights.transforms()),
+        preprocess=preprocess,
         class_names=class_names,
     )
 
@@ -144,18 +165,22 @@ def _load_checkpoint(cfg: DictConfig) -> LoadedModel:
         module = torch.jit.load(str(path), map_location="cpu")
         name = cfg.arch or path.stem
         return LoadedModel(module=module, name=name, source="checkpoint", weights=f"TorchScript {path.name}",
-                           random_init=False, preprocess=Preprocess.resolve(cfg.preprocess),
+                           weights_file=str(path), random_init=False,
+                           preprocess=model_preprocess(cfg, module),
                            class_names=_class_names(module, None))
     if not cfg.arch:
         raise ConfigError("model.arch", None, "the torchvision architecture of this state_dict",
                           torchvision_model_names())
     weights_enum(cfg.arch)  # validates the name
-    state = _read_state_dict(path, trust=cfg.trust_checkpoint)
+    state = read_state_dict(path, trust=cfg.trust_checkpoint)
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
     module, notes, num_classes = _build_and_load(cfg.arch, state, kwargs, path)
     default_weights = weights_enum(cfg.arch).DEFAULT
-    return LoadedModel(module=module, name=cfg.arch, source="checkpoint", weights=f"checkpoint {path.name}",
-                       random_init=False, preprocess=Preprocess.resolve(cfg.preprocess, default_weights.transforms()),
+    preprocess = model_preprocess(cfg, module, Preprocess.from_torchvision(default_weights.transforms()),
+                                  source="the torchvision weights' metadata")
+    return LoadedModel(module=module, name=cfg.arch, source="checkpoint", library="torchvision",
+                       weights=f"checkpoint {path.name}", weights_file=str(path), random_init=False,
+                       preprocess=preprocess,
                        class_names=_class_names(module, _categories_if_same_head(default_weights, num_classes)),
                        notes=notes)
 
@@ -168,38 +193,6 @@ def is_torchscript(path: Path) -> bool:
         return any("/code/" in name for name in archive.namelist())
 
 
-def _read_state_dict(path: Path, trust: bool) -> Dict[str, torch.Tensor]:
-    """Load with weights_only=True; unwrap {'state_dict': ...}/{'model': ...} and DDP/Lightning prefixes."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trust)
-    except Exception as exc:
-        if not trust and "weights_only" in str(exc):
-            raise ModelLoadError(
-                f"checkpoint {path} is not a plain state_dict: loading it would run code from the pickle, so it was "
-                f"refused (torch.load weights_only=True said: {str(exc).splitlines()[0]}).\n"
-                f"  Re-save it as a state_dict, or, only if you trust its author, set model.trust_checkpoint=true."
-            ) from exc
-        raise ModelLoadError(f"could not read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    if trust:
-        log.warning("model.trust_checkpoint=true: %s was unpickled with full trust", path)
-    if isinstance(obj, torch.nn.Module):
-        obj = obj.state_dict()
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelLoadError(f"checkpoint {path} does not hold a state_dict (a mapping of names to tensors)")
-    return _strip_prefixes(obj)
-
-
-def _strip_prefixes(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    for prefix in ("module.", "model."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def _build_and_load(arch: str, state: Dict[str, torch.Tensor], kwargs: Dict[str, Any], path: Path):
     """Build `arch` and load `state` strictly. When only the classifier's output size differs and
     num_classes was not given, rebuild with the checkpoint's num_classes (and say so)."""
@@ -207,28 +200,15 @@ def _build_and_load(arch: str, state: Dict[str, torch.Tensor], kwargs: Dict[str,
     module = builder(weights=None, **kwargs)
     notes: List[str] = []
     expected = module.state_dict()
-    mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    mismatched = mismatched_keys(state, expected)
     head = None
     if mismatched and "num_classes" not in kwargs:
         head = _classifier_out_features(state, mismatched, expected)
         if head is not None:
             module = builder(weights=None, num_classes=head, **kwargs)
-            expected = module.state_dict()
             notes.append(f"num_classes={head} inferred from the checkpoint's classifier")
-            mismatched = [k for k in state if k in expected and state[k].shape != expected[k].shape]
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected or mismatched:
-        lines = [f"checkpoint {path} does not match architecture '{arch}':"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}"
-                         f"{' ...' if len(unexpected) > 12 else ''}")
-        for k in mismatched[:12]:
-            lines.append(f"  shape of {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}")
-        lines.append("  check model.arch (and model.kwargs, e.g. num_classes) against how the checkpoint was made")
-        raise ModelLoadError("\n".join(lines))
+    check_fits(state, module.state_dict(), path, arch,
+               "check model.arch (and model.kwargs, e.g. num_classes) against how the checkpoint was made")
     module.load_state_dict(state, strict=True)
     return module, notes, kwargs.get("num_classes", head if notes else None)
 
@@ -258,7 +238,8 @@ def _load_target(cfg: DictConfig) -> LoadedModel:
         raise ModelLoadError(f"model.target {target_name} returned {type(module).__name__}, not an nn.Module")
     random_init = bool(getattr(module, "random_init", False))
     return LoadedModel(module=module, name=type(module).__name__, source="target", weights=target_name,
-                       random_init=random_init, preprocess=Preprocess.resolve(cfg.preprocess),
+                       random_init=random_init,
+                       preprocess=model_preprocess(cfg, module),
                        class_names=_class_names(module, None))
 
 

@@ -1,13 +1,21 @@
 """How a decoded image becomes a model input, split in two halves.
 
 Workers resize and crop to a uint8 tensor (small to pin and copy, and the exact picture the model sees, which
-galleries reuse); normalisation to float happens on the run device, batched. The numbers come from the weights'
-metadata when torchvision has them, else from the config, else ImageNet's.
+galleries reuse); normalisation to float happens on the run device, batched. The numbers come from the model's
+library (torchvision weights' metadata, timm's data config, a Hugging Face image processor) unless the config sets
+them, else ImageNet's.
+
+Three geometries cover the libraries' evaluation recipes (`crop_mode`):
+- center: shorter side to `resize`, then centre crop `crop` (torchvision; timm's default "center")
+- squash: both sides to `resize` (aspect ratio not kept), then centre crop `crop` (timm "squash"; a Hugging Face
+  processor with size {height, width}, where crop == resize when it does not crop)
+- border: longer side to `resize`, then centre crop or pad to `crop` with the mean colour (timm "border")
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -16,63 +24,127 @@ from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_INTERPOLATIONS = {
+INTERPOLATIONS = {
     "bilinear": InterpolationMode.BILINEAR,
     "bicubic": InterpolationMode.BICUBIC,
     "nearest": InterpolationMode.NEAREST,
+    "lanczos": InterpolationMode.LANCZOS,
+    "box": InterpolationMode.BOX,
+    "hamming": InterpolationMode.HAMMING,
 }
+CROP_MODES = ("center", "squash", "border")
+CHANNELS = (1, 3)  # grayscale or RGB decode
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side, centre-crop, then normalise with mean/std (the torchvision classification recipe)."""
+    """Resize, crop (see the module docstring for `crop_mode`), then normalise with per-channel mean/std."""
 
     resize: int = 256
     crop: int = 224
-    mean: Tuple[float, float, float] = IMAGENET_MEAN
-    std: Tuple[float, float, float] = IMAGENET_STD
+    mean: Tuple[float, ...] = IMAGENET_MEAN
+    std: Tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
+    crop_mode: str = "center"
+    channels: int = 3  # 1: images are decoded to grayscale ("L"), 3: to RGB
+    crop_offset: str = "round"  # centre crop's top/left: round((size - crop) / 2) as torchvision and timm do, or
+    #   "floor" as transformers' image processors do (the two differ by a pixel when size - crop is odd)
 
     @classmethod
-    def resolve(cls, cfg: Any, weights_transform: Optional[Any] = None) -> "Preprocess":
-        """Config values win, then the weights' transform (torchvision ImageClassification), then defaults."""
-        base = cls()
-        if weights_transform is not None:
-            base = cls(
-                resize=int(_first(weights_transform.resize_size)),
-                crop=int(_first(weights_transform.crop_size)),
-                mean=tuple(float(m) for m in weights_transform.mean),
-                std=tuple(float(s) for s in weights_transform.std),
-                interpolation=weights_transform.interpolation.value,
-            )
-        if cfg is None:
-            return base
-        interpolation = cfg.interpolation or base.interpolation
-        if interpolation not in _INTERPOLATIONS:
-            from reportgen.errors import ConfigError
+    def from_torchvision(cls, transform: Any, channels: int = 3) -> "Preprocess":
+        """The numbers of a torchvision weights' `transforms()` (ImageClassification)."""
+        return cls(resize=int(_first(transform.resize_size)), crop=int(_first(transform.crop_size)),
+                   mean=tuple(float(m) for m in transform.mean), std=tuple(float(s) for s in transform.std),
+                   interpolation=transform.interpolation.value, channels=channels)
 
+    @classmethod
+    def resolve(cls, cfg: Any, base: Optional["Preprocess"] = None, source: str = "ImageNet defaults") -> "Preprocess":
+        """Config values (`model.preprocess.*`) win over `base` (what the model's library says, named by `source` in
+        errors), which wins over the defaults. Mean/std must have one value per input channel."""
+        from reportgen.errors import ConfigError
+
+        base = base or cls()
+        get = (lambda key: None) if cfg is None else (lambda key: cfg.get(key))
+        interpolation = get("interpolation") or base.interpolation
+        if interpolation not in INTERPOLATIONS:
             raise ConfigError("model.preprocess.interpolation", interpolation, "a resize filter",
-                              sorted(_INTERPOLATIONS))
-        return cls(
-            resize=int(cfg.resize) if cfg.resize is not None else base.resize,
-            crop=int(cfg.crop) if cfg.crop is not None else base.crop,
-            mean=tuple(float(m) for m in cfg.mean) if cfg.mean is not None else base.mean,
-            std=tuple(float(s) for s in cfg.std) if cfg.std is not None else base.std,
-            interpolation=interpolation,
-        )
+                              sorted(INTERPOLATIONS))
+        crop_mode = get("crop_mode") or base.crop_mode
+        if crop_mode not in CROP_MODES:
+            raise ConfigError("model.preprocess.crop_mode", crop_mode, "a resize/crop geometry", list(CROP_MODES))
+        channels = int(get("channels")) if get("channels") is not None else base.channels
+        if channels not in CHANNELS:
+            raise ConfigError("model.preprocess.channels", channels, "1 (grayscale) or 3 (RGB) input channels",
+                              [str(c) for c in CHANNELS])
+        resolved = dataclasses.replace(
+            base,
+            resize=int(get("resize")) if get("resize") is not None else base.resize,
+            crop=int(get("crop")) if get("crop") is not None else base.crop,
+            mean=tuple(float(m) for m in get("mean")) if get("mean") is not None else base.mean,
+            std=tuple(float(s) for s in get("std")) if get("std") is not None else base.std,
+            interpolation=interpolation, crop_mode=crop_mode, channels=channels)
+        for key in ("mean", "std"):
+            values = getattr(resolved, key)
+            if len(values) != channels:
+                origin = "model.preprocess" if get(key) is not None else source
+                raise ConfigError(f"model.preprocess.{key}", list(values),
+                                  f"{channels} value(s), one per input channel (the model takes {channels} "
+                                  f"channel(s); these {len(values)} came from {origin}); set "
+                                  f"model.preprocess.mean and model.preprocess.std to the values it was trained with")
+        if resolved.resize < 1 or resolved.crop < 1:
+            raise ConfigError("model.preprocess.resize", [resolved.resize, resolved.crop],
+                              "positive resize and crop sizes in pixels")
+        return resolved
+
+    def describe(self) -> Dict[str, Any]:
+        """The effective numbers, as the manifest records them."""
+        return {"resize": self.resize, "crop": self.crop, "crop_mode": self.crop_mode,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
+                "channels": self.channels, "crop_offset": self.crop_offset}
+
+    def summary(self) -> str:
+        """One line for the report's overview."""
+        geometry = {"center": f"shorter side {self.resize}, centre crop {self.crop}",
+                    "squash": f"stretch to {self.resize}x{self.resize}"
+                              + (f", centre crop {self.crop}" if self.crop != self.resize else ""),
+                    "border": f"longer side {self.resize}, crop/pad to {self.crop}"}[self.crop_mode]
+        return (f"{geometry}, {self.interpolation}, {'grayscale' if self.channels == 1 else 'RGB'}, "
+                f"mean {list(self.mean)}, std {list(self.std)}")
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """PIL RGB image -> (3, crop, crop) uint8 tensor, resized and centre-cropped."""
-        mode = _INTERPOLATIONS[self.interpolation]
-        image = TF.resize(image, self.resize, interpolation=mode, antialias=True)
-        image = TF.center_crop(image, [self.crop, self.crop])
-        return TF.pil_to_tensor(image)  # (3, crop, crop) uint8
+        """PIL image (RGB or L) -> (channels, crop, crop) uint8 tensor, resized and cropped."""
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        mode = INTERPOLATIONS[self.interpolation]
+        if self.crop_mode == "squash":
+            image = TF.resize(image, [self.resize, self.resize], interpolation=mode, antialias=True)
+        elif self.crop_mode == "border":
+            ratio = max(image.height / self.resize, image.width / self.resize)
+            size = [max(1, round(image.height / ratio)), max(1, round(image.width / ratio))]  # (h, w), longer = resize
+            image = TF.resize(image, size, interpolation=mode, antialias=True)
+            image = _pad_to(image, self.crop, tuple(round(255 * m) for m in self.mean))
+        else:
+            image = TF.resize(image, self.resize, interpolation=mode, antialias=True)
+        if self.crop_offset == "floor" and min(image.width, image.height) >= self.crop:
+            top, left = (image.height - self.crop) // 2, (image.width - self.crop) // 2
+            image = TF.crop(image, top, left, self.crop, self.crop)
+        else:
+            image = TF.center_crop(image, [self.crop, self.crop])
+        return TF.pil_to_tensor(image)  # (C, crop, crop) uint8
 
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(B, 3, H, W) uint8 on any device -> normalised float, computed where the tensor lives."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=dtype).view(1, 3, 1, 1)
-        return (images.to(dtype) / 255.0 - mean) / std  # (B, 3, H, W)
+        """(B, C, H, W) uint8 on any device -> normalised float, computed where the tensor lives."""
+        mean = torch.tensor(self.mean, device=images.device, dtype=dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=dtype).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        return (images.to(dtype) / 255.0 - mean) / std  # (B, C, H, W)
+
+
+def _pad_to(image: Image.Image, size: int, fill: Tuple[int, ...]) -> Image.Image:
+    """Pad symmetrically to at least size x size with `fill` (the border mode's mean colour)."""
+    pad_w, pad_h = max(0, size - image.width), max(0, size - image.height)
+    if not pad_w and not pad_h:
+        return image
+    left, top = pad_w // 2, pad_h // 2
+    return TF.pad(image, [left, top, pad_w - left, pad_h - top], fill=fill[0] if image.mode == "L" else fill)
 
 
 def _first(value: Sequence[int] | int) -> int:

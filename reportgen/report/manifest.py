@@ -62,6 +62,9 @@ def library_versions() -> Dict[str, str]:
         "torchvision": torchvision.__version__, "hydra-core": hydra.__version__, "numpy": numpy.__version__,
         "pillow": PIL.__version__, "matplotlib": matplotlib.__version__, "jinja2": jinja2.__version__,
     }
+    for name in ("timm", "transformers"):  # the optional model libraries, when this run imported them
+        if name in sys.modules:
+            versions[name] = str(getattr(sys.modules[name], "__version__", "unknown"))
     if torch.cuda.is_available():
         versions["cuda"] = str(torch.version.cuda)
         versions["gpu"] = torch.cuda.get_device_name(0)

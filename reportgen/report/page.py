@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 
 from reportgen.inputs.data import ScanResult
+from reportgen.inputs.labels import folder_display_names
 from reportgen.inputs.models import LoadedModel
 from reportgen.report.elements import Alert, KeyValues, Page, Section
 from reportgen.report.manifest import command_line, library_versions, reportgen_version
@@ -68,9 +69,9 @@ def build_page(cfg: DictConfig, loaded: LoadedModel, scan: ScanResult, root: Pat
         ("model classes", len(loaded.class_names) or "unnamed"),
         ("dataset", str(dataset_label)),
         ("images", f"{processed} processed, {len(failed)} failed, {len(scan.paths)} found"),
-        ("folder classes", ", ".join(scan.class_names) if scan.class_names else "none (unlabelled)"),
-        ("input", f"resize {loaded.preprocess.resize}, crop {loaded.preprocess.crop}, mean "
-                  f"{list(loaded.preprocess.mean)}, std {list(loaded.preprocess.std)}"),
+        ("folder classes", ", ".join(folder_display_names(scan.class_names, loaded.class_names, loaded.synsets))
+         if scan.class_names else "none (unlabelled)"),
+        ("input", loaded.preprocess.summary()),
         ("device", f"{device} ({precision}, batch {cfg.runtime.batch_size}, {cfg.runtime.num_workers} workers)"),
         ("throughput", f"{throughput:.1f} images/s over the pass"
                        + (f" ({shards} shards side by side, timed by the slowest)" if shards > 1 else "")),

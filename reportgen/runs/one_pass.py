@@ -127,12 +127,13 @@ def to_batch(raw: RawBatch, job: Job, labels_lookup: torch.Tensor) -> Batch:
     memory on CUDA), labels on the device, the uint8 images kept on the CPU for thumbnails."""
     device = job.device
     non_blocking = device.type == "cuda"
-    images = raw.images.to(device, non_blocking=non_blocking)  # (B, 3, H, W) uint8
-    inputs = job.loaded.preprocess.normalize(images)  # (B, 3, H, W) float32 on device
+    images = raw.images.to(device, non_blocking=non_blocking)  # (B, C, H, W) uint8, C = 1 (grayscale) or 3
+    inputs = job.loaded.preprocess.normalize(images)  # (B, C, H, W) float32 on device
     if job.cfg.runtime.channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     labels = labels_lookup[raw.indices].to(device, non_blocking=non_blocking)  # (B,)
-    return Batch(indices=raw.indices, paths=[job.scan.paths[i] for i in raw.indices.tolist()], images=raw.images,
+    shown = raw.images.repeat(1, 3, 1, 1) if raw.images.shape[1] == 1 else raw.images  # (B, 3, H, W) for display
+    return Batch(indices=raw.indices, paths=[job.scan.paths[i] for i in raw.indices.tolist()], images=shown,
                  inputs=inputs, labels=labels)
 
 

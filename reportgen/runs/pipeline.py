@@ -127,8 +127,7 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
         results_dir, "ok", cfg,
         counts={"found": len(job.scan.paths), "processed": processed, "failed": len(failed),
                 "classes": len(job.scan.class_names)},
-        model={"name": job.loaded.name, "source": job.loaded.source, "weights": job.loaded.weights,
-               "random_init": job.loaded.random_init, "num_class_names": len(job.loaded.class_names)},
+        model=job.loaded.describe(),
         device=str(job.device), precision=enum_name(cfg.runtime.precision), shards=len(states), warnings=warnings,
         images_per_second=throughput, timings_s={k: round(v, 3) for k, v in timings.items()},
         report=index.relative_to(job.out_dir).as_posix())

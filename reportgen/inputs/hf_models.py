@@ -1,0 +1,190 @@
+"""`model=hf`: a Hugging Face transformers image classifier, from a `save_pretrained` folder (`model.path`) or a hub
+id in the local cache (`model.name`), with its image processor's preprocessing and `config.id2label` names.
+
+The module is built with `attn_implementation="eager"`: the SDPA kernel transformers uses by default never forms the
+attention weights, so `output_attentions` would return nothing. It is wrapped in `HFClassifier` so that calling it
+returns the logits tensor, like every other source; the transformers module stays reachable as its `model`
+attribute, so its layers keep their own names under `model.` (e.g. `model.vit.encoder.layer.11.layernorm_before`).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from reportgen.errors import ConfigError, ModelLoadError
+from reportgen.inputs.hub_cache import cached_file, find_or_fetch, require
+from reportgen.inputs.labels import imagenet_synsets
+from reportgen.inputs.loaded_model import LoadedModel
+from reportgen.inputs.preprocess import Preprocess
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# PIL's resampling codes, which image processors store as `resample`
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+GENERIC_LABEL = re.compile(r"^LABEL_\d+$")  # what transformers names outputs when the config names none
+
+
+class HFClassifier(torch.nn.Module):
+    """Calls a transformers image classifier with `pixel_values` and returns its `.logits` (B, num_labels)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model  # the transformers module; its submodules are named `model.<their own names>`
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits  # (B, num_labels)
+
+
+def load_hf(cfg: DictConfig) -> LoadedModel:
+    """Build the classifier (pretrained, or random from its config with model.weights=null) and its facts."""
+    transformers = require("transformers", "hf", "model=hf (Hugging Face transformers)")
+    folder, label, weights_file = _locate(cfg)
+    kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
+    auto = transformers.AutoModelForImageClassification
+    try:
+        if weights_file is None:
+            config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
+            module = auto.from_config(config, attn_implementation="eager")
+        else:
+            module = auto.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+    except ValueError as exc:  # a config whose model type has no image-classification class
+        raise ModelLoadError(f"transformers cannot build an image classifier from {label}: {exc}\n"
+                             f"  model=hf takes models of AutoModelForImageClassification (ViT, DeiT, BEiT, ConvNeXt, "
+                             f"Swin, ResNet, ...); other heads are not supported") from exc
+    except (OSError, TypeError, RuntimeError) as exc:
+        raise ModelLoadError(f"transformers could not load {label}: {type(exc).__name__}: {exc}") from exc
+    config = module.config
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    base, notes = processor_preprocess(folder, channels, cfg.preprocess, getattr(config, "image_size", None))
+    names = [str(config.id2label[i]) for i in sorted(config.id2label)] if config.id2label else []
+    if names and all(GENERIC_LABEL.match(n) for n in names):
+        names = []  # LABEL_0, LABEL_1, ...: the config names no class
+    num_labels = int(config.num_labels)
+    return LoadedModel(
+        module=HFClassifier(module), name=label, source="hf", library="transformers",
+        weights=f"pretrained {weights_file.name}" if weights_file is not None else "random initialisation",
+        weights_file=str(weights_file) if weights_file is not None else None,
+        random_init=weights_file is None,
+        preprocess=Preprocess.resolve(cfg.preprocess, base, source="the image processor config"),
+        class_names=names, notes=notes,
+        synsets=imagenet_synsets() if num_labels == 1000 else [],
+        multi_label=getattr(config, "problem_type", None) == "multi_label_classification",
+    )
+
+
+def _locate(cfg: DictConfig) -> Tuple[Path, str, Optional[Path]]:
+    """(folder holding config.json, display name, weights file or None for random init)."""
+    random = cfg.weights is None
+    if cfg.weights is not None and cfg.weights != "DEFAULT":
+        raise ConfigError("model.weights", cfg.weights, "DEFAULT (the folder's or cached weights) or null (random)",
+                          ["DEFAULT", "null"])
+    if cfg.path:
+        folder = Path(cfg.path)
+        if not (folder / "config.json").is_file():
+            raise ConfigError("model.path", str(folder), "a save_pretrained folder with config.json (and "
+                              "model.safetensors, preprocessor_config.json)")
+        if random:
+            return folder, folder.name, None
+        weights = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+        if weights is None:
+            raise ModelLoadError(f"{folder} has config.json but no weights ({' or '.join(WEIGHT_FILES)}); "
+                                 f"sharded checkpoints are not supported. Or run with random weights: "
+                                 f"model.weights=null")
+        return folder, folder.name, weights
+    if not cfg.name:
+        raise ConfigError("model.name", cfg.name, "a Hugging Face hub id such as google/vit-base-patch16-224 (from "
+                          "the local cache), or set model.path to a save_pretrained folder")
+    repo = str(cfg.name)
+    what = f"model.name={repo}"
+    config_file = find_or_fetch(repo, ["config.json"], what)
+    if random:
+        return config_file.parent, repo, None
+    weights = find_or_fetch(repo, WEIGHT_FILES, what)
+    if cached_file(repo, "preprocessor_config.json") is None:
+        try:
+            find_or_fetch(repo, ["preprocessor_config.json"], what)
+        except ModelLoadError:
+            pass  # the preprocessing then has to come from model.preprocess (processor_preprocess says so)
+    return weights.parent, repo, weights
+
+
+def processor_preprocess(folder: Path, channels: int, overrides: Any, image_size: Any = None
+                         ) -> Tuple[Optional[Preprocess], List[str]]:
+    """The image processor's resize/crop/normalisation as a Preprocess; without a processor config, ImageNet's
+    recipe at the model's `image_size` (crop = image_size, resize = image_size / 0.875), with a note."""
+    if not (folder / "preprocessor_config.json").is_file():
+        size = int(image_size) if isinstance(image_size, int) else 224
+        base = Preprocess(resize=int(size / 0.875), crop=size, channels=channels)  # mean/std checked by resolve
+        return base, [f"{folder.name} has no preprocessor_config.json: ImageNet preprocessing at the model's input "
+                      f"size (resize {base.resize}, crop {base.crop}, ImageNet mean/std) was used; set "
+                      f"model.preprocess.* to what the model was trained with"]
+    transformers = require("transformers", "hf", "model=hf (Hugging Face transformers)")
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    try:
+        return processor_to_preprocess(processor, channels), []
+    except ValueError as exc:
+        if overrides is not None and overrides.get("resize") is not None and overrides.get("crop") is not None:
+            return None, [f"the image processor's geometry is not supported ({exc}); model.preprocess.resize/crop "
+                          f"are used"]
+        raise ModelLoadError(f"the image processor of {folder} cannot be reproduced: {exc}.\n"
+                             f"  Set model.preprocess.resize, crop (and mean, std, interpolation) to what the model "
+                             f"expects") from exc
+
+
+def processor_to_preprocess(processor: Any, channels: int) -> Preprocess:
+    """Reproduce a transformers image processor (resize, crop_pct, centre crop, rescale, normalise) or raise
+    ValueError naming what is not supported (no resize, non-square sizes, longest-edge sizing, custom rescale)."""
+    if not getattr(processor, "do_resize", True):
+        raise ValueError("it does not resize (images of different sizes cannot be batched)")
+    size = _size(getattr(processor, "size", None))
+    crop = _size(getattr(processor, "crop_size", None)) if getattr(processor, "do_center_crop", False) else {}
+    crop_pct = getattr(processor, "crop_pct", None)
+    interpolation = PIL_RESAMPLE.get(int(getattr(processor, "resample", 2) or 2), "bilinear")
+    if size.get("shortest_edge") and crop_pct and type(processor).__name__.startswith("ConvNext"):
+        edge = int(size["shortest_edge"])
+        if edge < 384:  # ConvNeXt: shorter side to int(edge / crop_pct), centre crop edge
+            geometry = dict(resize=int(edge / crop_pct), crop=edge, crop_mode="center")
+        else:  # at 384 and above it warps to edge x edge without cropping
+            geometry = dict(resize=edge, crop=edge, crop_mode="squash")
+    elif size.get("shortest_edge"):
+        if not crop:
+            raise ValueError("size.shortest_edge without a centre crop gives images of different shapes")
+        geometry = dict(resize=int(size["shortest_edge"]), crop=_square(crop, "crop_size"), crop_mode="center")
+    elif size.get("height"):
+        side = _square(size, "size")
+        geometry = dict(resize=side, crop=_square(crop, "crop_size") if crop else side, crop_mode="squash")
+    else:
+        raise ValueError(f"size {size} (only shortest_edge or height/width sizes are supported)")
+    if not getattr(processor, "do_rescale", True) or abs(float(processor.rescale_factor) - 1 / 255) > 1e-9:
+        raise ValueError("it does not rescale pixel values by 1/255")
+    if getattr(processor, "do_normalize", True):
+        mean, std = _per_channel(processor.image_mean, channels), _per_channel(processor.image_std, channels)
+    else:
+        mean, std = (0.0,) * channels, (1.0,) * channels
+    return Preprocess(mean=mean, std=std, interpolation=interpolation, channels=channels, crop_offset="floor",
+                      **geometry)
+
+
+def _size(value: Any) -> Dict[str, Any]:
+    """A processor's size (dict, SizeDict or int) as a plain dict of the keys that are set."""
+    if value is None:
+        return {}
+    if isinstance(value, int):
+        return {"height": value, "width": value}
+    keys = ("height", "width", "shortest_edge", "longest_edge")
+    get = value.get if isinstance(value, dict) else (lambda k: getattr(value, k, None))
+    return {k: get(k) for k in keys if get(k) is not None}
+
+
+def _square(size: Dict[str, Any], key: str) -> int:
+    if size.get("height") != size.get("width") or size.get("longest_edge"):
+        raise ValueError(f"{key} {size} is not square (only square model inputs are supported)")
+    return int(size["height"])
+
+
+def _per_channel(values: Any, channels: int) -> Tuple[float, ...]:
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    return tuple(values * channels) if len(values) == 1 else tuple(values)
