@@ -96,8 +96,15 @@ def test_imagenet_layout_folder_accuracy_equals_sorted_synset_loop(tmp_path):
     root = colour_folder(tmp_path / "val", layout)
     out = tmp_path / "run"
     run(compose_config(FAST + RGB_IDENTITY + [f"model.target._target_={__name__}.imagenet_head",
-                                              f"dataset.root={root}"]), out_dir=out)
+                                              f"dataset.root={root}", "analysis=[predictions,gradcam]",
+                                              "analysis.gradcam.target=label"]), out_dir=out)
     model, synsets = imagenet_head().eval(), sorted(imagenet_synsets())
+    cams = np.load(out / "results" / "gradcam.npz")
+    for path, target in zip(cams["paths"], cams["classes"]):  # Grad-CAM explains the folder's class by id
+        folder = Path(str(path)).parent.name
+        expected = synsets.index(folder) if folder in synsets else None
+        if expected is not None:
+            assert int(target) == expected, path
     correct = evaluated = 0
     per_class: Dict[str, List[int]] = {}
     with torch.no_grad():

@@ -34,7 +34,7 @@ from reportgen.engine.layers import (last_spatial_layer, named_modules, probe_ca
                                     transformer_blocks)
 from reportgen.engine.tensors import TokenLayout, channels_last_output, guess_token_layout, to_grid, token_layout_of
 from reportgen.errors import ConfigError
-from reportgen.inputs.labels import display_names, match_labels
+from reportgen.inputs.labels import display_names, match_labels, output_synsets
 from reportgen.report import plots
 from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Text
 from reportgen.report.overlays import HEATMAP_CMAP, heat_on_thumbnail, normalise_maps
@@ -137,7 +137,7 @@ class GradCAM(Analysis):
         self.check_config(cfg)
         target = str(cfg.target)
         self.fixed_class = int(target) if target.isdigit() else None
-        self.label_to_output = match_labels(ctx.dataset_classes, ctx.loaded.class_names)
+        self.label_to_output = match_labels(ctx.dataset_classes, ctx.loaded.class_names, ctx.loaded.synsets)
         self.layer: Optional[str] = None
         self.layout: Optional[Tuple[str, Any]] = None  # how the layer's output lies on a grid (see grid_layout)
         self.missing: Optional[str] = None  # why there is no target layer (no spatial layer to default to)
@@ -234,6 +234,10 @@ class GradCAM(Analysis):
         predicted = logits.detach().argmax(dim=1)  # (B,)
         if self.fixed_class is not None:
             return torch.full_like(predicted, self.fixed_class)
+        if self.cfg.target == "label" and not self.ctx.loaded.synsets and logits.shape[1] == 1000:
+            # a nameless 1000-output head is in ImageNet's sorted-synset order (as predictions reads it)
+            self.label_to_output = match_labels(self.ctx.dataset_classes, self.ctx.loaded.class_names,
+                                                output_synsets(self.ctx.loaded.synsets, 1000))
         if self.cfg.target == "label" and len(self.label_to_output):
             mapping = torch.as_tensor(self.label_to_output, device=logits.device)
             labels = batch.labels

@@ -20,7 +20,7 @@ import torch
 
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.errors import ConfigError
-from reportgen.inputs.labels import WORDNET_ID, display_names, folder_display_names, imagenet_synsets, match_labels
+from reportgen.inputs.labels import WORDNET_ID, display_names, folder_display_names, match_labels, output_synsets
 from reportgen.report import plots
 from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
 from reportgen.report.thumbnails import thumbnail
@@ -90,7 +90,7 @@ class Predictions(Analysis):
             self.label_to_output = match_labels(self.ctx.dataset_classes, self._names_of_classes())
         elif num_outputs == 1000 and not self.ctx.loaded.synsets:  # a nameless 1000-class head: ImageNet's order
             self.label_to_output = match_labels(self.ctx.dataset_classes, self.ctx.loaded.class_names,
-                                                imagenet_synsets())
+                                                output_synsets(self.ctx.loaded.synsets, num_outputs))
 
     def _names_of_classes(self) -> List[str]:
         """One name per probability column: a binary head's two outcomes, else the model's class names."""

@@ -4,7 +4,7 @@ id in the local cache (`model.name`), with its image processor's preprocessing a
 The module is built with `attn_implementation="eager"`: the SDPA kernel transformers uses by default never forms the
 attention weights, so `output_attentions` would return nothing. It is wrapped in `HFClassifier` so that calling it
 returns the logits tensor, like every other source; the transformers module stays reachable as its `model`
-attribute, so its layers keep their own names under `model.` (e.g. `model.vit.encoder.layer.11.layernorm_before`).
+attribute, so its layers keep their own names under `model.` (e.g. `model.vit.layers.11.layernorm_before` in transformers 5).
 """
 from __future__ import annotations
 

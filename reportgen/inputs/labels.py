@@ -41,6 +41,11 @@ def match_labels(dataset_classes: List[str], model_classes: List[str], synsets: 
                     dtype=np.int64)
 
 
+def output_synsets(synsets: Sequence[str], num_outputs: int) -> Sequence[str]:
+    """The WordNet id of each output: the model's own, else ImageNet's sorted order for a nameless 1000-output head."""
+    return synsets if synsets or num_outputs != 1000 else imagenet_synsets()
+
+
 def folder_display_names(dataset_classes: List[str], model_classes: List[str], synsets: Sequence[str] = ()
                          ) -> List[str]:
     """Folder classes as a reader wants them: a WordNet-id folder as 'tench (n01440764)', others unchanged."""
