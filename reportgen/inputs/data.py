@@ -1,6 +1,8 @@
 """The image folder: a deterministic scan, robust decoding, and a loader that never dies on one bad file.
 
-Files are sorted by their path relative to the root, so every run, shard and machine sees the same order.
+Files are sorted by their path relative to the root, so every run, shard and machine sees the same order. Paths are
+kept as escaped names (reportgen/inputs/paths.py): valid UTF-8 whatever bytes the file system holds, so any name
+goes into every results file and the page; the dataset turns them back into the exact bytes to open the file.
 A file that cannot be decoded travels through the loader as a failure record (path, reason) and ends in
 `results/failed.csv` and the report; the batch goes on without it.
 """
@@ -18,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from reportgen.config.schema import LabelMode
 from reportgen.errors import ConfigError
+from reportgen.inputs.paths import escape_name, os_name
 from reportgen.inputs.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -28,16 +31,20 @@ class ScanResult:
     """What a folder holds: the images in processing order and the class names their labels index."""
 
     root: Path
-    paths: List[str]  # relative posix paths, sorted
+    paths: List[str]  # relative posix paths as escaped names (inputs/paths.py), in sorted order of the real names
     labels: List[int]  # class index per path, -1 when the file is not in a class folder
-    class_names: List[str]  # first-level subfolder names, sorted (empty: unlabelled folder)
-    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason) found but not scanned
+    class_names: List[str]  # first-level subfolder names (escaped), sorted (empty: unlabelled folder)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (escaped path, reason) found but not scanned
 
     def fingerprint(self) -> str:
         """A hash of the sorted file list: resumes and merges check they see the files the run saw."""
         import hashlib
 
-        return hashlib.sha256("\n".join(self.paths).encode("utf-8", "surrogateescape")).hexdigest()
+        return hashlib.sha256("\n".join(self.paths).encode("utf-8")).hexdigest()
+
+    def file(self, index: int) -> Path:
+        """The file behind `paths[index]`, as the file system names it."""
+        return self.root / os_name(self.paths[index])
 
 
 def scan_folder(root: Path, extensions: Sequence[str], label_mode: LabelMode = LabelMode.auto,
@@ -75,6 +82,8 @@ def scan_folder(root: Path, extensions: Sequence[str], label_mode: LabelMode = L
     found.sort()
     if limit is not None:
         found = found[: int(limit)]
+    found = [escape_name(p) for p in found]
+    skipped = [(escape_name(p), reason) for p, reason in skipped]
     class_names: List[str] = []
     labels = [-1] * len(found)
     if label_mode is not LabelMode.none:
@@ -129,13 +138,21 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, item: int) -> Dict[str, Any]:
         index = self.indices[item]
-        rel = self.scan.paths[index]
+        path = self.scan.file(index)
         try:
-            image = self.preprocess.to_uint8(decode_image(self.scan.root / rel, self.max_pixels))  # (3, H, W) uint8
+            image = self.preprocess.to_uint8(decode_image(path, self.max_pixels))  # (3, H, W) uint8
             return {"index": index, "image": image, "error": None}
         except Exception as exc:  # any decoder error (truncated, not an image, bomb, ...) is a per-file failure
-            reason = f"{type(exc).__name__}: {exc}".replace(str(self.scan.root / rel), rel)  # no machine paths
-            return {"index": index, "image": None, "error": reason}
+            return {"index": index, "image": None, "error": self._reason(exc, path, index)}
+
+    def _reason(self, exc: Exception, path: Path, index: int) -> str:
+        """The error as one line of valid UTF-8 naming the file relative to the root (decoders quote the path as
+        it is or as its repr), never the machine's folder."""
+        message = f"{type(exc).__name__}: {exc}"
+        rel = os_name(self.scan.paths[index])
+        for full in (repr(str(path))[1:-1], str(path)):
+            message = message.replace(full, rel)
+        return escape_name(message)
 
 
 @dataclass
