@@ -28,6 +28,7 @@ ALLOWED = [
     ("reportgen.runs", ("reportgen",)),
     ("reportgen.merge", ("reportgen.runs.merge",)),
     ("reportgen.index", ("reportgen.report.sweep",)),
+    ("reportgen.__main__", ("reportgen.runs.cli",)),
     ("reportgen", ()),
 ]
 

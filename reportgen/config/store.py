@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from reportgen.config.schema import Config, ModelConfig, ModelSource, torchvision_model_names
 from reportgen.errors import ConfigError
 from reportgen.inputs.paths import escape_name
+from reportgen.inputs.resources import resource_dir
 
 CONFIG_GROUPS = ("model", "dataset", "analysis", "report", "runtime", "experiment")
 _REGISTERED = False
@@ -38,8 +39,8 @@ def register_configs() -> None:
 
 
 def conf_dir() -> Path:
-    """The project's `conf/` folder (run.py and tests compose from it)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The `conf/` folder every command composes from (the checkout's, or the installed package's copy)."""
+    return resource_dir("conf")
 
 
 def group_options(group: str) -> List[str]:
