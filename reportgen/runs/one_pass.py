@@ -40,7 +40,8 @@ def run_pass(job: Job, state: RunState) -> float:
     cfg, scan = job.cfg, job.scan
     runtime = cfg.runtime
     remaining = range(state.start + state.done, state.end)
-    dataset = ImageFolderDataset(scan, job.loaded.preprocess, indices=remaining, max_pixels=int(cfg.dataset.max_pixels))
+    dataset = ImageFolderDataset(scan, job.loaded.preprocess, indices=remaining, max_pixels=int(cfg.dataset.max_pixels),
+                                 decode_seconds=float(cfg.dataset.decode_timeout))
     loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers),
                          pin_memory=job.device.type == "cuda")
     loader.worker_init_fn = ignore_stop_signals  # workers leave stopping to this process (runs/signals.py)
@@ -105,8 +106,10 @@ def _stop_if_requested(job: Job, state: RunState, pass_seconds: float) -> None:
 def folder_example(job: Job) -> Optional[Batch]:
     """The example batch every analysis's `begin` sees: the folder's first images that decode, whichever slice
     this process runs, so a shard, a resumed run and a merge set up identically (same layers, same channels)."""
-    dataset = ImageFolderDataset(job.scan, job.loaded.preprocess, max_pixels=int(job.cfg.dataset.max_pixels))
-    raw = example_batch(dataset, EXAMPLE_IMAGES, attempts=4 * EXAMPLE_IMAGES)
+    dataset = ImageFolderDataset(job.scan, job.loaded.preprocess, max_pixels=int(job.cfg.dataset.max_pixels),
+                                 decode_seconds=float(job.cfg.dataset.decode_timeout))
+    raw = example_batch(dataset, EXAMPLE_IMAGES, attempts=4 * EXAMPLE_IMAGES,
+                        num_workers=int(job.cfg.runtime.num_workers))  # a decoder crash costs its file only
     if raw is None:
         return None
     return to_batch(raw, job, torch.tensor(job.scan.labels + [-1], dtype=torch.int64))
