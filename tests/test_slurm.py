@@ -94,14 +94,15 @@ def test_a_job_past_its_time_limit_checkpoints_is_requeued_and_finishes_with_eve
         f"dataset.root={root}", "runtime.batch_size=2", "runtime.checkpoint_every=5"]
     started = time.monotonic()
     sweep = start_sweep(cluster, sleepy + [
-        "runtime.num_workers=2", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+        "runtime.num_workers=2", "hydra/launcher=slurm_cpu", "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
         "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=45", "hydra.launcher.max_num_timeout=3"],
         tmp_path / "sweep", tmp_path / "sweep.log")
-    reference = subprocess.Popen([sys.executable, "run.py", *sleepy, f"hydra.run.dir={tmp_path / 'whole'}"],
-                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(tmp_path / "whole.log", "w") as reference_log:  # the uninterrupted run, made meanwhile
+        reference = subprocess.Popen([sys.executable, "run.py", *sleepy, f"hydra.run.dir={tmp_path / 'whole'}"],
+                                     cwd=REPO, stdout=reference_log, stderr=subprocess.STDOUT)
     released = wait_for(sweep, cluster, tmp_path / "sweep.log", release_requeued=True)
-    reference_log, _ = reference.communicate(timeout=300)  # the uninterrupted run, made meanwhile
-    assert reference.returncode == 0, reference_log
+    assert reference.wait(timeout=300) == 0, (tmp_path / "whole.log").read_text()
     print(f"time-limit SLURM job: {time.monotonic() - started:.1f} s, {released} requeue(s) released")
 
     job_logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "sweep" / ".submitit").rglob("*_log.*"))

@@ -84,7 +84,8 @@ def run_pass(job: Job, state: RunState) -> float:
                     save_checkpoint(job, state)
                 _stop_if_requested(job, state, pass_before + time.perf_counter() - pass_started)
                 raw = _next_good_batch(batches, scan, state, progress, strict)
-            _stop_if_requested(job, state, pass_before + time.perf_counter() - pass_started)  # came during the last fetch
+            # a signal during the last fetch: the complete state is saved, the rerun goes straight to the report
+            _stop_if_requested(job, state, pass_before + time.perf_counter() - pass_started)
         state.pass_seconds = pass_before + time.perf_counter() - pass_started
         return probe_seconds
     finally:

@@ -77,13 +77,15 @@ _STOPS = _StopRequests()
 @contextmanager
 def stop_signals() -> Iterator[None]:
     """Install the stop handlers for the block (a whole run) and restore the previous ones after. Only the main
-    thread can install handlers; elsewhere (a run started from a thread) the signals keep their old behaviour."""
+    thread can install handlers; elsewhere (a run started from a thread) the signals keep their old behaviour, and
+    a signal the process was started to ignore (a background job's SIGINT) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     saved = dict(_STOPS.__dict__)
     _STOPS.received, _STOPS.deferred, _STOPS.owner_pid = None, False, os.getpid()
-    _STOPS.previous = {signum: signal.signal(signum, _STOPS.handle) for signum in STOP_SIGNALS}
+    ignored = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is signal.SIG_IGN]  # nohup, `&`
+    _STOPS.previous = {signum: signal.signal(signum, _STOPS.handle) for signum in STOP_SIGNALS if signum not in ignored}
     try:
         yield
     finally:
