@@ -2,6 +2,7 @@
 environment, runs as `reportgen` and `python -m reportgen` from another directory, with the configs and templates
 it carries. The new environment sees this one's libraries through a .pth file (torch is not installed twice); a
 .pth file's paths are not scanned for further .pth files, so this checkout's own (editable) reportgen stays out."""
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,7 +27,9 @@ def installed(tmp_path_factory):
     source = tmp / "source"  # a copy, so the build's own folders (build/, *.egg-info) never land in the checkout
     shutil.copytree(REPO, source, ignore=NOT_SHIPPED)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(source)],
+    # with this environment's setuptools when it has one (offline); else pip fetches it into an isolated build
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    subprocess.run(pip + ["wheel", "--no-deps", *isolation, "-w", str(tmp / "dist"), str(source)],
                    check=True, capture_output=True, timeout=300)
     wheel = next((tmp / "dist").glob("reportgen-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())

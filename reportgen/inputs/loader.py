@@ -96,8 +96,8 @@ class IsolatingLoader:
             # any batch handed to a worker (up to PREFETCH each) may hold the culprit: those files one at a time
             suspect = range(position, min(position + PREFETCH * self.num_workers * self.batch_size,
                                           len(self.dataset)))
-            log.warning("a decode worker %s: decoding files %d-%d one at a time to find the file",
-                        "crashed or stalled", suspect.start, suspect.stop - 1)
+            log.warning("a decode worker crashed or stalled: decoding the next %d files one at a time to find the "
+                        "file that did it", len(suspect))
             pending: List[Dict[str, Any]] = []
             for sample in self._one_at_a_time(suspect):
                 pending.append(sample)
