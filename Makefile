@@ -15,12 +15,17 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# graphviz (dot) for graph diagrams and Chromium for browser tests; installed with apt-get where we are root.
+# graphviz (dot) for graph diagrams, Chromium for browser tests, SLURM and munge for the one-node cluster of
+# tests/test_slurm.py; installed with apt-get where we are root (the daemons are not started: the tests start them).
+SYSTEM_PACKAGES := graphviz chromium slurmctld slurmd slurm-client munge
+SYSTEM_PROGRAMS := dot chromium slurmctld slurmd sbatch munged
 system-deps:
-	@if command -v dot >/dev/null 2>&1 && command -v chromium >/dev/null 2>&1; then :; \
+	@missing=; for p in $(SYSTEM_PROGRAMS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q graphviz chromium; \
-	else echo "note: install graphviz (dot) and chromium with your package manager for graph diagrams and browser tests"; fi
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES); \
+	else echo "note: missing$$missing; install $(SYSTEM_PACKAGES) with your package manager for graph diagrams," \
+	  "browser tests and the SLURM tests (skipped without them)"; fi
 
 # axe-core (npm package.json -> ./node_modules) for the accessibility checks of the browser tests
 node-deps:

@@ -29,6 +29,7 @@ ALLOWED = [
     ("reportgen.merge", ("reportgen.runs.merge",)),
     ("reportgen.index", ("reportgen.report.sweep",)),
     ("reportgen.compare", ("reportgen.runs.compare",)),
+    ("reportgen.__main__", ("reportgen.runs.cli",)),
     ("reportgen", ()),
 ]
 

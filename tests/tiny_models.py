@@ -122,14 +122,16 @@ def out_of_memory_net() -> OutOfMemoryNet:
 
 
 class SlowNet(WideNet):
-    """WideNet taking 0.25 s per forward of more than one image (the pass; one-image probes stay fast), so a test
-    can kill a run part-way through its pass."""
+    """WideNet taking `pause_s` (0.25 s) per forward of more than one image (the pass; one-image probes stay fast),
+    so a test can kill a run part-way through its pass."""
+
+    pause_s = 0.25
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import time
 
         if x.shape[0] > 1:
-            time.sleep(0.25)
+            time.sleep(self.pause_s)
         return super().forward(x)
 
 
@@ -219,3 +221,10 @@ def hf_swin_tiny() -> nn.Module:
                         num_labels=3, attn_implementation="eager")
     model = SwinForImageClassification(config)
     return _random_head(HFClassifier(model), model.classifier)
+
+
+def sleepy_net() -> SlowNet:
+    """0.5 s per batch: a SLURM job that outlasts its time limit with few images (tests/test_slurm.py)."""
+    net = SlowNet().eval()
+    net.pause_s = 0.5
+    return net

@@ -84,6 +84,9 @@ class DatasetConfig:
     labels: LabelMode = LabelMode.auto  # class labels from first-level subfolders
     limit: Optional[int] = None  # process only the first N files of the sorted list
     max_pixels: int = 89_478_485  # larger images are refused as decompression bombs (PIL's default limit)
+    # seconds one file may take to decode and crop before it is listed as failed (0: no limit); a decoder stuck in
+    # native code is stopped with its worker process (runtime.num_workers > 0 only)
+    decode_timeout: float = 30.0
 
 
 @dataclass

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from reportgen.config.schema import Config, ModelConfig, ModelSource, torchvision_model_names
 from reportgen.errors import ConfigError
+from reportgen.inputs.paths import escape_name
+from reportgen.inputs.resources import resource_dir
 
 CONFIG_GROUPS = ("model", "dataset", "analysis", "report", "runtime", "experiment")
 _REGISTERED = False
@@ -37,8 +39,8 @@ def register_configs() -> None:
 
 
 def conf_dir() -> Path:
-    """The project's `conf/` folder (run.py and tests compose from it)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The `conf/` folder every command composes from (the checkout's, or the installed package's copy)."""
+    return resource_dir("conf")
 
 
 def group_options(group: str) -> List[str]:
@@ -96,6 +98,8 @@ def check_cli_overrides(overrides: List[str]) -> None:
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    for argument in overrides:
+        _check_utf8(argument)
     parsed = OverridesParser.create().parse_overrides(overrides=overrides)
     for override in parsed:
         key = override.key_or_group
@@ -113,6 +117,18 @@ def check_cli_overrides(overrides: List[str]) -> None:
         parent = schema_for(parts[:-1])
         if parent is not None:
             _field_type(parent, parts[-1], key)
+
+
+def _check_utf8(argument: str) -> None:
+    """A value whose bytes are not UTF-8 (a folder named in another locale) cannot go into the config: Hydra's
+    parser and its UTF-8 YAML copy of the config refuse it, with a traceback. Files with such names inside
+    dataset.root are fine (inputs/paths.py)."""
+    try:
+        argument.encode("utf-8")
+    except UnicodeEncodeError:
+        key, _, value = argument.partition("=")
+        raise ConfigError(key, escape_name(value), "a value that is valid UTF-8 (Hydra writes the config as UTF-8 "
+                          "YAML); link the folder under a UTF-8 name (ln -s) and pass the link") from None
 
 
 def _override_values(override: Any) -> List[Any]:

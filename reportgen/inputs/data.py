@@ -1,8 +1,11 @@
 """The image folder: a deterministic scan, robust decoding, and a loader that never dies on one bad file.
 
-Files are sorted by their path relative to the root, so every run, shard and machine sees the same order.
-A file that cannot be decoded travels through the loader as a failure record (path, reason) and ends in
-`results/failed.csv` and the report; the batch goes on without it.
+Files are sorted by their path relative to the root, so every run, shard and machine sees the same order. Paths are
+kept as escaped names (reportgen/inputs/paths.py): valid UTF-8 whatever bytes the file system holds, so any name
+goes into every results file and the page; the dataset turns them back into the exact bytes to open the file.
+A file that cannot be decoded, or takes longer than `dataset.decode_timeout`, travels through the loader as a
+failure record (path, reason) and ends in `results/failed.csv` and the report; the batch goes on without it. A
+decoder that crashes or hangs its worker process is handled by the loader (loader.py).
 """
 from __future__ import annotations
 
@@ -14,11 +17,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from reportgen.config.schema import LabelMode
+from reportgen.config.schema import DatasetConfig, LabelMode
 from reportgen.errors import ConfigError
+from reportgen.inputs.loader import IsolatingLoader, RawBatch, collate  # noqa: F401  (RawBatch, collate: re-exported)
+from reportgen.inputs.paths import escape_name, os_name
 from reportgen.inputs.preprocess import Preprocess
+from reportgen.inputs.time_limit import DecodeTimeout, time_limit
 
 log = logging.getLogger(__name__)
 
@@ -28,16 +34,20 @@ class ScanResult:
     """What a folder holds: the images in processing order and the class names their labels index."""
 
     root: Path
-    paths: List[str]  # relative posix paths, sorted
+    paths: List[str]  # relative posix paths as escaped names (inputs/paths.py), in sorted order of the real names
     labels: List[int]  # class index per path, -1 when the file is not in a class folder
-    class_names: List[str]  # first-level subfolder names, sorted (empty: unlabelled folder)
-    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (path, reason) found but not scanned
+    class_names: List[str]  # first-level subfolder names (escaped), sorted (empty: unlabelled folder)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (escaped path, reason) found but not scanned
 
     def fingerprint(self) -> str:
         """A hash of the sorted file list: resumes and merges check they see the files the run saw."""
         import hashlib
 
-        return hashlib.sha256("\n".join(self.paths).encode("utf-8", "surrogateescape")).hexdigest()
+        return hashlib.sha256("\n".join(self.paths).encode("utf-8")).hexdigest()
+
+    def file(self, index: int) -> Path:
+        """The file behind `paths[index]`, as the file system names it."""
+        return self.root / os_name(self.paths[index])
 
 
 def scan_folder(root: Path, extensions: Sequence[str], label_mode: LabelMode = LabelMode.auto,
@@ -75,6 +85,8 @@ def scan_folder(root: Path, extensions: Sequence[str], label_mode: LabelMode = L
     found.sort()
     if limit is not None:
         found = found[: int(limit)]
+    found = [escape_name(p) for p in found]
+    skipped = [(escape_name(p), reason) for p, reason in skipped]
     class_names: List[str] = []
     labels = [-1] * len(found)
     if label_mode is not LabelMode.none:
@@ -115,13 +127,15 @@ def decode_image(path: Path, max_pixels: int = Image.MAX_IMAGE_PIXELS) -> Image.
 
 
 class ImageFolderDataset(Dataset):
-    """Decodes and crops one file per item; failures come back as a reason string instead of an exception."""
+    """Decodes and crops one file per item within `decode_seconds`; failures come back as a reason string
+    instead of an exception."""
 
     def __init__(self, scan: ScanResult, preprocess: Preprocess, indices: Optional[Sequence[int]] = None,
-                 max_pixels: int = Image.MAX_IMAGE_PIXELS):
+                 max_pixels: int = Image.MAX_IMAGE_PIXELS, decode_seconds: float = DatasetConfig.decode_timeout):
         self.scan = scan
         self.preprocess = preprocess
         self.max_pixels = int(max_pixels)
+        self.decode_seconds = float(decode_seconds)
         self.indices = list(range(len(scan.paths))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -129,63 +143,43 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, item: int) -> Dict[str, Any]:
         index = self.indices[item]
-        rel = self.scan.paths[index]
+        path = self.scan.file(index)
         try:
-            image = self.preprocess.to_uint8(decode_image(self.scan.root / rel, self.max_pixels))  # (3, H, W) uint8
+            with time_limit(self.decode_seconds):
+                image = self.preprocess.to_uint8(decode_image(path, self.max_pixels))  # (3, H, W) uint8
             return {"index": index, "image": image, "error": None}
-        except Exception as exc:  # any decoder error (truncated, not an image, bomb, ...) is a per-file failure
-            reason = f"{type(exc).__name__}: {exc}".replace(str(self.scan.root / rel), rel)  # no machine paths
-            return {"index": index, "image": None, "error": reason}
+        except (Exception, DecodeTimeout) as exc:  # any decoder error (truncated, not an image, bomb, too slow)
+            return {"index": index, "image": None, "error": self._reason(exc, path, index)}
+
+    def _reason(self, exc: Exception, path: Path, index: int) -> str:
+        """The error as one line of valid UTF-8 naming the file relative to the root (decoders quote the path as
+        it is or as its repr), never the machine's folder."""
+        message = f"{type(exc).__name__}: {exc}"
+        rel = os_name(self.scan.paths[index])
+        for full in (repr(str(path))[1:-1], str(path)):
+            message = message.replace(full, rel)
+        return escape_name(message)
 
 
-@dataclass
-class RawBatch:
-    """A collated batch on the CPU: only the images that decoded, plus the failures of this batch."""
-
-    indices: torch.Tensor  # (B,) int64
-    images: torch.Tensor  # (B, 3, H, W) uint8
-    failed: List[Tuple[int, str]]  # (index, reason)
-
-    def pin_memory(self) -> "RawBatch":
-        """Called by DataLoader(pin_memory=True) so the host-to-device copy can be asynchronous."""
-        self.indices = self.indices.pin_memory()
-        self.images = self.images.pin_memory()
-        return self
-
-
-def collate(samples: List[Dict[str, Any]]) -> RawBatch:
-    good = [s for s in samples if s["image"] is not None]
-    failed = [(s["index"], s["error"]) for s in samples if s["image"] is None]
-    if good:
-        images = torch.stack([s["image"] for s in good])  # (B, 3, H, W)
-    else:
-        images = torch.empty((0, 3, 0, 0), dtype=torch.uint8)
-    indices = torch.tensor([s["index"] for s in good], dtype=torch.int64)
-    return RawBatch(indices=indices, images=images, failed=failed)
-
-
-def example_batch(dataset: ImageFolderDataset, count: int, attempts: int) -> Optional[RawBatch]:
+def example_batch(dataset: ImageFolderDataset, count: int, attempts: int, num_workers: int = 0) -> Optional[RawBatch]:
     """The first `count` items that decode, in order (fewer when `attempts` items were tried and at least one
-    decoded; the search goes on until one does). None when nothing in the dataset decodes."""
-    good: List[Dict[str, Any]] = []
-    for item in range(len(dataset)):
-        sample = dataset[item]
-        if sample["image"] is not None:
-            good.append(sample)
-        if len(good) >= count or (good and item + 1 >= attempts):
+    decoded; the search goes on until one does). None when nothing in the dataset decodes. With `num_workers` > 0
+    they are decoded in a worker process, so a decoder crash among the first files costs only that file."""
+    indices: List[torch.Tensor] = []
+    images: List[torch.Tensor] = []
+    tried = 0
+    for raw in IsolatingLoader(dataset, count, min(num_workers, 1), False, dataset.decode_seconds):
+        indices.extend(raw.indices)
+        images.extend(raw.images)
+        tried += raw.size
+        if len(images) >= count or (images and tried >= attempts):
             break
-    return collate(good) if good else None
+    if not images:
+        return None
+    return RawBatch(indices=torch.stack(indices[:count]), images=torch.stack(images[:count]), failed=[])
 
 
-def make_loader(dataset: ImageFolderDataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Ordered batches (no shuffling: results and shards stay deterministic), workers kept alive."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+def make_loader(dataset: ImageFolderDataset, batch_size: int, num_workers: int, pin_memory: bool) -> IsolatingLoader:
+    """Ordered batches (no shuffling: results and shards stay deterministic), workers kept alive; with workers, a
+    decoder that crashes or hangs costs only its file (loader.py)."""
+    return IsolatingLoader(dataset, batch_size, num_workers, pin_memory, dataset.decode_seconds)

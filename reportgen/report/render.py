@@ -21,10 +21,11 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from PIL import Image
 
+from reportgen.inputs.resources import resource_dir
 from reportgen.report.elements import Figure, Gallery, Graph, ImageStrip, Page, Table
 
 log = logging.getLogger("reportgen")
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = resource_dir("templates")  # the checkout's templates/, or the installed package's copy
 IMAGE_SUFFIX = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 
 

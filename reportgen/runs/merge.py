@@ -23,6 +23,7 @@ from reportgen.errors import ConfigError, FolderBusy, ModelLoadError, RunError
 from reportgen.runs.folder_lock import folder_lock
 from reportgen.runs.one_pass import begin_analyses, folder_example, restore_analyses
 from reportgen.runs.pipeline import EXECUTION_KEYS, finish, finished_run, prepare
+from reportgen.state.files import full_disk_named
 from reportgen.state.run_state import STATE_FILE, RunState, config_differences, load_state, without_keys
 
 log = logging.getLogger("reportgen")
@@ -87,7 +88,7 @@ def merge_runs(dirs: Sequence[Path], out_dir: Path) -> Path:
     timings: Dict[str, float] = {}
     shards = load_shards(find_shards(dirs))
     out_dir = Path(out_dir)
-    with folder_lock(out_dir):
+    with full_disk_named("the merged run's files", out_dir), folder_lock(out_dir):
         if finished_run(out_dir):
             raise RunError(f"{out_dir} already holds a finished run; choose another --out folder")
         return _merge_into(shards, out_dir, started, timings)

@@ -1,7 +1,9 @@
 """The one hooked pass over a slice of the folder: decode in workers -> device -> forward -> every analysis's update.
 
 It advances a `RunState` (positions done, images processed, failures) and saves it with every analysis's mergeable
-state each `runtime.checkpoint_every` batches, so a killed run resumes where its last checkpoint was. A CUDA
+state each `runtime.checkpoint_every` batches, so a killed run resumes where its last checkpoint was. A stop signal
+(Ctrl-C, SIGTERM, SLURM's time-limit USR2; see signals.py) is acted on at the next batch boundary: checkpoint, then
+`RunInterrupted`. A CUDA
 out-of-memory error halves the batch (and every later one) and goes on, with a warning in the report, when it came
 from the forward or from an analysis whose update changes nothing before its device work is done (`oom_safe`, run
 first: Grad-CAM's gradients, predictions); after that, a retry could count images twice, so the run stops instead.
@@ -22,6 +24,8 @@ from reportgen.engine.capture import CaptureEngine, primary_tensor
 from reportgen.errors import ConfigError, RunError
 from reportgen.inputs.data import ImageFolderDataset, RawBatch, ScanResult, example_batch, make_loader
 from reportgen.runs.job import Job
+from reportgen.runs.signals import at_batch_boundaries, ignore_stop_signals, interruption, stop_requested
+from reportgen.state.files import full_disk_named
 from reportgen.state.run_state import STATE_FILE, RunState, save_state
 
 log = logging.getLogger("reportgen")
@@ -36,9 +40,11 @@ def run_pass(job: Job, state: RunState) -> float:
     cfg, scan = job.cfg, job.scan
     runtime = cfg.runtime
     remaining = range(state.start + state.done, state.end)
-    dataset = ImageFolderDataset(scan, job.loaded.preprocess, indices=remaining, max_pixels=int(cfg.dataset.max_pixels))
+    dataset = ImageFolderDataset(scan, job.loaded.preprocess, indices=remaining, max_pixels=int(cfg.dataset.max_pixels),
+                                 decode_seconds=float(cfg.dataset.decode_timeout))
     loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers),
                          pin_memory=job.device.type == "cuda")
+    loader.worker_init_fn = ignore_stop_signals  # workers leave stopping to this process (runs/signals.py)
     labels_lookup = torch.tensor(scan.labels + [-1], dtype=torch.int64)
     strict = bool(runtime.strict)
     every = int(runtime.checkpoint_every)
@@ -57,16 +63,16 @@ def run_pass(job: Job, state: RunState) -> float:
         # the workers start now, not during the probes: the pass is timed from its first batch's decode, as a
         # plain loop over the same loader would be (benchmarks compare the two)
         pass_started, pass_before = time.perf_counter(), state.pass_seconds
-        batches = iter(loader)
-        first = _next_good_batch(batches, scan, state, progress, strict)
         requirements = [a.requires() for a in job.analyses]  # after begin: defaults may depend on a probe
         order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # retryable updates first (out of memory)
-        with CaptureEngine(job.model, [n for r in requirements for n in r.activations],
-                           [n for r in requirements for n in r.gradients],
-                           [n for r in requirements for n in r.attention]) as engine:
+        with at_batch_boundaries(), CaptureEngine(job.model, [n for r in requirements for n in r.activations],
+                                                  [n for r in requirements for n in r.gradients],
+                                                  [n for r in requirements for n in r.attention]) as engine:
+            batches = iter(loader)
+            raw = _next_good_batch(batches, scan, state, progress, strict)
             stepper = _Stepper(job, engine, order)
-            raw, batches_done = first, 0
-            while raw is not None:
+            batches_done = 0
+            while raw is not None:  # a fetched batch counts as done: stop only between processing and the next fetch
                 batch = to_batch(raw, job, labels_lookup)
                 state.notes.update(stepper.step(batch))
                 state.warnings.extend(w for w in stepper.warnings if w not in state.warnings)
@@ -76,18 +82,35 @@ def run_pass(job: Job, state: RunState) -> float:
                 if every and batches_done % every == 0:
                     state.pass_seconds = pass_before + time.perf_counter() - pass_started
                     save_checkpoint(job, state)
+                _stop_if_requested(job, state, pass_before + time.perf_counter() - pass_started)
                 raw = _next_good_batch(batches, scan, state, progress, strict)
+            # a signal during the last fetch: the complete state is saved, the rerun goes straight to the report
+            _stop_if_requested(job, state, pass_before + time.perf_counter() - pass_started)
         state.pass_seconds = pass_before + time.perf_counter() - pass_started
         return probe_seconds
     finally:
         progress.close()
 
 
+def _stop_if_requested(job: Job, state: RunState, pass_seconds: float) -> None:
+    """At a batch boundary: if a stop signal came, save the checkpoint (whatever `checkpoint_every` says: this is
+    the work the next run would otherwise redo) and raise `RunInterrupted`."""
+    signum = stop_requested()
+    if signum is None:
+        return
+    state.pass_seconds = pass_seconds
+    save_checkpoint(job, state)
+    raise interruption(signum, f"checkpoint saved at {state.done} of {state.end - state.start} images in "
+                               f"{job.results_dir}; the same command continues from there")
+
+
 def folder_example(job: Job) -> Optional[Batch]:
     """The example batch every analysis's `begin` sees: the folder's first images that decode, whichever slice
     this process runs, so a shard, a resumed run and a merge set up identically (same layers, same channels)."""
-    dataset = ImageFolderDataset(job.scan, job.loaded.preprocess, max_pixels=int(job.cfg.dataset.max_pixels))
-    raw = example_batch(dataset, EXAMPLE_IMAGES, attempts=4 * EXAMPLE_IMAGES)
+    dataset = ImageFolderDataset(job.scan, job.loaded.preprocess, max_pixels=int(job.cfg.dataset.max_pixels),
+                                 decode_seconds=float(job.cfg.dataset.decode_timeout))
+    raw = example_batch(dataset, EXAMPLE_IMAGES, attempts=4 * EXAMPLE_IMAGES,
+                        num_workers=int(job.cfg.runtime.num_workers))  # a decoder crash costs its file only
     if raw is None:
         return None
     return to_batch(raw, job, torch.tensor(job.scan.labels + [-1], dtype=torch.int64))
@@ -116,7 +139,8 @@ def restore_analyses(analyses: List[Analysis], states: Dict[str, dict]) -> None:
 def save_checkpoint(job: Job, state: RunState) -> None:
     """Write `results/state.pt` with every analysis's state (streams flushed first, by their `state_dict`)."""
     started = time.perf_counter()
-    state.analyses = {a.name: a.state_dict() for a in job.analyses}
+    with full_disk_named("the per-image streams flushed for the checkpoint", job.results_dir):
+        state.analyses = {a.name: a.state_dict() for a in job.analyses}
     save_state(job.results_dir / STATE_FILE, state)
     log.info("checkpoint: %d of %d images done (saved in %.2f s)", state.done, state.end - state.start,
              time.perf_counter() - started)
@@ -214,7 +238,8 @@ class _Stepper:
             for analysis in self.analyses:
                 if not analysis.oom_safe:
                     self.updated = True  # an out-of-memory error inside may leave part of this batch counted
-                analysis.update(batch, logits, captures)
+                with full_disk_named(f"the per-image results of analysis '{analysis.name}'", self.job.results_dir):
+                    analysis.update(batch, logits, captures)
                 self.updated = True
         return captures.notes
 

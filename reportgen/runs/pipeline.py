@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from reportgen.analyses import RunContext, get_analysis
+from reportgen.analyses import Analysis, RunContext, get_analysis
 from reportgen.config.schema import to_container
 from reportgen.config.validate import resolve_dataset_root, select_device, validate
 from reportgen.errors import RunError
@@ -33,7 +33,7 @@ from reportgen.report.render import render_report
 from reportgen.runs.folder_lock import folder_lock
 from reportgen.runs.job import Job
 from reportgen.runs.one_pass import run_pass, save_checkpoint
-from reportgen.state.files import write_failed
+from reportgen.state.files import DiskFullError, full_disk_named, write_failed
 from reportgen.state.run_state import STATE_FILE, RunState, config_differences, load_state
 from reportgen.state.streams import remove_stream_folders
 
@@ -56,7 +56,7 @@ def run(cfg: DictConfig, out_dir: Optional[Path] = None) -> Path:
     analysis_cfgs = validate(cfg)
     shard = runtime_shard(cfg.runtime)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
-    with folder_lock(out_dir):
+    with full_disk_named("the run's files", out_dir), folder_lock(out_dir):
         if finished_run(out_dir):
             return already_finished(cfg, out_dir)
         job = prepare(cfg, analysis_cfgs, out_dir, timings, shard)
@@ -115,12 +115,12 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
     pass_seconds = max(s.pass_seconds for s in states)  # shards run side by side: the slowest one's time
     throughput = processed / max(pass_seconds, 1e-9)
     with _timed(timings, "finalize"):
-        sections = [s for s in (a.finalize() for a in job.analyses) if s is not None]
+        sections = [s for s in (_finalize(a, results_dir) for a in job.analyses) if s is not None]
     write_failed(results_dir / "failed.csv", failed)
     outcome = PassOutcome(processed=processed, failed=failed, timings=timings, throughput=throughput,
                           capture_notes=notes, warnings=warnings, shards=len(states))
     page = build_page(cfg, job.loaded, job.scan, job.root, job.device, outcome, sections)
-    with _timed(timings, "render"):
+    with _timed(timings, "render"), full_disk_named("the report", job.out_dir / "report"):
         index = render_report(page, job.out_dir / "report", str(cfg.report.image_format), bool(cfg.report.single_file))
     timings["total"] = time.perf_counter() - started
     write_manifest(
@@ -135,6 +135,12 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
     remove_stream_folders(results_dir)
     log.info("report: %s (total %.1f s)", index, timings["total"])
     return index
+
+
+def _finalize(analysis: Analysis, results_dir: Path):
+    """One analysis's results files and report section (its files named if the disk fills up meanwhile)."""
+    with full_disk_named(f"the results of analysis '{analysis.name}'", results_dir):
+        return analysis.finalize()
 
 
 def _resume_or_start(job: Job) -> RunState:
@@ -198,8 +204,13 @@ def record_failure(cfg: DictConfig, exc: BaseException, out_dir: Optional[Path] 
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir()
     if finished_run(out_dir):
         return
-    (out_dir / "results").mkdir(parents=True, exist_ok=True)
-    write_manifest(out_dir / "results", "failed", cfg, error=f"{type(exc).__name__}: {exc}")
+    try:
+        (out_dir / "results").mkdir(parents=True, exist_ok=True)
+        write_manifest(out_dir / "results", "failed", cfg, error=f"{type(exc).__name__}: {exc}")
+    except (OSError, DiskFullError) as write_error:
+        said = isinstance(exc, DiskFullError)  # the disk that failed the run is still full: already logged
+        (log.debug if said else log.warning)("could not record the failure in %s: %s", out_dir / "results",
+                                             write_error)
 
 
 def finished_run(out_dir: Path) -> bool:

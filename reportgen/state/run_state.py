@@ -7,7 +7,7 @@ from someone else's folder cannot run code (like checkpoints, see models.py).
 """
 from __future__ import annotations
 
-import os
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from reportgen.state.channel_reducers import ChannelStats, ChannelTopK, CovarianceMoments
+from reportgen.state.files import write_atomic
 from reportgen.state.reducers import BoundedTop, FixedHistogram, _Payload
 from reportgen.state.streams import StreamRef
 
@@ -95,11 +96,12 @@ def allow_in_state(*objects: Any) -> None:
 
 
 def save_state(path: Path, state: RunState) -> None:
-    """Atomically write `state` (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomically write `state` (temporary file in the same folder, then rename). Serialised in memory first (the
+    state is bounded; per-image rows are in streams): torch.save writing straight to a full disk fails with an
+    opaque "unexpected pos" error, a plain write with ENOSPC, which names the file and keeps the last checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(Path(path), buffer.getbuffer(), what="the checkpoint")
 
 
 def load_state(path: Path) -> RunState:
