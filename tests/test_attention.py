@@ -41,7 +41,7 @@ def run_attention(model, batches, results_dir, num_images=None, **options) -> At
     """The analysis driven the way the pipeline drives it: begin, requires, one hooked forward per batch, update.
     `num_images`: the whole folder's size when `batches` is one shard of it."""
     cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), options)
-    ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[]), dataset_classes=[],
+    ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[], synsets=[]), dataset_classes=[],
                      num_images=num_images or sum(len(b.paths) for b in batches), device=torch.device("cpu"),
                      results_dir=results_dir,
                      report=SimpleNamespace(thumbnail_size=32, gallery_size=8, figure_dpi=40, image_format="jpeg"))
@@ -277,7 +277,7 @@ def test_a_cnn_gets_one_not_applicable_line(colour_folder, tmp_path):
 
 def test_a_layer_pattern_without_attention_is_a_config_error():
     cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), {"layers": ["conv"]})
-    ctx = RunContext(model=TinyNet(), loaded=SimpleNamespace(class_names=[]), dataset_classes=[], num_images=1,
+    ctx = RunContext(model=TinyNet(), loaded=SimpleNamespace(class_names=[], synsets=[]), dataset_classes=[], num_images=1,
                      device=torch.device("cpu"), results_dir=None, report=None)
     with pytest.raises(ConfigError, match="analysis.attention.layers"):
         Attention(cfg, ctx)

@@ -35,7 +35,7 @@ def make_batch(x: torch.Tensor) -> Batch:
 def drive(analysis_class, config_class, model, x, results_dir, **options):
     """An analysis driven the way the pipeline drives it: begin, requires, one hooked forward, update, finalize."""
     cfg = OmegaConf.merge(OmegaConf.structured(config_class), options)
-    ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[]), dataset_classes=[], num_images=len(x),
+    ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[], synsets=[]), dataset_classes=[], num_images=len(x),
                      device=torch.device("cpu"), results_dir=results_dir, report=REPORT)
     analysis = analysis_class(cfg, ctx)
     batch = make_batch(x)
@@ -228,7 +228,7 @@ def test_activations_lay_deit_tokens_on_the_patch_grid_without_both_prefix_token
     model = tiny_models.timm_deit_distilled_tiny()
     x = torch.randn(2, 3, 48, 32)
     cfg = OmegaConf.merge(OmegaConf.structured(ActivationsConfig), {"layers": ["blocks.1"]})
-    ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[]), dataset_classes=[], num_images=2,
+    ctx = RunContext(model=model, loaded=SimpleNamespace(class_names=[], synsets=[]), dataset_classes=[], num_images=2,
                      device=torch.device("cpu"), results_dir=None, report=REPORT)
     analysis = Activations(cfg, ctx)
     analysis.begin(make_batch(x))
