@@ -1,10 +1,10 @@
 """Streaming, mergeable reductions of layer activations: memory stays flat however large the folder, and the
 state of any split of the data merges into exactly the state of the whole.
 
-- `batch_reductions` runs on the device, on one batch of one layer: per-channel count, mean, M2 (per image in
-  float32, merged in float64), min, max, zeros, saturated and non-finite counts, a fixed-edge histogram of the
-  layer's values at fixed sampled positions, and each image's per-channel spatial maximum and its position. Only
-  these small results cross to the CPU (`to_host`: one transfer).
+- `batch_reductions` runs on the device, on one batch of one layer, a few passes over its values: per image and
+  channel the sum, centred sum of squares, min, max and its position, zero and saturated counts, and a fixed-edge
+  histogram of the layer's values at fixed sampled positions. Only these small (B, C) results cross to the CPU
+  (`to_host`: one transfer), where they become per-channel count, mean, M2 (float64), min, max and counts.
 - `ChannelStats` merges per-batch moments with Chan et al.'s parallel update in float64, so mean and std equal a
   two-pass computation over every value to rounding.
 - `ChannelTopK`: per channel, the k images with the highest spatial maximum; vectorised (C, k) arrays instead of C
@@ -105,7 +105,7 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
             device[name] = _count(beyond, x, bound, scratch)  # (B, C)
     device["hist"] = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False)
     host = to_host(device)
-    if not np.isfinite(host["sum"]).all():  # a NaN/Inf value makes its image's channel sum non-finite
+    if not (np.isfinite(host["sum"]).all() and np.isfinite(host["root_m2"]).all()):  # NaN/Inf, or an overflow
         return _masked_reductions(x, edges, low, high, hist_stride)
     image_mean = host["sum"] / positions  # (B, C) float64
     mean = image_mean.mean(axis=0)  # (C,)
