@@ -5,18 +5,21 @@ that run's alone.
     python bench/scale.py                                      # 500 images, resnet18 (random weights), CPU
     python bench/scale.py --images 500 5000 --sets default     # memory at 10x the images
     python bench/scale.py --device cuda --set-overrides runtime=gpu   # on a GPU: bf16, channels_last, pinned memory
+    python bench/scale.py --marginal 64 320 --sets default     # whole processes: (time(320) - time(64)) per image
 
 The folder: photo-like JPEGs (smooth colour gradients, overlapping shapes, sensor-like noise, quality 85) of mixed
 sizes from 320x240 to 800x600 in 10 class folders, made once and cached under --cache (default
 /tmp/reportgen-bench). "plain" is the loop a user would write (same DataLoader, workers, batch size, preprocessing,
 then `model(x)` under inference_mode); "ours" is `pipeline.run` with the given analyses (its pass, from the
 manifest: the one-time probes are timed apart). Peak RSS is the main process's (the workers decode and hold only
-prefetched batches).
+prefetched batches). The plain loop is measured again right before each set and each ratio uses that neighbour,
+with the 1-minute load average at both: on a shared machine the load changes from one minute to the next.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -90,11 +93,24 @@ def child(kind: str, overrides: List[str]) -> Dict[str, float]:
                 "probes_s": timings.get("probes", 0), "images": manifest["counts"]["processed"]}
 
 
+def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) -> float:
+    """Seconds per image of whole processes (start-up, probes, finalize and render included), as the difference
+    of a run over `large` and one over `small` images: what cancels is every one-time cost."""
+    walls = []
+    for count in (small, large):
+        started = time.perf_counter()
+        measure(kind, overrides + [f"dataset.limit={count}"])
+        walls.append(time.perf_counter() - started)
+    return (walls[1] - walls[0]) / (large - small)
+
+
 def measure(kind: str, overrides: List[str]) -> Dict[str, float]:
     out = subprocess.run([sys.executable, __file__, "--child", kind, *overrides], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} {overrides} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["load"] = os.getloadavg()[0]  # the machine's 1-minute load average as the measurement ended
+    return result
 
 
 def main() -> None:
@@ -107,6 +123,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reportgen-bench")
     parser.add_argument("--set-overrides", nargs="*", default=[], help="more config overrides for every run")
+    parser.add_argument("--marginal", type=int, nargs=2, metavar=("SMALL", "LARGE"),
+                        help="instead: whole-process seconds per image from runs over SMALL and LARGE images")
     parser.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -114,27 +132,41 @@ def main() -> None:
         return
     rows = []
     started = time.perf_counter()
+    if args.marginal:
+        small, large = args.marginal
+        root = make_jpeg_folder(args.cache / f"jpeg_{max(large, 500)}", max(large, 500))
+        base = [f"model={args.model}", "model.weights=null", f"dataset.root={root}", f"runtime.device={args.device}",
+                f"runtime.batch_size={args.batch_size}", f"runtime.num_workers={args.workers}", *args.set_overrides]
+        print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}`: whole processes, time({large}) - time({small})\n")
+        print("| analyses | plain s/image | ours s/image | ratio (plain / ours) | load |")
+        print("| --- | --- | --- | --- | --- |")
+        for name in args.sets:
+            plain = marginal_seconds("plain", base, small, large)
+            ours = marginal_seconds("ours", base + [SETS[name]], small, large)
+            print(f"| {name} | {plain:.4f} | {ours:.4f} | {plain / ours:.2f} | {os.getloadavg()[0]:.1f} |")
+        return
     for count in args.images:
         root = make_jpeg_folder(args.cache / f"jpeg_{count}", count)
         base = [f"model={args.model}", "model.weights=null", f"dataset.root={root}", f"runtime.device={args.device}",
                 f"runtime.batch_size={args.batch_size}", f"runtime.num_workers={args.workers}", *args.set_overrides]
         measure("plain", base)  # warm-up: page cache and first-touch costs
-        plain = measure("plain", base)
         for name in args.sets:
+            plain = measure("plain", base)
             ours = measure("ours", base + [SETS[name]])
             rows.append((count, name, plain, ours))
             print(f"{count} images, {name}: plain {plain['images_per_second']:.1f}/s, ours "
                   f"{ours['images_per_second']:.1f}/s, RSS {ours['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}` ({args.model}, random weights, batch "
           f"{args.batch_size}, {args.workers} workers, device {args.device}; {time.perf_counter() - started:.0f} s)\n")
-    print("| images | analyses | plain img/s | ours img/s | ratio | plain peak RSS | ours peak RSS | report | "
-          "results | finalize+render | probes |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| images | analyses | plain img/s | ours img/s | ratio | plain peak RSS | ours peak RSS | RSS ratio | "
+          "report | results | finalize+render | probes | load (plain, ours) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for count, name, plain, ours in rows:
         print(f"| {count} | {name} | {plain['images_per_second']:.1f} | {ours['images_per_second']:.1f} | "
               f"{ours['images_per_second'] / plain['images_per_second']:.2f} | {plain['peak_rss_mib']:.0f} MiB | "
-              f"{ours['peak_rss_mib']:.0f} MiB | {ours['report_mib']:.2f} MiB | {ours['results_mib']:.2f} MiB | "
-              f"{ours['finalize_render_s']:.1f} s | {ours['probes_s']:.1f} s |")
+              f"{ours['peak_rss_mib']:.0f} MiB | {ours['peak_rss_mib'] / plain['peak_rss_mib']:.2f} | "
+              f"{ours['report_mib']:.2f} MiB | {ours['results_mib']:.2f} MiB | {ours['finalize_render_s']:.1f} s | "
+              f"{ours['probes_s']:.1f} s | {plain['load']:.1f}, {ours['load']:.1f} |")
     by_set: Dict[str, List] = {}
     for count, name, _, ours in rows:
         by_set.setdefault(name, []).append((count, ours["peak_rss_mib"]))

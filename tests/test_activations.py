@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from reportgen.analyses.activations import Activations
+from reportgen.analyses.activations import QUANTILES, Activations, histogram_quantiles
 from reportgen.analyses.base import Batch, RunContext
 from reportgen.engine.capture import CaptureEngine, count_hooks
 from reportgen.engine.tensors import channel_view
@@ -15,10 +15,12 @@ from reportgen.errors import ConfigError
 from reportgen.inputs.data import ImageFolderDataset, collate, scan_folder
 from reportgen.inputs.models import load_model
 from reportgen.runs.pipeline import run
-from reportgen.state.channel_reducers import ChannelTopK, CovarianceMoments, batch_reductions, symlog_edges
+from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments,
+                                              batch_reductions, histogram_stride, sampled_positions, symlog_edges)
 from reportgen.state.reducers import BoundedTop, FixedHistogram
 from tests.helpers import TINY, compose_config
 
+MOMENT_BOUND = 2.0 ** -20  # the stated accuracy of channel mean and std, in units of the channel's root mean square
 KEYS = ["conv", "act", "shared", "shared#2"]  # call order of TinyNet's selected layers (shared runs twice)
 LAYERS = ["analysis=[activations]", "analysis.activations.layers=[conv,act,shared]",
           "analysis.activations.saturation=0.5", "analysis.activations.top_k=3"]
@@ -76,6 +78,21 @@ def feed(cfg, loaded, scan, batches, results_dir, num_images=None):
     return analysis
 
 
+def assert_moments_within_bound(mean, std, values):
+    """mean and std of `values` (any shape, float64 copies of float32 data) within MOMENT_BOUND x their rms of the
+    exact (float64, two-pass) ones."""
+    rms = float(np.sqrt((values ** 2).mean()))
+    assert abs(mean - values.mean()) <= MOMENT_BOUND * rms, (mean, values.mean(), rms)
+    assert abs(std - values.std()) <= MOMENT_BOUND * rms, (std, values.std(), rms)
+
+
+def histogram_of_sampled_positions(edges, outputs, stride):
+    """numpy's binning of each image's values at the flat positions 0, stride, 2 stride, ... (B, ...) outputs."""
+    expected = FixedHistogram(edges)
+    expected.add(outputs.reshape(outputs.shape[0], -1)[:, ::stride])
+    return expected.counts
+
+
 def read_csv(path):
     with open(path, newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
@@ -117,8 +134,7 @@ def test_pipeline_statistics_and_top_k_equal_brute_force(colour_folder, tmp_path
             row = rows[KEYS.index(key) * 2 + channel]
             v = values[:, channel]
             assert int(row["count"]) == v.size and int(row["nonfinite"]) == 0
-            assert float(row["mean"]) == pytest.approx(v.mean(), rel=1e-12, abs=1e-12)
-            assert float(row["std"]) == pytest.approx(v.std(), rel=1e-9, abs=1e-12)
+            assert_moments_within_bound(float(row["mean"]), float(row["std"]), v)
             assert float(row["max"]) == v.max() and float(row["min"]) == v.min()
             assert float(row["frac_zero"]) == (v == 0).mean()
             assert float(row["frac_saturated"]) == (np.abs(v) >= 0.5).mean()
@@ -148,7 +164,7 @@ def test_pipeline_statistics_and_top_k_equal_brute_force(colour_folder, tmp_path
 
 def test_two_halves_merged_equal_one_pass(colour_folder, tmp_path):
     cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "analysis.activations.channels=[1,0]",
-                                          "analysis.activations.n_images=4"])
+                                          "analysis.activations.n_images=4", "analysis.activations.hist_sample=100"])
     loaded, scan, batches = folder_batches(cfg, colour_folder, 3)  # 4 batches of 3
     whole = feed(cfg, loaded, scan, batches, tmp_path / "whole")
     first = feed(cfg, loaded, scan, batches[:2], tmp_path / "a")
@@ -171,12 +187,12 @@ def test_two_halves_merged_equal_one_pass(colour_folder, tmp_path):
     assert kept[0] == kept[1] == [[2], [5], [8], [11]]  # the image nearest the middle of each quarter of the folder
     np.testing.assert_allclose(first.moments.mean, whole.moments.mean, rtol=1e-9)
     np.testing.assert_allclose(first.moments.m2, whole.moments.m2, rtol=1e-9, atol=1e-12)
-    # histograms against numpy's binning of every value
+    # histograms against numpy's binning of the sampled positions of every image
     outputs, _ = plain_hook_outputs(loaded.module, torch.cat([b.inputs for b in batches]))
+    assert [c.hist_stride for c in whole.calls] == [7] * 4  # 2 x 16 x 16 values an image, at most 100 counted
     for key in KEYS:
-        expected = FixedHistogram(whole.edges)
-        expected.add(outputs[key].numpy())
-        np.testing.assert_array_equal(whole.hists[key].counts, expected.counts)
+        np.testing.assert_array_equal(whole.hists[key].counts, histogram_of_sampled_positions(
+            whole.edges, outputs[key].numpy(), 7))
 
 
 def test_state_does_not_grow_with_the_number_of_batches(colour_folder, tmp_path):
@@ -221,6 +237,97 @@ def test_channel_top_k_equals_bounded_top_and_pca_equals_numpy_svd():
     assert np.array_equal(edges, edges.astype(np.float32)) and np.array_equal(edges, -edges[::-1])
 
 
+def stream_moments(chunks, stride=1):
+    """ChannelStats and histogram counts of (B, C, P) chunks fed one batch at a time, as the analysis does."""
+    edges = symlog_edges(1e-4, 1e4, 8)
+    stats, hist = ChannelStats(chunks[0].shape[1]), np.zeros(len(edges) - 1, dtype=np.int64)
+    for chunk in chunks:
+        host = batch_reductions(chunk, torch.as_tensor(edges), hist_stride=stride)
+        stats.add(*(host[n] for n in ChannelStats.FIELDS))
+        hist += host["hist"]
+    return stats, hist, edges
+
+
+def test_channel_moments_stay_within_the_stated_bound_on_data_built_to_cancel():
+    """Per-image float32 moments merged in float64 against (a) closed-form answers on exactly representable data and
+    (b) float64 two-pass moments of every value, on channels whose mean dwarfs their spread; batches of uneven size."""
+    rng = np.random.default_rng(4)
+    images, positions = 29, 56 * 56
+    signs = np.where(np.arange(positions) % 2 == 0, -1.0, 1.0)  # half -d, half +d in every image
+    exact = np.stack([1000.0 + 2.0 ** -7 * signs,  # mean 1000, std 2^-7 exactly (both float32 numbers)
+                      -3.0 + 0.5 * signs,  # mean -3, std 0.5
+                      np.full(positions, 0.25)])  # constant: std exactly 0
+    noisy = np.stack([1000.0 + 1e-3 * rng.standard_normal(positions), rng.standard_normal(positions) * 1e-6,
+                      np.maximum(rng.standard_normal(positions), 0.0) * 50.0])
+    data = np.concatenate([np.broadcast_to(exact, (images, 3, positions)),
+                           noisy[None] + rng.standard_normal((images, 3, 1)) * [[1e-3], [1e-6], [5.0]]], axis=1)
+    data = data.astype(np.float32)  # (29, 6, 3136)
+    x = torch.from_numpy(data)
+    stats, _, _ = stream_moments([x[:5], x[5:8], x[8:24], x[24:]])
+    values = data.astype(np.float64).transpose(1, 0, 2).reshape(6, -1)  # (C, N) every value
+    for c, (mean, std) in enumerate([(1000.0, 2.0 ** -7), (-3.0, 0.5), (0.25, 0.0)]):
+        rms = np.sqrt(mean ** 2 + std ** 2)
+        assert abs(stats.mean[c] - mean) <= MOMENT_BOUND * rms and abs(stats.std[c] - std) <= MOMENT_BOUND * rms
+    for c in range(6):
+        assert_moments_within_bound(stats.mean[c], stats.std[c], values[c])
+    # a plain float32 forward hook (torch's own mean / std over the layer) is within twice the bound of ours
+    plain_mean, plain_std = x.mean(dim=(0, 2)).double().numpy(), x.std(dim=(0, 2), correction=0).double().numpy()
+    rms = np.sqrt((values ** 2).mean(axis=1))
+    assert (np.abs(stats.mean - plain_mean) <= 2 * MOMENT_BOUND * rms).all()
+    assert (np.abs(stats.std - plain_std) <= 2 * MOMENT_BOUND * rms).all()
+
+
+def test_sampled_histogram_percentiles_within_one_percentile_rank_of_every_value():
+    """The default histogram sample (at most HIST_SAMPLE values of each image and layer) against the histogram of
+    every value, on a real resnet18's stage outputs (random weights, smooth random images, 24 of them): each
+    percentile the report draws from the sample lies between the full histogram's percentiles one percentile rank
+    below and above."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    images = torch.nn.functional.interpolate(torch.rand(24, 3, 12, 12), size=96, mode="bilinear")  # (24, 3, 96, 96)
+    outputs = {}
+    handles = [getattr(model, name).register_forward_hook(
+        lambda module, inputs, output, name=name: outputs.__setitem__(name, output.flatten(2)))
+        for name in ("layer1", "layer2", "layer3", "layer4")]
+    with torch.no_grad():
+        model((images - 0.45) / 0.25)
+    for handle in handles:
+        handle.remove()
+    for name, x in outputs.items():  # (24, C, P)
+        stride = histogram_stride(x.shape[1], x.shape[2], HIST_SAMPLE)
+        assert stride > 1
+        sampled, sampled_hist, edges = stream_moments([x[:10], x[10:]], stride=stride)
+        whole, whole_hist, _ = stream_moments([x], stride=1)
+        assert sampled_hist.sum() == sampled_positions(x, stride).numel() <= 24 * HIST_SAMPLE
+        assert whole_hist.sum() == x.numel()
+        low, high = float(whole.min.min()), float(whole.max.max())
+        got = histogram_quantiles(sampled_hist, edges, QUANTILES, low, high)
+        below = histogram_quantiles(whole_hist, edges, [max(q - 0.01, 0.0) for q in QUANTILES], low, high)
+        above = histogram_quantiles(whole_hist, edges, [min(q + 0.01, 1.0) for q in QUANTILES], low, high)
+        assert (below <= got).all() and (got <= above).all(), (name, below, got, above)
+
+
+def test_histogram_stride_is_the_smallest_prime_that_fits_the_sample():
+    shapes = [(1, 100), (64, 64), (4097, 1), (64, 56 * 56), (512, 7 * 7), (256, 6 * 6), (4096, 2)]
+    assert [histogram_stride(c, p, 4096) for c, p in shapes] == [1, 1, 2, 53, 11, 5, 3]  # 7 divides 49, 3 divides 36
+    assert histogram_stride(64, 10 ** 6, 0) == 1
+
+
+def test_sampled_histogram_and_moments_do_not_depend_on_how_images_are_batched():
+    torch.manual_seed(5)
+    x = torch.randn(13, 5, 7 * 7).relu()  # (B, C, P)
+    one, one_hist, edges = stream_moments([x], stride=17)
+    split, split_hist, _ = stream_moments([x[:2], x[2:9], x[9:]], stride=17)
+    np.testing.assert_array_equal(one_hist, split_hist)
+    np.testing.assert_array_equal(one_hist, histogram_of_sampled_positions(edges, x.numpy(), 17))
+    for name in ("count", "zeros", "min", "max"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(split, name))
+    np.testing.assert_allclose(split.mean, one.mean, rtol=1e-12)
+    np.testing.assert_allclose(split.m2, one.m2, rtol=1e-12)
+
+
 def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest():
     torch.manual_seed(3)
     x = torch.randn(4, 3, 10)  # (B, C, P)
@@ -239,7 +346,7 @@ def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest():
         assert int(out["zeros"][c]) == (v == 0).sum() and int(out["saturated"][c]) == (np.abs(v) >= 1).sum()
     expected = FixedHistogram(edges)
     expected.add(values)
-    np.testing.assert_array_equal(out["hist"].numpy(), expected.counts)
+    np.testing.assert_array_equal(out["hist"], expected.counts)
     row = x[0, 1].numpy()  # holds the NaN: its peak is the largest finite value
     assert float(out["peak"][0, 1]) == row[np.isfinite(row)].max()
 

@@ -16,7 +16,12 @@ Everything is reduced on the device and only small per-batch results cross to th
   (|x| >= 1); unbounded layers have none. With `saturation` set, |x| >= saturation in every layer instead.
   A channel is dead when at least `dead_zero_fraction` of its values are exactly 0.
 - Histograms per layer call over fixed symmetric log-spaced edges (±hist_min .. ±hist_max, out-of-range values
-  in the end bins), so shard histograms add up; the distribution figure's percentiles are read from them.
+  in the end bins), so shard histograms add up; the distribution figure's percentiles are read from them. They
+  count at most `hist_sample` values of each image per layer: every k-th of its flat channel x position values,
+  k the smallest prime that is enough and does not divide the positions per channel (the same positions in every
+  image, so they merge exactly whatever the batches or shards; smaller layers and `hist_sample=0`: every value).
+  Binning every value costs about as much as the forward on a CPU; the sample keeps each percentile the report
+  draws within one percentile rank of the histogram of every value (tested on resnet18 stage outputs).
 - Top activating images: per channel, the `top_k` images with the highest spatial maximum (ties: the earlier
   file), for every channel in results/topk.json. Crops around the maximum (side `crop_factor` x the layer's
   stride, input size / map size, an approximate receptive field) are drawn for `channels_per_layer` channels of
@@ -60,8 +65,8 @@ from reportgen.report import plots
 from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
 from reportgen.report.overlays import heat_on_thumbnail
 from reportgen.report.thumbnails import thumbnail
-from reportgen.state.channel_reducers import (ChannelStats, ChannelTopK, CovarianceMoments, batch_reductions,
-                                              symlog_edges, to_host)
+from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments, Scratch,
+                                              batch_reductions, histogram_stride, symlog_edges)
 from reportgen.state.reducers import BoundedTop, FixedHistogram
 from reportgen.state.streams import COPY_ROWS, RowStore, absorb_rows
 
@@ -92,6 +97,8 @@ class ActivationsConfig:
     #   bin with 0 (fixed edges, not data-chosen ones, so histograms of shards add up)
     hist_max: float = 1e4  # values beyond ±hist_max are counted in the end bins
     bins_per_decade: int = 8  # histogram resolution: a factor of 10^(1/8) = 1.33 per bin
+    hist_sample: int = HIST_SAMPLE  # the histograms count at most this many values of each image per layer (a
+    #   fixed systematic sample, the same positions in every image); 0: every value (about 10x slower on a CPU)
     crop_factor: float = 4.0  # crop side = crop_factor x the layer's stride (input size / map size), clipped to
     #   [image side / 4, image side]: an approximate receptive field around the maximum
     embedding: bool = True  # PCA view of the penultimate features (the input of the last nn.Linear)
@@ -111,6 +118,7 @@ class LayerCall:
     channels_last: bool  # 4-D output is (B, h, w, C)
     low: Optional[float]  # saturation bounds (None: not applied)
     high: Optional[float]
+    hist_stride: int = 1  # the histogram counts every hist_stride-th value of each image (histogram_stride)
     drawn: bool = False  # gets feature-map and crop figures
     tokens: Optional[TokenLayout] = None  # ViT tokens: the model's prefix tokens and patch grid (None: guessed)
 
@@ -255,6 +263,8 @@ class Activations(Analysis):
         for name in ("dead_zero_fraction", "dead_alert"):
             if not 0.0 <= float(getattr(cfg, name)) <= 1.0:
                 raise ConfigError(key + name, getattr(cfg, name), "a fraction in [0, 1]")
+        if int(cfg.hist_sample) < 0:
+            raise ConfigError(key + "hist_sample", cfg.hist_sample, "an integer >= 0 (0: every value)")
         if not 0.0 < float(cfg.hist_min) < float(cfg.hist_max):
             raise ConfigError(key + "hist_min", cfg.hist_min, f"a positive value below hist_max ({cfg.hist_max})")
         if cfg.saturation is not None and not float(cfg.saturation) > 0:
@@ -269,6 +279,7 @@ class Activations(Analysis):
         self.check_config(cfg)
         self.edges = symlog_edges(float(cfg.hist_min), float(cfg.hist_max), int(cfg.bins_per_decade))
         self._edges_device: Optional[torch.Tensor] = None
+        self._scratch = Scratch()  # batch_reductions' work buffer, reused by every layer and batch
         self.layers: List[str] = []
         self.calls: List[LayerCall] = []
         self.notes: List[str] = []  # what could not be analysed, and why
@@ -312,8 +323,9 @@ class Activations(Analysis):
                 self.notes.append(f"{call.key}: {exc}")
                 continue
             low, high = saturation_bounds(module, cfg.saturation)
+            stride = histogram_stride(int(view.shape[1]), int(view.shape[2]), int(cfg.hist_sample))
             self.calls.append(LayerCall(call.key, call.name, tuple(call.output.shape[1:]), int(view.shape[1]), grid,
-                                        last, low, high, tokens=tokens))
+                                        last, low, high, stride, tokens=tokens))
         for name in self.layers:
             if name not in seen:
                 self.notes.append(f"{name}: not called in the forward, or its output holds no tensor")
@@ -401,7 +413,7 @@ class Activations(Analysis):
                 continue
             if self._edges_device is None or self._edges_device.device != values.device:
                 self._edges_device = torch.as_tensor(self.edges, dtype=torch.float64, device=values.device)
-            host = to_host(batch_reductions(values, self._edges_device, call.low, call.high))
+            host = batch_reductions(values, self._edges_device, call.low, call.high, call.hist_stride, self._scratch)
             self.stats[call.key].add(*(host[n] for n in ChannelStats.FIELDS))
             self.hists[call.key].counts += host["hist"]
             self.hists[call.key].nan += int(host["nonfinite"].sum())
@@ -581,7 +593,10 @@ class Activations(Analysis):
              "at the bound of a bounded activation ending the layer (ReLU6, Hardtanh, Sigmoid, Tanh); "
              + (", ".join(f"{c.key}: {_bounds_text(c)}" for c in self.calls if c.low is not None or c.high is not None)
                 or "none of these layers has one")),
-            ("histogram", f"{len(self.edges) - 1} fixed bins, log-spaced over ±[{cfg.hist_min:g}, {cfg.hist_max:g}]"),
+            ("histogram", f"{len(self.edges) - 1} fixed bins, log-spaced over ±[{cfg.hist_min:g}, {cfg.hist_max:g}]"
+                          + (f"; at most {cfg.hist_sample} values of each image per layer (every k-th value at "
+                             f"fixed positions: " + ", ".join(f"{c.key} k={c.hist_stride}" for c in self.calls) + ")"
+                             if any(c.hist_stride > 1 for c in self.calls) else "; every value")),
             ("crops shown for", "channels " + str(list(cfg.channels)) if cfg.channels is not None else
              f"the {cfg.channels_per_layer} highest-mean channels over the folder's first images (per channel top "
              f"{cfg.top_k} of every channel in results/topk.json)"),

@@ -1,0 +1,152 @@
+"""Where the pass's time goes: per step (decode wait, forward, each analysis's `update`) and, inside `activations`,
+per operation (cProfile of its update, built-in torch calls listed by name).
+
+    python bench/profile_pass.py --images 320                  # resnet18, random weights, the scale folder
+    python bench/profile_pass.py --images 320 --sets-override analysis=[summary,predictions]
+
+It runs `pipeline.run` once with the default six analyses on the cached JPEG folder of bench/scale.py, timing each
+analysis's `update` and the forward by wrapping them in this process (the code measured is the project's own).
+A thread samples the resident set size every 10 ms, so the third table says in which phase of the run (setup,
+probes, pass, finalize, render) the peak happens. Prints three markdown tables: seconds per batch by step, the top
+operations of `activations.update`, and the peak RSS per phase.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.scale import SETS, make_jpeg_folder  # noqa: E402
+from bench.throughput import compose_cfg  # noqa: E402
+
+
+class RssSampler(threading.Thread):
+    """Peak resident set size (MiB, from /proc/self/statm) per phase, sampled every 10 ms."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.phase = "setup"
+        self.peaks: Dict[str, float] = {}
+        self.running = True
+        self.page_mib = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def run(self) -> None:
+        while self.running:
+            with open("/proc/self/statm") as handle:
+                rss = int(handle.read().split()[1]) * self.page_mib
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+            time.sleep(0.01)
+
+    def during(self, phase: str, function):
+        def wrapper(*a, **k):
+            before, self.phase = self.phase, phase
+            try:
+                return function(*a, **k)
+            finally:
+                self.phase = before
+        return wrapper
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reportgen-bench")
+    parser.add_argument("--top", type=int, default=14, help="operations listed for activations.update")
+    args, rest = parser.parse_known_args()
+
+    from reportgen.analyses import get_analysis
+    from reportgen.runs import one_pass
+    from reportgen.runs.pipeline import run
+
+    root = make_jpeg_folder(args.cache / "jpeg_500", 500)
+    cfg = compose_cfg([f"model={args.model}", "model.weights=null", f"dataset.root={root}",
+                       f"dataset.limit={args.images}", "runtime.batch_size=32", "runtime.num_workers=2",
+                       SETS["default"], *rest])
+    seconds: Dict[str, float] = defaultdict(float)
+    profiler = cProfile.Profile()
+
+    def timed(name: str, function, profile: bool = False):
+        def wrapper(*a, **k):
+            started = time.perf_counter()
+            if profile:
+                profiler.enable()
+            try:
+                return function(*a, **k)
+            finally:
+                if profile:
+                    profiler.disable()
+                seconds[name] += time.perf_counter() - started
+        return wrapper
+
+    for name in cfg.analysis.keys():
+        cls = get_analysis(str(name))
+        cls.update = timed(f"update: {name}", cls.update, profile=str(name) == "activations")
+    step = one_pass._Stepper._forward_and_update
+    one_pass._Stepper._forward_and_update = timed("forward + updates", step)
+    next_batch = one_pass._next_good_batch
+    one_pass._next_good_batch = timed("wait for the next decoded batch", next_batch)
+    from reportgen.runs import pipeline
+
+    sampler = RssSampler()
+    one_pass.begin_analyses = sampler.during("probes (begin)", one_pass.begin_analyses)
+    one_pass.CaptureEngine = _entered(one_pass.CaptureEngine, sampler)
+    pipeline.render_report = sampler.during("render", pipeline.render_report)
+    for name in cfg.analysis.keys():
+        cls = get_analysis(str(name))
+        cls.finalize = sampler.during(f"finalize: {name}", cls.finalize)
+    sampler.start()
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        run(cfg, out_dir=Path(tmp))
+        whole = time.perf_counter() - started
+    sampler.running = False
+    batches = -(-args.images // 32)
+    updates = sum(v for k, v in seconds.items() if k.startswith("update: "))
+    seconds["forward (forward + updates, less the updates)"] = seconds["forward + updates"] - updates
+    print(f"\n{args.images} images, {batches} batches of 32, {args.model}, whole run {whole:.1f} s\n")
+    print("| step | s per batch | share of forward + updates |")
+    print("| --- | --- | --- |")
+    for name, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {value / batches:.3f} | {value / seconds['forward + updates']:.0%} |")
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    total = sum(row[2] for row in stats.stats.values())  # tottime of everything in activations.update
+    rows = sorted(((row[2], func) for func, row in stats.stats.items()), reverse=True)[: args.top]
+    print("\n| activations.update: operation | s per batch | share of the update |")
+    print("| --- | --- | --- |")
+    for tottime, (file, line, name) in rows:
+        where = name if file == "~" else f"{Path(file).name}:{line} {name}"
+        print(f"| `{where}` | {tottime / batches:.4f} | {tottime / max(total, 1e-9):.0%} |")
+    print("\n| phase | peak RSS |")
+    print("| --- | --- |")
+    for phase, peak in sampler.peaks.items():
+        print(f"| {phase} | {peak:.0f} MiB |")
+
+
+def _entered(engine_class, sampler: RssSampler):
+    """The pass's CaptureEngine, with the sampler's phase set to "pass" while it is entered."""
+    class Engine(engine_class):
+        def __enter__(self):
+            sampler.phase = "pass"
+            return super().__enter__()
+
+        def __exit__(self, *exc_info):
+            sampler.phase = "after the pass"
+            return super().__exit__(*exc_info)
+    return Engine
+
+
+if __name__ == "__main__":
+    main()
