@@ -2,7 +2,7 @@
 per operation (cProfile of its update, built-in torch calls listed by name).
 
     python bench/profile_pass.py --images 320                  # resnet18, random weights, the scale folder
-    python bench/profile_pass.py --images 320 --sets-override analysis=[summary,predictions]
+    python bench/profile_pass.py --images 320 analysis=[summary,predictions]   # any config overrides after the options
 
 It runs `pipeline.run` once with the default six analyses on the cached JPEG folder of bench/scale.py, timing each
 analysis's `update` and the forward by wrapping them in this process (the code measured is the project's own).

@@ -75,6 +75,34 @@ def test_gradient_leaf_matches_full_backward():
     assert count_hooks(model) == 0
 
 
+def test_forward_mode_records_autograd_only_after_the_leaf_and_gives_the_same_gradient():
+    model = TinyNet()
+    x = torch.rand(2, 3, 4, 4)
+    states = []  # (module, grad mode on, output has autograd history), per call
+
+    def record(name):
+        def hook(module, inputs, output):
+            states.append((name, torch.is_grad_enabled(), output.grad_fn is not None))
+        return hook
+
+    handles = [model.conv.register_forward_hook(record("conv")), model.fc.register_forward_hook(record("fc"))]
+    with CaptureEngine(model, gradients=["pool"]) as engine:
+        captures = engine.start_batch()
+        with engine.forward_mode():
+            logits = model(x)
+            (grad,) = torch.autograd.grad(logits[:, 0].sum(), captures["pool"])
+        fast, states[:] = list(states), []
+        with torch.enable_grad():  # the reference: the whole forward grad-enabled
+            captures = engine.start_batch()
+            (expected,) = torch.autograd.grad(model(x)[:, 0].sum(), captures["pool"])
+    for handle in handles:
+        handle.remove()
+    assert fast == [("conv", False, False), ("fc", True, True)], "no grad mode before the leaf, the head recorded"
+    assert states == [("conv", True, False), ("fc", True, True)]
+    assert torch.equal(grad, expected)
+    assert torch.is_grad_enabled(), "forward_mode gives the caller's grad mode back"
+
+
 def test_hooks_removed_and_mode_restored_after_exception_in_forward():
     model = ExplodingNet()
     model.train()

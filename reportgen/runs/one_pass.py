@@ -220,9 +220,8 @@ class _Stepper:
 
     def _forward_and_update(self, batch: Batch) -> Dict[str, str]:
         captures = self.engine.start_batch()
-        grad_mode = torch.enable_grad() if self.engine.needs_grad else torch.inference_mode()
         device_type = self.job.device.type
-        with grad_mode:
+        with self.engine.forward_mode():
             try:
                 with torch.autocast(device_type, dtype=DTYPES[self.precision],
                                     enabled=self.precision is not Precision.fp32):
