@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.engine.capture import ModuleProbe, shape_text
 from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
-from reportgen.state.files import write_json
+from reportgen.state.files import human_bytes, write_json
 
 
 @dataclass
@@ -129,8 +129,8 @@ class Summary(Analysis):
                            + (f", {flops / 1e9:.3g} GFLOPs per image" if flops is not None else ""))
         facts = [("model class", t["model"]), ("input", "×".join(str(d) for d in t["input_shape"])),
                  ("parameters", f"{t['params']:,}"), ("trainable", f"{t['trainable_params']:,}"),
-                 ("parameter memory", _human_bytes(t["param_bytes"])),
-                 ("buffer memory", _human_bytes(t["buffer_bytes"]))]
+                 ("parameter memory", human_bytes(t["param_bytes"])),
+                 ("buffer memory", human_bytes(t["buffer_bytes"]))]
         if flops is not None:
             facts.append(("FLOPs per image", f"{flops:,} ({flops / 1e9:.3g} G; 1 multiply-add = 2 FLOPs)"))
         section.elements.append(KeyValues(facts))
@@ -148,9 +148,3 @@ class Summary(Analysis):
         return section
 
 
-def _human_bytes(count: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
-        count /= 1024
-    return str(count)

@@ -28,6 +28,7 @@ Gradients cheaply: a hooked layer whose gradient is wanted returns
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -100,7 +101,7 @@ def resolve_layer_names(model: nn.Module, names: Iterable[str], key: str = "anal
     return resolved
 
 
-class _ModelHooks:
+class _ModelHooks(ABC):
     """What every hook owner shares: inside the block the model is in eval mode with the hooks `_setup` registers;
     on exit, and when setting up fails, every hook is removed and the model's mode and each parameter's
     `requires_grad` are put back as they were on entry."""
@@ -112,8 +113,9 @@ class _ModelHooks:
         self._flags: List[tuple] = []  # (parameter, requires_grad on entry)
         self._switched: List[tuple] = []  # (object, attribute, value on entry) set for the block, put back on exit
 
+    @abstractmethod
     def _setup(self) -> None:
-        raise NotImplementedError
+        """Register this owner's hooks (and switches) on `self.model`; called by __enter__ in eval mode."""
 
     def __enter__(self):
         self._was_training = self.model.training

@@ -26,7 +26,7 @@ log = logging.getLogger("reportgen")
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def run_job(cfg: DictConfig) -> None:
     """One Hydra job (the run, or one job of a sweep): its errors end in its manifest, never as a traceback."""
-    from reportgen.errors import FolderBusy, ModelLoadError, RunError
+    from reportgen.errors import FolderBusy, ReportgenError
     from reportgen.runs.launch import launch
     from reportgen.runs.pipeline import record_failure
     from reportgen.runs.signals import RunInterrupted
@@ -43,7 +43,7 @@ def run_job(cfg: DictConfig) -> None:
         if sweeping:
             return
         sys.exit(1)
-    except (ConfigError, ModelLoadError, RunError) as exc:
+    except ReportgenError as exc:  # a config, model or run problem the message explains
         log.error("%s", exc)
         record_failure(cfg, exc)
         if sweeping:

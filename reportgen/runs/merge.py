@@ -19,7 +19,7 @@ import torch
 
 from reportgen.config.store import config_from_container
 from reportgen.config.validate import validate
-from reportgen.errors import ConfigError, FolderBusy, ModelLoadError, RunError
+from reportgen.errors import ReportgenError, RunError
 from reportgen.runs.folder_lock import folder_lock
 from reportgen.runs.one_pass import begin_analyses, folder_example, restore_analyses
 from reportgen.runs.pipeline import EXECUTION_KEYS, finish, finished_run, prepare
@@ -142,7 +142,7 @@ def merge_sweep(sweep_dir: Path) -> List[Path]:
             continue
         try:
             reports.append(merge_runs(folders, out))
-        except (RunError, ConfigError, ModelLoadError, ValueError, FolderBusy) as exc:
+        except (ReportgenError, ValueError) as exc:
             log.error("shards %s not merged: %s (merge them later: python -m reportgen.merge DIR... --out DIR)",
                       [f.name for f in folders], exc)
     return reports
@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")
     try:
         index = merge_runs(args.dirs, args.out)
-    except (RunError, ConfigError, ModelLoadError, ValueError, FolderBusy) as exc:
+    except (ReportgenError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {index}")
