@@ -101,7 +101,7 @@ def main() -> None:
 
     sampler = RssSampler()
     one_pass.begin_analyses = sampler.during("probes (begin)", one_pass.begin_analyses)
-    one_pass.CaptureEngine = _entered(one_pass.CaptureEngine, sampler)
+    one_pass.capture_engine_for = _entered(one_pass.capture_engine_for, sampler)
     pipeline.render_report = sampler.during("render", pipeline.render_report)
     for name in cfg.analysis.keys():
         cls = get_analysis(str(name))
@@ -120,33 +120,42 @@ def main() -> None:
     print("| --- | --- | --- |")
     for name, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {value / batches:.3f} | {value / seconds['forward + updates']:.0%} |")
-    stream = io.StringIO()
-    stats = pstats.Stats(profiler, stream=stream)
-    total = sum(row[2] for row in stats.stats.values())  # tottime of everything in activations.update
-    rows = sorted(((row[2], func) for func, row in stats.stats.items()), reverse=True)[: args.top]
-    print("\n| activations.update: operation | s per batch | share of the update |")
-    print("| --- | --- | --- |")
-    for tottime, (file, line, name) in rows:
-        where = name if file == "~" else f"{Path(file).name}:{line} {name}"
-        print(f"| `{where}` | {tottime / batches:.4f} | {tottime / max(total, 1e-9):.0%} |")
+    if "activations" in cfg.analysis:
+        print_operations(profiler, batches, args.top)
     print("\n| phase | peak RSS |")
     print("| --- | --- |")
     for phase, peak in sampler.peaks.items():
         print(f"| {phase} | {peak:.0f} MiB |")
 
 
-def _entered(engine_class, sampler: RssSampler):
-    """The pass's CaptureEngine, with the sampler's phase set to "pass" while it is entered."""
-    class Engine(engine_class):
-        def __enter__(self):
-            sampler.phase = "pass"
-            return super().__enter__()
+def print_operations(profiler: cProfile.Profile, batches: int, top: int) -> None:
+    """The top operations of `activations.update` by own time, seconds per batch."""
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    total = sum(row[2] for row in stats.stats.values())  # tottime of everything in activations.update
+    rows = sorted(((row[2], func) for func, row in stats.stats.items()), reverse=True)[:top]
+    print("\n| activations.update: operation | s per batch | share of the update |")
+    print("| --- | --- | --- |")
+    for tottime, (file, line, name) in rows:
+        where = name if file == "~" else f"{Path(file).name}:{line} {name}"
+        print(f"| `{where}` | {tottime / batches:.4f} | {tottime / max(total, 1e-9):.0%} |")
 
-        def __exit__(self, *exc_info):
-            sampler.phase = "after the pass"
-            return super().__exit__(*exc_info)
-    return Engine
 
+def _entered(engine_for, sampler: RssSampler):
+    """The pass's capture engine, with the sampler's phase set to "pass" while it is entered."""
+    def make(*args, **kwargs):
+        engine = engine_for(*args, **kwargs)
+
+        class Engine(type(engine)):
+            def __enter__(self):
+                sampler.phase = "pass"
+                return super().__enter__()
+
+            def __exit__(self, *exc_info):
+                sampler.phase = "after the pass"
+                return super().__exit__(*exc_info)
+        engine.__class__ = Engine  # `with` looks __enter__ up on the class
+        return engine
+    return make
 
 if __name__ == "__main__":
     main()

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from reportgen.analyses.activations import QUANTILES, Activations, histogram_quantiles
-from reportgen.analyses.base import Batch, RunContext
+from reportgen.analyses.base import Batch, RunContext, capture_engine_for
 from reportgen.engine.capture import CaptureEngine, count_hooks
 from reportgen.engine.tensors import channel_view
 from reportgen.errors import ConfigError
 from reportgen.inputs.data import ImageFolderDataset, collate, scan_folder
 from reportgen.inputs.models import load_model
 from reportgen.runs.pipeline import run
-from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments,
+from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments, Scratch,
                                               batch_reductions, histogram_stride, sampled_positions, symlog_edges)
 from reportgen.state.reducers import BoundedTop, FixedHistogram
 from tests.helpers import TINY, compose_config
@@ -69,9 +69,9 @@ def feed(cfg, loaded, scan, batches, results_dir, num_images=None):
                      report=cfg.report)
     analysis = Activations(cfg.analysis.activations, ctx)
     analysis.begin(batches[0])
-    with CaptureEngine(loaded.module, analysis.requires().activations) as engine:
+    with capture_engine_for(loaded.module, [analysis]) as engine:
         for batch in batches:
-            captures = engine.start_batch()
+            captures = engine.start_batch(batch)
             with torch.inference_mode():
                 logits = loaded.module(batch.inputs)
                 analysis.update(batch, logits, captures)
@@ -104,7 +104,7 @@ def test_engine_captures_equal_plain_hooks_with_reuse_and_in_place(colour_folder
     model, x = loaded.module, batches[0].inputs
     analysis = feed(cfg, loaded, scan, batches, tmp_path / "results")
     assert [c.key for c in analysis.calls] == KEYS
-    with CaptureEngine(model, analysis.requires().activations) as engine:
+    with CaptureEngine(model, analysis.layers) as engine:
         captures = engine.start_batch()
         with torch.no_grad():
             model(x)
@@ -328,6 +328,24 @@ def test_sampled_histogram_and_moments_do_not_depend_on_how_images_are_batched()
     np.testing.assert_allclose(split.m2, one.m2, rtol=1e-12)
 
 
+def test_the_work_buffer_is_bounded_and_filling_it_a_few_images_at_a_time_changes_no_result(monkeypatch):
+    import reportgen.state.channel_reducers as reducers
+
+    torch.manual_seed(11)
+    x = torch.randn(7, 4, 6 * 6).relu() - 0.25  # (B, C, P): zeros, negatives, values beyond the saturation bounds
+    x[1, 2] = 3.0
+    edges = torch.as_tensor(symlog_edges(1e-4, 1e4, 8))
+    whole = batch_reductions(x, edges, low=-0.2, high=1.5, hist_stride=5, scratch=Scratch())
+    monkeypatch.setattr(reducers, "SCRATCH_VALUES", 3 * 4 * 36)  # 3 images per fill: chunks of 3, 3 and 1
+    scratch = Scratch()
+    chunked = batch_reductions(x, edges, low=-0.2, high=1.5, hist_stride=5, scratch=scratch)
+    assert scratch.storage.numel() == 3 * 4 * 36, "the buffer holds three images, not the batch"
+    assert whole.keys() == chunked.keys()
+    for name in whole:
+        np.testing.assert_array_equal(chunked[name], whole[name], err_msg=name)
+    assert int(whole["saturated"].sum()) == int(((x >= 1.5) | (x <= -0.2)).sum())
+
+
 def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest():
     torch.manual_seed(3)
     x = torch.randn(4, 3, 10)  # (B, C, P)
@@ -366,7 +384,7 @@ def test_vit_tokens_become_a_grid_and_the_class_token_is_the_embedding():
     assert [c.key for c in analysis.calls] == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
     assert all(c.grid == (8, 8) and c.channels == 96 for c in analysis.calls)
     assert (analysis.embed_key, analysis.embed_recipe) == ("encoder", "first")
-    with CaptureEngine(model, analysis.requires().activations) as engine:
+    with CaptureEngine(model, analysis.layers) as engine:
         captures = engine.start_batch()
         with torch.no_grad():
             model(x)

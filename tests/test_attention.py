@@ -12,7 +12,7 @@ from torch import nn
 
 from reportgen.analyses._attention_math import rollout
 from reportgen.analyses.attention import Attention, AttentionConfig
-from reportgen.analyses.base import Batch, RunContext
+from reportgen.analyses.base import Batch, RunContext, capture_engine_for
 from reportgen.engine.capture import CaptureEngine, count_hooks
 from reportgen.errors import ConfigError
 from reportgen.inputs.demo.models import demo_vit
@@ -47,10 +47,9 @@ def run_attention(model, batches, results_dir, num_images=None, **options) -> At
                      report=SimpleNamespace(thumbnail_size=32, gallery_size=8, figure_dpi=40, image_format="jpeg"))
     analysis = Attention(cfg, ctx)
     analysis.begin(batches[0])
-    needs = analysis.requires()
-    with CaptureEngine(model, needs.activations, needs.gradients, needs.attention) as engine:
+    with capture_engine_for(model, [analysis]) as engine:
         for batch in batches:
-            captures = engine.start_batch()
+            captures = engine.start_batch(batch)
             with torch.inference_mode():
                 analysis.update(batch, model(batch.inputs), captures)
     assert count_hooks(model) == 0

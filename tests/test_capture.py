@@ -39,6 +39,52 @@ def test_captures_equal_plain_hooks_per_call_and_survive_inplace_relu():
     assert count_hooks(model) == 0
 
 
+def test_streamed_layers_reach_their_consumers_before_in_place_ops_and_are_not_kept():
+    """A streamed layer's consumer sees each call's output as it returns (conv's pre-ReLU values, although the
+    in-place ReLU rewrites that very tensor next), with the batch given to start_batch; nothing is stored."""
+    model = TinyNet().eval()
+    x = torch.rand(2, 3, 5, 5)
+    reference = plain_hook_outputs(model, x, ["conv", "shared"])
+    seen = []
+
+    def consumer(batch, key, output):
+        seen.append((batch, key, output.clone(), output.requires_grad))
+
+    batch = object()
+    with CaptureEngine(model, streamed={"conv": [consumer], "shared": [consumer]}) as engine:
+        captures = engine.start_batch(batch)
+        assert not engine.consumed
+        with engine.forward_mode():
+            model(x)
+        assert engine.consumed
+    assert [key for _, key, _, _ in seen] == ["conv", "shared", "shared#2"]
+    assert all(b is batch for b, _, _, _ in seen)
+    pre_relu = torch.nn.functional.conv2d(x, model.conv.weight, model.conv.bias)
+    assert (pre_relu < 0).any(), "the test input must produce negative pre-activations"
+    assert torch.equal(seen[0][2], pre_relu)
+    assert torch.equal(seen[1][2], reference["shared"][0]) and torch.equal(seen[2][2], reference["shared"][1])
+    assert captures.tensors == {}, "a streamed-only layer is not kept"
+    assert count_hooks(model) == 0
+
+
+def test_a_streamed_layer_after_a_gradient_leaf_adds_nothing_to_the_graph_and_can_also_be_stored():
+    model = TinyNet()
+    x = torch.rand(2, 3, 4, 4)
+    modes = []
+
+    def consumer(batch, key, output):
+        modes.append((key, torch.is_grad_enabled(), output.requires_grad, (output * 2).grad_fn is None))
+
+    with CaptureEngine(model, activations=["fc"], gradients=["pool"], streamed={"fc": [consumer]}) as engine:
+        captures = engine.start_batch()
+        with engine.forward_mode():
+            logits = model(x)
+            (grad,) = torch.autograd.grad(logits[:, 0].sum(), captures["pool"])
+    assert modes == [("fc", False, False, True)], "the consumer runs without grad on a detached output"
+    assert torch.equal(captures["fc"], logits.detach()), "stored as well when an analysis captures it"
+    assert torch.equal(grad, torch.full_like(grad, 1.0) * model.fc.weight[0].detach()[None, :, None, None])
+
+
 def test_start_batch_resets_call_counts():
     model = TinyNet().eval()
     with CaptureEngine(model, activations=["shared"]) as engine:

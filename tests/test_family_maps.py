@@ -16,7 +16,7 @@ pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
 from reportgen.analyses.attention import Attention, AttentionConfig  # noqa: E402
-from reportgen.analyses.base import Batch, RunContext  # noqa: E402
+from reportgen.analyses.base import Batch, RunContext, capture_engine_for  # noqa: E402
 from reportgen.analyses.gradcam import GradCAM, GradCAMConfig  # noqa: E402
 from reportgen.engine.capture import CaptureEngine, count_hooks  # noqa: E402
 from reportgen.engine.layers import named_modules  # noqa: E402
@@ -41,8 +41,8 @@ def drive(analysis_class, config_class, model, x, results_dir, **options):
     batch = make_batch(x)
     analysis.begin(batch)
     needs = analysis.requires()
-    with CaptureEngine(model, needs.activations, needs.gradients, needs.attention) as engine:
-        captures = engine.start_batch()
+    with capture_engine_for(model, [analysis]) as engine:
+        captures = engine.start_batch(batch)
         with torch.enable_grad() if needs.gradients else torch.inference_mode():
             analysis.update(batch, model(batch.inputs), captures)
     assert count_hooks(model) == 0

@@ -166,3 +166,20 @@ def test_resume_refuses_a_folder_whose_files_changed(folder, tmp_path):
     (folder / "blue" / "blue_0.png").rename(folder / "blue" / "blue_00.png")  # as many files, not the same ones
     with pytest.raises(RunError, match="the folder changed"):
         run(cfg, out_dir=out)
+
+
+def test_out_of_memory_in_the_forward_after_a_streamed_layer_was_consumed_stops_instead_of_counting_twice(
+        folder, tmp_path, monkeypatch):
+    """Activations reduce their layers inside the forward: an out-of-memory error later in that forward finds part
+    of the batch already counted, so halving and retrying would count it twice."""
+    from reportgen.analyses.activations import Activations
+
+    real_consume = Activations.consume
+
+    def consume_then_out_of_memory(self, batch, key, output):
+        real_consume(self, batch, key, output)
+        raise torch.OutOfMemoryError("simulated in the forward, after a streamed layer")
+
+    monkeypatch.setattr(Activations, "consume", consume_then_out_of_memory)
+    with pytest.raises(RunError, match="out of memory after some analyses had updated"):
+        run(compose_config(WIDE + [f"dataset.root={folder}"]), out_dir=tmp_path / "run")

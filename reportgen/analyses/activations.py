@@ -6,8 +6,10 @@ positions (reportgen.engine.tensors.channel_view): conv maps (B, C, h, w); ViT t
 on the model's own patch grid without the prefix (class, distillation, register) tokens; Swin's channels-last maps
 permuted; other tokens (B, N, C) as N positions; (B, C) as one.
 
-Everything is reduced on the device and only small per-batch results cross to the CPU
-(reportgen.state.channel_reducers), so memory does not grow with the folder and every piece of state merges exactly:
+Each analysed layer is streamed: reduced inside the forward, as its call returns (`consume`), so the pass keeps
+no copy of it and a later in-place op cannot change what was measured. Everything is reduced on the device and only
+small per-batch results cross to the CPU (reportgen.state.channel_reducers), so memory does not grow with the folder
+and every piece of state merges exactly:
 
 - Statistics per layer call and channel: count, mean, std (population, float64, Chan merge), min, max, fraction
   of values exactly 0, fraction saturated, NaN/Inf count (non-finite values are left out of everything else).
@@ -47,7 +49,7 @@ import csv
 import json
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import numpy as np
@@ -74,6 +76,19 @@ MAP_SIDE = 48  # feature maps kept for the gallery are average-pooled down to at
 CROP_PIXELS = 96  # crops of top-activating images are shrunk to at most this side
 CSV_COLUMNS = ["layer", "channel", "count", "mean", "std", "max", "frac_zero", "min", "frac_saturated", "nonfinite"]
 QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
+
+
+@dataclass
+class _BatchInProgress:
+    """What `consume` builds up for one batch until `update` finishes it."""
+
+    batch: Batch
+    gallery_rows: List[int]  # rows entering a gallery slot
+    layer_maps: Dict[int, Dict[str, tuple]] = field(default_factory=dict)  # row -> call key -> maps
+    seen: Set[str] = field(default_factory=set)  # call keys consumed
+
+    def __post_init__(self) -> None:
+        self.layer_maps = {row: {} for row in self.gallery_rows}
 
 
 @dataclass
@@ -298,6 +313,8 @@ class Activations(Analysis):
         self.embed_recipe = "flat"
         self.moments = CovarianceMoments()
         self.store: Optional[RowStore] = None
+        self._current: Optional[_BatchInProgress] = None  # the batch whose layer calls are being consumed
+        self._calls_by_key: Dict[str, LayerCall] = {}
 
     # --- setup -------------------------------------------------------------------------------------------------
 
@@ -329,6 +346,7 @@ class Activations(Analysis):
         for name in self.layers:
             if name not in seen:
                 self.notes.append(f"{name}: not called in the forward, or its output holds no tensor")
+        self._calls_by_key = {c.key: c for c in self.calls}
         count = min(int(cfg.max_drawn), len(self.calls))
         for i in {int(round(v)) for v in np.linspace(0, len(self.calls) - 1, count)} if count else ():
             self.calls[i].drawn = True  # spread over depth, first and last included
@@ -383,53 +401,68 @@ class Activations(Analysis):
         self.embed_key, self.embed_recipe = head
 
     def requires(self) -> Requirements:
-        names = list(self.layers)
-        if self.embed_key:
-            layer = self.embed_key.partition("#")[0]
-            if layer not in names:
-                names.append(layer)
-        return Requirements(activations=names)
+        """The analysed layers are streamed (reduced inside the forward, no copy kept); the embedding's layer, small
+        and needed with the logits, is captured."""
+        stored = [self.embed_key.partition("#")[0]] if self.embed_key else []
+        return Requirements(activations=stored, streamed=list(self.layers))
 
     # --- the pass ----------------------------------------------------------------------------------------------
 
+    def consume(self, batch: Batch, key: str, output: torch.Tensor) -> None:
+        """One analysed layer call of this batch, inside the forward: statistics, histogram, top-k, crops and
+        gallery maps, all from this tensor now (nothing of it is kept)."""
+        call = self._calls_by_key.get(key)
+        if call is None:  # a call the probe did not see (e.g. a third call of a reused module)
+            return
+        if self._current is None or self._current.batch is not batch:
+            self._current = _BatchInProgress(batch, self._gallery_rows(batch))
+        values, grid = channel_view(output, call.channels_last, call.tokens)  # (B, C, P)
+        if values.shape[1] != call.channels:
+            return  # counted as missing in update
+        if self._edges_device is None or self._edges_device.device != values.device:
+            self._edges_device = torch.as_tensor(self.edges, dtype=torch.float64, device=values.device)
+        host = batch_reductions(values, self._edges_device, call.low, call.high, call.hist_stride, self._scratch)
+        self.stats[call.key].add(*(host[n] for n in ChannelStats.FIELDS))
+        self.hists[call.key].counts += host["hist"]
+        self.hists[call.key].nan += int(host["nonfinite"].sum())
+        self.topk[call.key].add(host["peak"], batch.indices.tolist(), position=host["position"],
+                                path=np.array(batch.paths, dtype=object))
+        if call.drawn:
+            self._keep_crops(call, batch, host)
+            if self._current.gallery_rows and grid is not None:
+                self._keep_maps(call, values, grid, self._current.gallery_rows, self._current.layer_maps)
+        self._current.seen.add(call.key)
+
     def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+        """After the forward: which layer calls did not happen, the gallery's images, the embedding."""
+        current = self._current
+        if current is None or current.batch is not batch:  # no analysed layer was called in this batch
+            current = _BatchInProgress(batch, self._gallery_rows(batch))
+        self._current = None  # the batch is not held past its update
         indices = batch.indices.tolist()
-        gallery_rows, taken = [], set()
+        for call in self.calls:
+            if call.key not in current.seen:
+                self.missing[call.key] = self.missing.get(call.key, 0) + 1
+        for row in current.gallery_rows:
+            index = indices[row]
+            thumb = thumbnail(batch.images[row], int(self.ctx.report.thumbnail_size))
+            self.gallery[self._slot(index)].push(self._nearness(index), index, {
+                "path": batch.paths[row], "thumb": thumb, "maps": current.layer_maps[row]})
+        if self.embed_key:
+            self._embed(batch, logits, captures)
+        self.images += len(indices)
+
+    def _gallery_rows(self, batch: Batch) -> List[int]:
+        """Rows of the batch that enter a gallery slot (at most one per slot: the nearest its centre)."""
+        indices = batch.indices.tolist()
+        rows, taken = [], set()
         for row in sorted(range(len(indices)), key=lambda r: (-self._nearness(indices[r]), indices[r])):
             index = indices[row]
             slot = self._slot(index)
             if slot is not None and slot not in taken and self.gallery[slot].accepts(self._nearness(index), index):
-                gallery_rows.append(row)
+                rows.append(row)
                 taken.add(slot)
-        layer_maps: Dict[int, Dict[str, tuple]] = {r: {} for r in gallery_rows}
-        paths = np.array(batch.paths, dtype=object)
-        for call in self.calls:
-            if call.key not in captures:
-                self.missing[call.key] = self.missing.get(call.key, 0) + 1
-                continue
-            values, grid = channel_view(captures[call.key].detach(), call.channels_last, call.tokens)  # (B, C, P)
-            if values.shape[1] != call.channels:
-                self.missing[call.key] = self.missing.get(call.key, 0) + 1
-                continue
-            if self._edges_device is None or self._edges_device.device != values.device:
-                self._edges_device = torch.as_tensor(self.edges, dtype=torch.float64, device=values.device)
-            host = batch_reductions(values, self._edges_device, call.low, call.high, call.hist_stride, self._scratch)
-            self.stats[call.key].add(*(host[n] for n in ChannelStats.FIELDS))
-            self.hists[call.key].counts += host["hist"]
-            self.hists[call.key].nan += int(host["nonfinite"].sum())
-            self.topk[call.key].add(host["peak"], indices, position=host["position"], path=paths)
-            if call.drawn:
-                self._keep_crops(call, batch, host)
-                if gallery_rows and grid is not None:
-                    self._keep_maps(call, values, grid, gallery_rows, layer_maps)
-        for row in gallery_rows:
-            index = indices[row]
-            thumb = thumbnail(batch.images[row], int(self.ctx.report.thumbnail_size))
-            self.gallery[self._slot(index)].push(self._nearness(index), index, {
-                "path": batch.paths[row], "thumb": thumb, "maps": layer_maps[row]})
-        if self.embed_key:
-            self._embed(batch, logits, captures)
-        self.images += len(indices)
+        return rows
 
     def _slot(self, index: int) -> Optional[int]:
         """The gallery slot an image index belongs to (slot j holds indices from slots[j] to slots[j + 1])."""

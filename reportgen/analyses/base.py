@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
 
 import torch
 
+from reportgen.engine.capture import CaptureEngine
 from reportgen.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Requirements:
     # `layer` is its first call, `layer#2` the second
     attention: List[str] = field(default_factory=list)  # nn.MultiheadAttention modules whose per-head weights
     # are forced on (need_weights=True, average_attn_weights=False) and captured as `<name>` -> (B, heads, N, N)
+    streamed: List[str] = field(default_factory=list)  # outputs handed to `consume` inside the forward, as each
+    # call returns, and not kept: no copy of the layer is held to the end of the forward
 
 
 @dataclass
@@ -107,6 +110,10 @@ class Analysis:
     def begin(self, example: Batch) -> None:
         """Called once with the first batch, before the loop (e.g. a one-image probe for shapes and FLOPs)."""
 
+    def consume(self, batch: Batch, key: str, output: torch.Tensor) -> None:
+        """Fold one call of a `streamed` layer into the state, inside the forward (`key`: `layer`, `layer#2`, ...;
+        `output` detached, valid only during this call). `update` follows once the forward is done."""
+
     def update(self, batch: Batch, logits: torch.Tensor, captures: "Captures") -> None:
         """Fold one batch into the state. Keep work on the device; move only small results to the CPU."""
 
@@ -120,3 +127,18 @@ class Analysis:
     def finalize(self) -> Optional["Section"]:
         """Turn the state into a data-only report section (None: nothing to show)."""
         return None
+
+
+
+def capture_engine_for(model: torch.nn.Module, analyses: Sequence[Analysis]) -> CaptureEngine:
+    """The pass's capture engine for these analyses (after `begin`): the union of the layers they capture, the
+    gradient leaves and attention modules they ask for, and their streamed layers, each handed to the `consume`
+    of every analysis that streams it."""
+    requirements = [a.requires() for a in analyses]
+    consumers: Dict[str, List[Callable[[Batch, str, torch.Tensor], None]]] = {}
+    for analysis, needs in zip(analyses, requirements):
+        for name in needs.streamed:
+            consumers.setdefault(name, []).append(analysis.consume)
+    return CaptureEngine(model, [n for r in requirements for n in r.activations],
+                         [n for r in requirements for n in r.gradients],
+                         [n for r in requirements for n in r.attention], consumers)

@@ -21,6 +21,10 @@ Attention weights, per kind of attention module (`attention_kind`), for the requ
   config, so nothing else sees the change). The forward hook stores them.
 Every switch (`fused_attn`, the config) is put back on exit, on every path.
 
+Streamed layers: a layer's consumers (`streamed`) are called inside its forward hook, as each call returns, with
+(batch, call key, output): they reduce the output there and then, so the pass keeps no copy of it (the largest
+stage output of a CNN is several times the input batch) and a later in-place op cannot change what they saw.
+
 Gradients cheaply: a hooked layer whose gradient is wanted returns
 `output.detach().requires_grad_()`, so autograd records only the part of the network after it, and
 `torch.autograd.grad(score, captures[layer])` differentiates just that head.
@@ -32,7 +36,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -148,16 +152,23 @@ class _ModelHooks(ABC):
         self.model.train(self._was_training)
 
 
+Consumer = Callable[[Any, str, torch.Tensor], None]  # (the batch given to start_batch, call key, detached output)
+
+
 class CaptureEngine(_ModelHooks):
-    """Context manager owning every hook of the pass; `captures` holds the current batch's tensors."""
+    """Context manager owning every hook of the pass; `captures` holds the current batch's stored tensors, and
+    `streamed` layers' outputs go to their consumers during the forward instead (see the module docstring)."""
 
     def __init__(self, model: nn.Module, activations: Iterable[str] = (), gradients: Iterable[str] = (),
-                 attention: Iterable[str] = ()):
+                 attention: Iterable[str] = (), streamed: Optional[Mapping[str, Sequence[Consumer]]] = None):
         super().__init__(model)
         self.activations = sorted(set(activations))
         self.gradients = sorted(set(gradients))
         self.attention = sorted(set(attention))
+        self.streamed: Dict[str, List[Consumer]] = {k: list(v) for k, v in (streamed or {}).items() if v}
         self.captures = Captures()
+        self.batch: Any = None  # what start_batch was given: handed to the consumers
+        self.consumed = False  # whether a consumer has seen part of the current batch (a retry would count it twice)
         self._calls: Dict[str, int] = defaultdict(int)
         self._grad_from_leaf = False  # inside forward_mode with leaves: a leaf's hook turns grad mode on
 
@@ -190,7 +201,7 @@ class CaptureEngine(_ModelHooks):
         for key in self.gradients:
             layer, _, call = key.partition("#")
             leaf_calls[layer].add(int(call) if call else 1)
-        wanted = resolve_layer_names(self.model, self.activations + list(leaf_calls))
+        wanted = resolve_layer_names(self.model, self.activations + list(leaf_calls) + sorted(self.streamed))
         resolve_layer_names(self.model, self.attention, key="attention layers")
         modules = dict(self.model.named_modules())
         for name in self.attention:
@@ -202,7 +213,8 @@ class CaptureEngine(_ModelHooks):
             for param, _ in self._flags:
                 param.requires_grad_(False)
         for name in sorted(set(wanted)):
-            hook = self._make_hook(name, leaf_calls.get(name, set()))
+            hook = self._make_hook(name, leaf_calls.get(name, set()), stored=name in self.activations or name in
+                                   leaf_calls, consumers=self.streamed.get(name, []))
             self._handles.append(modules[name].register_forward_hook(hook))
         for name in self.attention:
             module = modules[name]
@@ -221,15 +233,19 @@ class CaptureEngine(_ModelHooks):
                     self._switch(module, "config", eager)
                 self._handles.append(module.register_forward_hook(self._make_returned_weights_hook(name)))
 
-    def start_batch(self) -> Captures:
-        """Forget the previous batch's tensors (so memory stays bounded) and reset call counters."""
+    def start_batch(self, batch: Any = None) -> Captures:
+        """Forget the previous batch's tensors (so memory stays bounded), reset call counters, and remember `batch`
+        for the streamed layers' consumers."""
         self.captures = Captures()
+        self.batch = batch
+        self.consumed = False
         self._calls.clear()
         return self.captures
 
-    def _make_hook(self, name: str, leaf_calls: set):
-        """Capture every call's output; the calls in `leaf_calls` (1-based) become autograd leaves. Only those:
-        a reused module whose every call were a leaf would cut the graph between its own calls."""
+    def _make_hook(self, name: str, leaf_calls: set, stored: bool, consumers: List[Consumer]):
+        """Hand every call's output to the consumers, then (when `stored`) capture it; the calls in `leaf_calls`
+        (1-based) become autograd leaves. Only those: a reused module whose every call were a leaf would cut the
+        graph between its own calls."""
         def hook(module: nn.Module, inputs: Any, output: Any) -> Any:
             self._calls[name] += 1
             key = call_key(name, self._calls[name])
@@ -239,6 +255,13 @@ class CaptureEngine(_ModelHooks):
                 return None
             if not isinstance(output, torch.Tensor):
                 self.captures.notes[key] = f"first tensor of a {type(output).__name__} output"
+            if consumers:
+                self.consumed = True
+                with torch.no_grad():  # a consumer after a gradient leaf must not extend the graph
+                    for consume in consumers:
+                        consume(self.batch, key, tensor.detach())
+            if not stored:
+                return None
             if self._calls[name] in leaf_calls and isinstance(output, torch.Tensor) and (
                     torch.is_grad_enabled() or self._grad_from_leaf):
                 torch.set_grad_enabled(True)  # the rest of the forward is recorded (forward_mode restores the mode)

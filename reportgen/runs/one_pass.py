@@ -1,12 +1,13 @@
-"""The one hooked pass over a slice of the folder: decode in workers -> device -> forward -> every analysis's update.
+"""The one hooked pass over a slice of the folder: decode in workers -> device -> forward (streamed layers reduced
+by their analyses as each returns) -> every analysis's update.
 
 It advances a `RunState` (positions done, images processed, failures) and saves it with every analysis's mergeable
 state each `runtime.checkpoint_every` batches, so a killed run resumes where its last checkpoint was. A stop signal
 (Ctrl-C, SIGTERM, SLURM's time-limit USR2; see signals.py) is acted on at the next batch boundary: checkpoint, then
-`RunInterrupted`. A CUDA
-out-of-memory error halves the batch (and every later one) and goes on, with a warning in the report, when it came
-from the forward or from an analysis whose update changes nothing before its device work is done (`oom_safe`, run
-first: Grad-CAM's gradients, predictions); after that, a retry could count images twice, so the run stops instead.
+`RunInterrupted`. A CUDA out-of-memory error halves the batch (and every later one) and goes on, with a warning in
+the report, when it came from the forward before any streamed layer was consumed, or from an analysis whose update
+changes nothing before its device work is done (`oom_safe`, run first: Grad-CAM's gradients, predictions); after
+that, a retry could count images twice, so the run stops instead.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import Dict, List, Optional
 import torch
 from tqdm import tqdm
 
-from reportgen.analyses.base import Analysis, Batch
+from reportgen.analyses.base import Analysis, Batch, capture_engine_for
 from reportgen.config.schema import Precision
 from reportgen.engine.capture import CaptureEngine, primary_tensor
 from reportgen.errors import ConfigError, RunError
@@ -57,17 +58,16 @@ def run_pass(job: Job, state: RunState) -> float:
             _next_good_batch(iter(loader), scan, state, progress, strict)
             return 0.0
         begin_analyses(job.analyses, example)
+        del example  # its decoded images are not held through the pass
         if state.analyses:  # resumed: the saved state goes into freshly begun analyses (exact, see merge)
             restore_analyses(job.analyses, state.analyses)
         probe_seconds = time.perf_counter() - probe_started
         # the workers start now, not during the probes: the pass is timed from its first batch's decode, as a
         # plain loop over the same loader would be (benchmarks compare the two)
         pass_started, pass_before = time.perf_counter(), state.pass_seconds
-        requirements = [a.requires() for a in job.analyses]  # after begin: defaults may depend on a probe
         order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # retryable updates first (out of memory)
-        with at_batch_boundaries(), CaptureEngine(job.model, [n for r in requirements for n in r.activations],
-                                                  [n for r in requirements for n in r.gradients],
-                                                  [n for r in requirements for n in r.attention]) as engine:
+        # after begin: what the analyses require may depend on their probes
+        with at_batch_boundaries(), capture_engine_for(job.model, order) as engine:
             batches = iter(loader)
             raw = _next_good_batch(batches, scan, state, progress, strict)
             stepper = _Stepper(job, engine, order)
@@ -200,7 +200,7 @@ class _Stepper:
         try:
             return self._forward_and_update(batch)
         except OUT_OF_MEMORY as exc:
-            if self.updated or len(batch.paths) == 1:
+            if self.updated or self.engine.consumed or len(batch.paths) == 1:
                 where = "with a batch of one image" if len(batch.paths) == 1 else "after some analyses had updated"
                 raise RunError(f"out of memory {where} (files {batch.paths}); lower runtime.batch_size or choose "
                                f"fewer layers: {exc}") from exc
@@ -219,7 +219,7 @@ class _Stepper:
         return notes
 
     def _forward_and_update(self, batch: Batch) -> Dict[str, str]:
-        captures = self.engine.start_batch()
+        captures = self.engine.start_batch(batch)
         device_type = self.job.device.type
         with self.engine.forward_mode():
             try:

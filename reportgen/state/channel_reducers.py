@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 HIST_SAMPLE = 4096  # default histogram sample: at most this many values of each image per layer
+SCRATCH_VALUES = 1 << 22  # the work buffer holds at most this many values (16 MiB of float32), whatever the layer
 
 
 def symlog_edges(min_abs: float, max_abs: float, per_decade: int) -> np.ndarray:
@@ -35,7 +36,8 @@ def symlog_edges(min_abs: float, max_abs: float, per_decade: int) -> np.ndarray:
 class Scratch:
     """One reusable work buffer for `batch_reductions`: its (B, C, P) temporaries (centred values, 0/1 masks) are
     written here instead of into fresh tensors per layer and batch, so the pass neither page-faults a new buffer
-    each time nor grows the heap with differently sized temporaries. It is as large as the largest layer's batch."""
+    each time nor grows the heap with differently sized temporaries. `batch_reductions` fills it a few images at a
+    time, so it stays at most SCRATCH_VALUES values (or one image of the largest layer, when that is more)."""
 
     def __init__(self) -> None:
         self.storage: Optional[torch.Tensor] = None
@@ -85,8 +87,8 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     and `position` its flat index into P.
 
     The device does only per-image work, a few passes over x: each image's channel sum (float32), the root of its
-    sum of squared deviations from that image's mean (the centred values go to `scratch`: two passes, no
-    cancellation), min, max and its position, zero and saturated counts. The host merges those (B, C) results in
+    sum of squared deviations from that image's mean (the centred values go to `scratch`, a few images at a time:
+    two passes, no cancellation), min, max and its position, zero and saturated counts. The host merges those (B, C) results in
     float64 (Chan's update with equal counts). Against the exact moments of the float32 values this keeps |mean
     error| and |std error| within 2^-20 (8 float32 units) times the channel's root mean square, which
     `tests/test_activations.py` checks on data built to cancel. With a NaN/Inf anywhere, a float64 masked path."""
@@ -95,14 +97,9 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     batch, channels, positions = x.shape
     scratch = scratch or Scratch()
     sums = x.sum(dim=2)  # (B, C) per image and channel
-    centred = torch.sub(x, (sums / positions)[:, :, None], out=scratch.like(x))  # (B, C, P)
-    device = {"sum": sums, "root_m2": torch.linalg.vector_norm(centred, dim=2)}  # (B, C) each
+    device = {"sum": sums, **_scratch_reductions(x, sums, low, high, scratch)}
     device["peak"], device["position"] = x.max(dim=2)  # (B, C)
     device["min"] = x.amin(dim=2)  # (B, C)
-    device["zeros"] = _count(torch.eq, x, 0, scratch)  # (B, C)
-    for name, bound, beyond in (("above", high, torch.ge), ("below", low, torch.le)):
-        if bound is not None:
-            device[name] = _count(beyond, x, bound, scratch)  # (B, C)
     device["hist"] = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False)
     host = to_host(device)
     if not (np.isfinite(host["sum"]).all() and np.isfinite(host["root_m2"]).all()):  # NaN/Inf, or an overflow
@@ -137,6 +134,25 @@ def _masked_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float
                     "zeros": (x == 0).sum(dim=(0, 2)), "saturated": saturated,
                     "nonfinite": batch * positions - count, "peak": peak, "position": position,
                     "hist": _histogram(sampled_positions(x, hist_stride), edges, finite_only=True)})
+
+
+def _scratch_reductions(x: torch.Tensor, sums: torch.Tensor, low: Optional[float], high: Optional[float],
+                        scratch: Scratch) -> Dict[str, torch.Tensor]:
+    """(B, C) per image and channel: `root_m2`, the norm of the values centred on the image's mean, and the
+    `zeros`, `above` (>= high) and `below` (<= low) counts; their temporaries go through `scratch`, as many images
+    at a time as SCRATCH_VALUES allows (the results of each image do not depend on the others)."""
+    batch, channels, positions = x.shape
+    step = max(1, SCRATCH_VALUES // max(1, channels * positions))
+    parts: Dict[str, List[torch.Tensor]] = {}
+    for start in range(0, batch, step):
+        chunk, chunk_sums = x[start:start + step], sums[start:start + step]  # (b, C, P), (b, C)
+        centred = torch.sub(chunk, (chunk_sums / positions)[:, :, None], out=scratch.like(chunk))
+        parts.setdefault("root_m2", []).append(torch.linalg.vector_norm(centred, dim=2))
+        parts.setdefault("zeros", []).append(_count(torch.eq, chunk, 0, scratch))
+        for name, bound, beyond in (("above", high, torch.ge), ("below", low, torch.le)):
+            if bound is not None:
+                parts.setdefault(name, []).append(_count(beyond, chunk, bound, scratch))
+    return {name: values[0] if len(values) == 1 else torch.cat(values) for name, values in parts.items()}
 
 
 def _count(compare, x: torch.Tensor, value: float, scratch: Scratch) -> torch.Tensor:
