@@ -1,14 +1,16 @@
-"""Where the pass's time goes: per step (decode wait, forward, each analysis's `update`) and, inside `activations`,
-per operation (cProfile of its update, built-in torch calls listed by name).
+"""Where the pass's time goes: per step (decode wait, forward, each analysis's `update` and, for streamed layers,
+`consume`) and, inside `activations`, per operation (cProfile of its consume and update, built-in torch calls
+listed by name).
 
     python bench/profile_pass.py --images 320                  # resnet18, random weights, the scale folder
     python bench/profile_pass.py --images 320 analysis=[summary,predictions]   # any config overrides after the options
 
 It runs `pipeline.run` once with the default six analyses on the cached JPEG folder of bench/scale.py, timing each
-analysis's `update` and the forward by wrapping them in this process (the code measured is the project's own).
-A thread samples the resident set size every 10 ms, so the third table says in which phase of the run (setup,
-probes, pass, finalize, render) the peak happens. Prints three markdown tables: seconds per batch by step, the top
-operations of `activations.update`, and the peak RSS per phase.
+analysis's `update` and `consume` and the forward by wrapping them in this process (the code measured is the
+project's own; `consume` runs inside the forward, so the forward's line is the rest of it). A thread samples the
+resident set size every 10 ms, so the third table says in which phase of the run (setup, probes, pass, finalize,
+render) the peak happens. Prints three markdown tables: seconds per batch by step, the top operations of
+activations, and the peak RSS per phase.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reportgen-bench")
-    parser.add_argument("--top", type=int, default=14, help="operations listed for activations.update")
+    parser.add_argument("--top", type=int, default=14,
+                        help="operations listed for activations (its consume and update together)")
     args, rest = parser.parse_known_args()
 
     from reportgen.analyses import get_analysis
@@ -93,6 +96,8 @@ def main() -> None:
     for name in cfg.analysis.keys():
         cls = get_analysis(str(name))
         cls.update = timed(f"update: {name}", cls.update, profile=str(name) == "activations")
+        if "consume" in vars(cls):  # streamed layers, reduced inside the forward
+            cls.consume = timed(f"consume: {name}", cls.consume, profile=str(name) == "activations")
     step = one_pass._Stepper._forward_and_update
     one_pass._Stepper._forward_and_update = timed("forward + updates", step)
     next_batch = one_pass._next_good_batch
@@ -113,8 +118,8 @@ def main() -> None:
         whole = time.perf_counter() - started
     sampler.running = False
     batches = -(-args.images // 32)
-    updates = sum(v for k, v in seconds.items() if k.startswith("update: "))
-    seconds["forward (forward + updates, less the updates)"] = seconds["forward + updates"] - updates
+    updates = sum(v for k, v in seconds.items() if k.startswith(("update: ", "consume: ")))
+    seconds["forward (forward + updates, less the updates and consumes)"] = seconds["forward + updates"] - updates
     print(f"\n{args.images} images, {batches} batches of 32, {args.model}, whole run {whole:.1f} s\n")
     print("| step | s per batch | share of forward + updates |")
     print("| --- | --- | --- |")
@@ -129,11 +134,11 @@ def main() -> None:
 
 
 def print_operations(profiler: cProfile.Profile, batches: int, top: int) -> None:
-    """The top operations of `activations.update` by own time, seconds per batch."""
+    """The top operations of activations' `consume` and `update` by own time, seconds per batch."""
     stats = pstats.Stats(profiler, stream=io.StringIO())
     total = sum(row[2] for row in stats.stats.values())  # tottime of everything in activations.update
     rows = sorted(((row[2], func) for func, row in stats.stats.items()), reverse=True)[:top]
-    print("\n| activations.update: operation | s per batch | share of the update |")
+    print("\n| activations (consume + update): operation | s per batch | share of its work |")
     print("| --- | --- | --- |")
     for tottime, (file, line, name) in rows:
         where = name if file == "~" else f"{Path(file).name}:{line} {name}"

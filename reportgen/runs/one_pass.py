@@ -24,6 +24,7 @@ from reportgen.config.schema import Precision
 from reportgen.engine.capture import CaptureEngine, primary_tensor
 from reportgen.errors import ConfigError, RunError
 from reportgen.inputs.data import ImageFolderDataset, RawBatch, ScanResult, example_batch, make_loader
+from reportgen.runs.heap import release_free_memory
 from reportgen.runs.job import Job
 from reportgen.runs.signals import at_batch_boundaries, ignore_stop_signals, interruption, stop_requested
 from reportgen.state.files import full_disk_named
@@ -61,6 +62,7 @@ def run_pass(job: Job, state: RunState) -> float:
         del example  # its decoded images are not held through the pass
         if state.analyses:  # resumed: the saved state goes into freshly begun analyses (exact, see merge)
             restore_analyses(job.analyses, state.analyses)
+        release_free_memory()  # what the probes freed
         probe_seconds = time.perf_counter() - probe_started
         # the workers start now, not during the probes: the pass is timed from its first batch's decode, as a
         # plain loop over the same loader would be (benchmarks compare the two)
@@ -75,9 +77,12 @@ def run_pass(job: Job, state: RunState) -> float:
             while raw is not None:  # a fetched batch counts as done: stop only between processing and the next fetch
                 batch = to_batch(raw, job, labels_lookup)
                 state.notes.update(stepper.step(batch))
+                images = len(batch.paths)
+                batch = None  # this batch's tensors go before the next one is decoded and normalised
+                release_free_memory()  # see heap.py: the pass's peak stays its live memory
                 state.warnings.extend(w for w in stepper.warnings if w not in state.warnings)
-                state.processed += len(batch.paths)
-                progress.update(len(batch.paths))
+                state.processed += images
+                progress.update(images)
                 batches_done += 1
                 if every and batches_done % every == 0:
                     state.pass_seconds = pass_before + time.perf_counter() - pass_started

@@ -1,0 +1,42 @@
+"""Give the C heap's free pages back to the operating system between batches (glibc's `malloc_trim`).
+
+Why: each batch frees and allocates tens of MiB of tensors (inputs, layer outputs, temporaries), while the
+analyses allocate their small, long-lived state in between (gallery images, crops, top-k arrays). glibc serves
+tensors below its mmap threshold (which grows to 32 MiB as large blocks are freed) from the heap, and the
+long-lived pieces pin the freed space around them: it stays resident, and the heap grows batch after batch before
+it settles. Trimming after each batch releases those free pages, so the pass's peak is its live memory.
+
+Measured with bench/scale.py (resnet18, the default six analyses, 320 images, 2-core CPU): peak RSS 1190-1235
+-> 1139-1142 MiB, about 0.01 s per call (under 1% of a batch) and no measurable change in the pass's time.
+Anywhere but glibc (macOS, musl) it does nothing.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from typing import Optional
+
+_libc: Optional[ctypes.CDLL] = None
+_looked_up = False
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the OS; False where the C library has no `malloc_trim`."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+def _malloc_trim():
+    global _libc, _looked_up
+    if not _looked_up:
+        _looked_up = True
+        name = ctypes.util.find_library("c")
+        try:
+            library = ctypes.CDLL(name) if name else None
+        except OSError:
+            library = None
+        _libc = library if library is not None and hasattr(library, "malloc_trim") else None
+    return None if _libc is None else _libc.malloc_trim
