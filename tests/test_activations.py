@@ -16,7 +16,8 @@ from reportgen.inputs.data import ImageFolderDataset, collate, scan_folder
 from reportgen.inputs.models import load_model
 from reportgen.runs.pipeline import run
 from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments, Scratch,
-                                              batch_reductions, histogram_stride, sampled_positions, symlog_edges)
+                                              batch_reductions, histogram_stride, peak_positions, sampled_positions,
+                                              symlog_edges)
 from reportgen.state.reducers import BoundedTop, FixedHistogram
 from tests.helpers import TINY, compose_config
 
@@ -143,6 +144,8 @@ def test_pipeline_statistics_and_top_k_equal_brute_force(colour_folder, tmp_path
             got = topk[key][str(channel)]
             assert [e["path"] for e in got] == [batch.paths[i] for i in order]
             assert [e["value"] for e in got] == [float(peaks[i]) for i in order]
+            cells = [divmod(int(v[i].reshape(-1).argmax()), v.shape[-1]) for i in order]  # first maximum's cell
+            assert [(e["y"], e["x"]) for e in got] == cells
     stats = {r["layer"]: r for r in rows if r["channel"] == "1"}  # channel 1 = 0.5 - green: negative on green
     assert float(stats["conv"]["min"]) < 0 <= float(stats["act"]["min"])  # in-place ReLU did not leak into conv
     embeddings = np.load(results / "embeddings.npz")
@@ -237,6 +240,32 @@ def test_channel_top_k_equals_bounded_top_and_pca_equals_numpy_svd():
     assert np.array_equal(edges, edges.astype(np.float32)) and np.array_equal(edges, -edges[::-1])
 
 
+def test_top_k_accepts_every_item_it_then_keeps_and_peak_positions_equal_numpy_argmax():
+    """Positions of the maximum are found only where the top-k could take the item; that must cover every item
+    kept (ties included), and each position is numpy's first argmax of the finite values."""
+    rng = np.random.default_rng(4)
+    top = ChannelTopK(5, 3)
+    for first in range(0, 60, 8):
+        scores = rng.integers(0, 4, size=(8, 5)).astype(np.float64)  # many ties with the kept items
+        scores[rng.random((8, 5)) < 0.1] = np.nan
+        orders = np.arange(first, first + 8)
+        wanted = top.accepts(scores, orders)
+        before = {(c, o) for c in range(5) for _, o, _ in top.items(c)}
+        top.add(scores, orders, position=np.where(wanted, orders[:, None], -1))
+        for channel in range(5):
+            for _, order, extra in top.items(channel):
+                assert (channel, order) in before or extra["position"] == order, "kept without its position"
+    x = torch.tensor(rng.integers(0, 3, size=(4, 3, 10)).astype(np.float32))  # ties: the first maximum counts
+    x[1, 2, 0], x[2, 0, 4], x[3, 1] = float("inf"), float("nan"), float("nan")
+    finite = np.where(np.isfinite(x.numpy()), x.numpy(), -np.inf)
+    for share in (0.6, 0.15):  # most pairs (one max over everything) and a few (gathered maps)
+        wanted = rng.random((4, 3)) < share
+        expected = np.where(wanted, finite.argmax(axis=2), -1)
+        np.testing.assert_array_equal(peak_positions(x, wanted), expected)
+        clean = x[:1]  # no NaN/Inf: the caller may say so
+        np.testing.assert_array_equal(peak_positions(clean, wanted[:1], finite=True), expected[:1])
+
+
 def stream_moments(chunks, stride=1):
     """ChannelStats and histogram counts of (B, C, P) chunks fed one batch at a time, as the analysis does."""
     edges = symlog_edges(1e-4, 1e4, 8)
@@ -328,22 +357,24 @@ def test_sampled_histogram_and_moments_do_not_depend_on_how_images_are_batched()
     np.testing.assert_allclose(split.m2, one.m2, rtol=1e-12)
 
 
-def test_the_work_buffer_is_bounded_and_filling_it_a_few_images_at_a_time_changes_no_result(monkeypatch):
+def test_chunks_of_a_few_images_bound_the_work_buffer_and_change_no_result(monkeypatch):
     import reportgen.state.channel_reducers as reducers
 
     torch.manual_seed(11)
     x = torch.randn(7, 4, 6 * 6).relu() - 0.25  # (B, C, P): zeros, negatives, values beyond the saturation bounds
     x[1, 2] = 3.0
     edges = torch.as_tensor(symlog_edges(1e-4, 1e4, 8))
+    monkeypatch.setattr(reducers, "CHUNK_VALUES", {"cpu": 7 * 4 * 36})  # the whole batch in one chunk
     whole = batch_reductions(x, edges, low=-0.2, high=1.5, hist_stride=5, scratch=Scratch())
-    monkeypatch.setattr(reducers, "SCRATCH_VALUES", 3 * 4 * 36)  # 3 images per fill: chunks of 3, 3 and 1
+    monkeypatch.setattr(reducers, "CHUNK_VALUES", {"cpu": 3 * 4 * 36})  # 3 images a chunk: 3, 3 and 1
     scratch = Scratch()
     chunked = batch_reductions(x, edges, low=-0.2, high=1.5, hist_stride=5, scratch=scratch)
-    assert scratch.storage.numel() == 3 * 4 * 36, "the buffer holds three images, not the batch"
+    assert scratch.storage.numel() == 3 * 4 * 36, "the buffer holds one chunk, not the batch"
     assert whole.keys() == chunked.keys()
     for name in whole:
         np.testing.assert_array_equal(chunked[name], whole[name], err_msg=name)
     assert int(whole["saturated"].sum()) == int(((x >= 1.5) | (x <= -0.2)).sum())
+    assert int(whole["zeros"].sum()) == int((x == 0).sum()) and float(whole["max"].max()) == 3.0
 
 
 def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest():

@@ -68,7 +68,7 @@ from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
 from reportgen.report.overlays import heat_on_thumbnail
 from reportgen.report.thumbnails import thumbnail
 from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments, Scratch,
-                                              batch_reductions, histogram_stride, symlog_edges)
+                                              batch_reductions, histogram_stride, peak_positions, symlog_edges)
 from reportgen.state.reducers import BoundedTop, FixedHistogram
 from reportgen.state.streams import COPY_ROWS, RowStore, absorb_rows
 
@@ -425,10 +425,14 @@ class Activations(Analysis):
         self.stats[call.key].add(*(host[n] for n in ChannelStats.FIELDS))
         self.hists[call.key].counts += host["hist"]
         self.hists[call.key].nan += int(host["nonfinite"].sum())
-        self.topk[call.key].add(host["peak"], batch.indices.tolist(), position=host["position"],
-                                path=np.array(batch.paths, dtype=object))
+        indices, peaks = batch.indices.tolist(), host["peak"]  # peaks (B, C)
+        wanted = self.topk[call.key].accepts(peaks, indices)  # (B, C): where the maximum's position is needed
         if call.drawn:
-            self._keep_crops(call, batch, host)
+            wanted |= self._crop_candidates(call, indices, peaks)
+        positions = peak_positions(values, wanted, finite=not host["nonfinite"].any())  # (B, C), -1: not wanted
+        self.topk[call.key].add(peaks, indices, position=positions, path=np.array(batch.paths, dtype=object))
+        if call.drawn:
+            self._keep_crops(call, batch, peaks, positions)
             if self._current.gallery_rows and grid is not None:
                 self._keep_maps(call, values, grid, self._current.gallery_rows, self._current.layer_maps)
         self._current.seen.add(call.key)
@@ -472,14 +476,24 @@ class Activations(Analysis):
         """Gallery score: minus the distance to the centre of the image's slot (ties: the smaller index)."""
         return -abs(index - self.centres[self._slot(index)])
 
-    def _keep_crops(self, call: LayerCall, batch: Batch, host: Dict[str, np.ndarray]) -> None:
+    def _crop_candidates(self, call: LayerCall, indices: List[int], peaks: np.ndarray) -> np.ndarray:
+        """(B, C) bool: the images that could enter a shown channel's crop heap (before this batch's pushes, so a
+        superset of those `_keep_crops` takes)."""
+        candidates = np.zeros(peaks.shape, dtype=bool)
+        for channel, heap in self.crops[call.key].items():
+            for row, index in enumerate(indices):
+                score = float(peaks[row, channel])
+                candidates[row, channel] = np.isfinite(score) and heap.accepts(score, index)
+        return candidates
+
+    def _keep_crops(self, call: LayerCall, batch: Batch, peaks: np.ndarray, positions: np.ndarray) -> None:
         """Crops for the shown channels' heaps (chosen in `begin`), built only for images that enter a heap."""
         indices = batch.indices.tolist()
         for channel, heap in self.crops[call.key].items():
             for row, index in enumerate(indices):
-                score = float(host["peak"][row, channel])
+                score = float(peaks[row, channel])
                 if np.isfinite(score) and heap.accepts(score, index):
-                    position = int(host["position"][row, channel])
+                    position = int(positions[row, channel])  # found: heaps only get harder to enter
                     crop, marker = crop_at(batch.images[row], call.grid, position, float(self.cfg.crop_factor))
                     heap.push(score, index, {"path": batch.paths[row], "crop": crop, "marker": marker})
 
