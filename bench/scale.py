@@ -6,6 +6,7 @@ that run's alone.
     python bench/scale.py --images 500 5000 --sets default     # memory at 10x the images
     python bench/scale.py --device cuda --set-overrides runtime=gpu   # on a GPU: bf16, channels_last, pinned memory
     python bench/scale.py --marginal 64 320 --sets default     # whole processes: (time(320) - time(64)) per image
+    python bench/scale.py --images 500 --sets default --repeat 5   # five plain/ours pairs: the median ratio
 
 The folder: photo-like JPEGs (smooth colour gradients, overlapping shapes, sensor-like noise, quality 85) of mixed
 sizes from 320x240 to 800x600 in 10 class folders, made once and cached under --cache (default
@@ -14,6 +15,8 @@ then `model(x)` under inference_mode); "ours" is `pipeline.run` with the given a
 manifest: the one-time probes are timed apart). Peak RSS is the main process's (the workers decode and hold only
 prefetched batches). The plain loop is measured again right before each set and each ratio uses that neighbour,
 with the 1-minute load average at both: on a shared machine the load changes from one minute to the next.
+`--repeat N` measures N such pairs per set (and per marginal measure) and adds the median ratio and the range:
+on a shared machine one pair can be 10% off either way.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -125,6 +129,7 @@ def main() -> None:
     parser.add_argument("--set-overrides", nargs="*", default=[], help="more config overrides for every run")
     parser.add_argument("--marginal", type=int, nargs=2, metavar=("SMALL", "LARGE"),
                         help="instead: whole-process seconds per image from runs over SMALL and LARGE images")
+    parser.add_argument("--repeat", type=int, default=1, help="plain/ours pairs per set; the median ratio is shown")
     parser.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
@@ -140,10 +145,14 @@ def main() -> None:
         print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}`: whole processes, time({large}) - time({small})\n")
         print("| analyses | plain s/image | ours s/image | ratio (plain / ours) | load |")
         print("| --- | --- | --- | --- | --- |")
+        ratios: Dict[str, List[float]] = {}
         for name in args.sets:
-            plain = marginal_seconds("plain", base, small, large)
-            ours = marginal_seconds("ours", base + [SETS[name]], small, large)
-            print(f"| {name} | {plain:.4f} | {ours:.4f} | {plain / ours:.2f} | {os.getloadavg()[0]:.1f} |")
+            for _ in range(args.repeat):
+                plain = marginal_seconds("plain", base, small, large)
+                ours = marginal_seconds("ours", base + [SETS[name]], small, large)
+                ratios.setdefault(name, []).append(plain / ours)
+                print(f"| {name} | {plain:.4f} | {ours:.4f} | {plain / ours:.2f} | {os.getloadavg()[0]:.1f} |")
+        print_medians(ratios, "plain / ours")
         return
     for count in args.images:
         root = make_jpeg_folder(args.cache / f"jpeg_{count}", count)
@@ -151,9 +160,10 @@ def main() -> None:
                 f"runtime.batch_size={args.batch_size}", f"runtime.num_workers={args.workers}", *args.set_overrides]
         measure("plain", base)  # warm-up: page cache and first-touch costs
         for name in args.sets:
-            plain = measure("plain", base)
-            ours = measure("ours", base + [SETS[name]])
-            rows.append((count, name, plain, ours))
+            for _ in range(args.repeat):
+                plain = measure("plain", base)
+                ours = measure("ours", base + [SETS[name]])
+                rows.append((count, name, plain, ours))
             print(f"{count} images, {name}: plain {plain['images_per_second']:.1f}/s, ours "
                   f"{ours['images_per_second']:.1f}/s, RSS {ours['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}` ({args.model}, random weights, batch "
@@ -167,6 +177,15 @@ def main() -> None:
               f"{ours['peak_rss_mib']:.0f} MiB | {ours['peak_rss_mib'] / plain['peak_rss_mib']:.2f} | "
               f"{ours['report_mib']:.2f} MiB | {ours['results_mib']:.2f} MiB | {ours['finalize_render_s']:.1f} s | "
               f"{ours['probes_s']:.1f} s | {plain['load']:.1f}, {ours['load']:.1f} |")
+    if args.repeat > 1:
+        ratios: Dict[str, List[float]] = {}
+        memory: Dict[str, List[float]] = {}
+        for count, name, plain, ours in rows:
+            ratios.setdefault(f"{count} images, {name}", []).append(
+                ours["images_per_second"] / plain["images_per_second"])
+            memory.setdefault(f"{count} images, {name}", []).append(ours["peak_rss_mib"] / plain["peak_rss_mib"])
+        print_medians(ratios, "speed ratio")
+        print_medians(memory, "peak RSS ratio")
     by_set: Dict[str, List] = {}
     for count, name, _, ours in rows:
         by_set.setdefault(name, []).append((count, ours["peak_rss_mib"]))
@@ -175,6 +194,14 @@ def main() -> None:
             (small, rss_small), (large, rss_large) = min(points), max(points)
             print(f"\npeak RSS, {name}: {rss_large:.0f} MiB at {large} images / {rss_small:.0f} MiB at {small} "
                   f"images = {rss_large / rss_small:.2f}x")
+
+
+def print_medians(ratios: Dict[str, List[float]], what: str) -> None:
+    """One line per set: the median of its repeated ratios and their range."""
+    for name, values in ratios.items():
+        if len(values) > 1:
+            print(f"\n{name}: {what} median {statistics.median(values):.2f} over {len(values)} pairs "
+                  f"(from {min(values):.2f} to {max(values):.2f})")
 
 
 if __name__ == "__main__":
