@@ -164,8 +164,8 @@ def main() -> None:
                 plain = measure("plain", base)
                 ours = measure("ours", base + [SETS[name]])
                 rows.append((count, name, plain, ours))
-            print(f"{count} images, {name}: plain {plain['images_per_second']:.1f}/s, ours "
-                  f"{ours['images_per_second']:.1f}/s, RSS {ours['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+                print(f"{count} images, {name}: plain {plain['images_per_second']:.1f}/s, ours "
+                      f"{ours['images_per_second']:.1f}/s, RSS {ours['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}` ({args.model}, random weights, batch "
           f"{args.batch_size}, {args.workers} workers, device {args.device}; {time.perf_counter() - started:.0f} s)\n")
     print("| images | analyses | plain img/s | ours img/s | ratio | plain peak RSS | ours peak RSS | RSS ratio | "
