@@ -190,7 +190,7 @@ def main() -> None:
     for count, name, _, ours in rows:
         by_set.setdefault(name, []).append((count, ours["peak_rss_mib"]))
     for name, points in by_set.items():
-        if len(points) > 1:
+        if len({count for count, _ in points}) > 1:  # more than one folder size
             (small, rss_small), (large, rss_large) = min(points), max(points)
             print(f"\npeak RSS, {name}: {rss_large:.0f} MiB at {large} images / {rss_small:.0f} MiB at {small} "
                   f"images = {rss_large / rss_small:.2f}x")
