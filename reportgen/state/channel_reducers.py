@@ -1,9 +1,10 @@
 """Streaming, mergeable reductions of layer activations: memory stays flat however large the folder, and the
 state of any split of the data merges into exactly the state of the whole.
 
-- `batch_reductions` runs on the device, on one batch of one layer, a few passes over its values: per image and
-  channel the sum, centred sum of squares, min, max and its position, zero and saturated counts, and a fixed-edge
-  histogram of the layer's values at fixed sampled positions. Only these small (B, C) results cross to the CPU
+- `batch_reductions` runs on the device, on one batch of one layer, a few passes over its values (a cache-sized
+  chunk of images at a time): per image and channel the sum, centred sum of squares, min, max, zero and saturated
+  counts, and a fixed-edge histogram of the layer's values at fixed sampled positions; `peak_positions` finds the
+  maximum's position only where a caller needs it. Only these small (B, C) results cross to the CPU
   (`to_host`: one transfer), where they become per-channel count, mean, M2 (float64), min, max and counts.
 - `ChannelStats` merges per-batch moments with Chan et al.'s parallel update in float64, so mean and std equal a
   two-pass computation over every value to rounding.
