@@ -80,14 +80,19 @@ QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
 
 @dataclass
 class _BatchInProgress:
-    """What `consume` builds up for one batch until `update` finishes it."""
+    """What `consume` builds up for one batch until `update` finishes it (and what every layer call of the batch
+    shares, made once)."""
 
     batch: Batch
     gallery_rows: List[int]  # rows entering a gallery slot
-    layer_maps: Dict[int, Dict[str, tuple]] = field(default_factory=dict)  # row -> call key -> maps
+    indices: List[int] = field(init=False)  # (B,) image indices
+    paths: np.ndarray = field(init=False)  # (B,) object array: the top-k's path column
+    layer_maps: Dict[int, Dict[str, tuple]] = field(init=False)  # row -> call key -> maps
     seen: Set[str] = field(default_factory=set)  # call keys consumed
 
     def __post_init__(self) -> None:
+        self.indices = self.batch.indices.tolist()
+        self.paths = np.array(self.batch.paths, dtype=object)
         self.layer_maps = {row: {} for row in self.gallery_rows}
 
 
@@ -425,14 +430,14 @@ class Activations(Analysis):
         self.stats[call.key].add(*(host[n] for n in ChannelStats.FIELDS))
         self.hists[call.key].counts += host["hist"]
         self.hists[call.key].nan += int(host["nonfinite"].sum())
-        indices, peaks = batch.indices.tolist(), host["peak"]  # peaks (B, C)
+        indices, peaks = self._current.indices, host["peak"]  # peaks (B, C)
         wanted = self.topk[call.key].accepts(peaks, indices)  # (B, C): where the maximum's position is needed
         if call.drawn:
             wanted |= self._crop_candidates(call, indices, peaks)
         positions = peak_positions(values, wanted, finite=not host["nonfinite"].any())  # (B, C), -1: not wanted
-        self.topk[call.key].add(peaks, indices, position=positions, path=np.array(batch.paths, dtype=object))
+        self.topk[call.key].add(peaks, indices, position=positions, path=self._current.paths)
         if call.drawn:
-            self._keep_crops(call, batch, peaks, positions)
+            self._keep_crops(call, batch, indices, peaks, positions)
             if self._current.gallery_rows and grid is not None:
                 self._keep_maps(call, values, grid, self._current.gallery_rows, self._current.layer_maps)
         self._current.seen.add(call.key)
@@ -443,7 +448,7 @@ class Activations(Analysis):
         if current is None or current.batch is not batch:  # no analysed layer was called in this batch
             current = _BatchInProgress(batch, self._gallery_rows(batch))
         self._current = None  # the batch is not held past its update
-        indices = batch.indices.tolist()
+        indices = current.indices
         for call in self.calls:
             if call.key not in current.seen:
                 self.missing[call.key] = self.missing.get(call.key, 0) + 1
@@ -486,9 +491,9 @@ class Activations(Analysis):
                 candidates[row, channel] = np.isfinite(score) and heap.accepts(score, index)
         return candidates
 
-    def _keep_crops(self, call: LayerCall, batch: Batch, peaks: np.ndarray, positions: np.ndarray) -> None:
+    def _keep_crops(self, call: LayerCall, batch: Batch, indices: List[int], peaks: np.ndarray,
+                    positions: np.ndarray) -> None:
         """Crops for the shown channels' heaps (chosen in `begin`), built only for images that enter a heap."""
-        indices = batch.indices.tolist()
         for channel, heap in self.crops[call.key].items():
             for row, index in enumerate(indices):
                 score = float(peaks[row, channel])

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-from typing import Optional
-
-_libc: Optional[ctypes.CDLL] = None
-_looked_up = False
+import functools
+from typing import Callable, Optional
 
 
 def release_free_memory() -> bool:
@@ -30,14 +28,12 @@ def release_free_memory() -> bool:
     return True
 
 
-def _malloc_trim():
-    global _libc, _looked_up
-    if not _looked_up:
-        _looked_up = True
-        name = ctypes.util.find_library("c")
-        try:
-            library = ctypes.CDLL(name) if name else None
-        except OSError:
-            library = None
-        _libc = library if library is not None and hasattr(library, "malloc_trim") else None
-    return None if _libc is None else _libc.malloc_trim
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """The C library's `malloc_trim`, looked up once; None where there is none."""
+    name = ctypes.util.find_library("c")
+    try:
+        library = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return getattr(library, "malloc_trim", None)
