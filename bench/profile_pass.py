@@ -9,8 +9,8 @@ It runs `pipeline.run` once with the default six analyses on the cached JPEG fol
 analysis's `update` and `consume` and the forward by wrapping them in this process (the code measured is the
 project's own; `consume` runs inside the forward, so the forward's line is the rest of it). A thread samples the
 resident set size every 10 ms, so the third table says in which phase of the run (setup, probes, pass, finalize,
-render) the peak happens. Prints three markdown tables: seconds per batch by step, the top operations of
-activations, and the peak RSS per phase.
+render) the peak happens. Prints four markdown tables: seconds per batch by step, the top operations of
+activations (own time), its project functions (callees included), and the peak RSS per phase.
 """
 from __future__ import annotations
 
@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "reportgen-bench")
     parser.add_argument("--top", type=int, default=14,
                         help="operations listed for activations (its consume and update together)")
+    parser.add_argument("--no-operations", action="store_true",
+                        help="time the steps only: cProfile's own cost (about a third on consume) left out")
     args, rest = parser.parse_known_args()
 
     from reportgen.analyses import get_analysis
@@ -93,11 +95,14 @@ def main() -> None:
                 seconds[name] += time.perf_counter() - started
         return wrapper
 
+    def profiled(name) -> bool:
+        return str(name) == "activations" and not args.no_operations
+
     for name in cfg.analysis.keys():
         cls = get_analysis(str(name))
-        cls.update = timed(f"update: {name}", cls.update, profile=str(name) == "activations")
+        cls.update = timed(f"update: {name}", cls.update, profile=profiled(name))
         if "consume" in vars(cls):  # streamed layers, reduced inside the forward
-            cls.consume = timed(f"consume: {name}", cls.consume, profile=str(name) == "activations")
+            cls.consume = timed(f"consume: {name}", cls.consume, profile=profiled(name))
     step = one_pass._Stepper._forward_and_update
     one_pass._Stepper._forward_and_update = timed("forward + updates", step)
     next_batch = one_pass._next_good_batch
@@ -125,7 +130,7 @@ def main() -> None:
     print("| --- | --- | --- |")
     for name, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {value / batches:.3f} | {value / seconds['forward + updates']:.0%} |")
-    if "activations" in cfg.analysis:
+    if "activations" in cfg.analysis and not args.no_operations:
         print_operations(profiler, batches, args.top)
     print("\n| phase | peak RSS |")
     print("| --- | --- |")
@@ -143,6 +148,13 @@ def print_operations(profiler: cProfile.Profile, batches: int, top: int) -> None
     for tottime, (file, line, name) in rows:
         where = name if file == "~" else f"{Path(file).name}:{line} {name}"
         print(f"| `{where}` | {tottime / batches:.4f} | {tottime / max(total, 1e-9):.0%} |")
+    project = str(Path(__file__).resolve().parent.parent / "reportgen")
+    inclusive = sorted(((row[3], func) for func, row in stats.stats.items() if func[0].startswith(project)),
+                       reverse=True)[:top]
+    print("\n| activations (consume + update): project function, callees included | s per batch | share of its work |")
+    print("| --- | --- | --- |")
+    for cumtime, (file, line, name) in inclusive:
+        print(f"| `{Path(file).name}:{line} {name}` | {cumtime / batches:.4f} | {cumtime / max(total, 1e-9):.0%} |")
 
 
 def _entered(engine_for, sampler: RssSampler):

@@ -435,3 +435,31 @@ def test_unknown_layer_fails_with_close_matches(colour_folder, tmp_path):
                                  "analysis.activations.top_k=0"])
     with pytest.raises(ConfigError, match="analysis.activations.top_k"):
         run(cfg, out_dir=tmp_path / "run2")
+
+
+def test_crops_cut_the_receptive_field_box_and_are_shrunk_only_when_drawn():
+    """crop_at keeps the box around the grid cell as cut (checked through pixel values that encode their own row
+    and column); shrink_crop makes the drawn crop and puts the marker on the cell's centre. A box over twice
+    CROP_PIXELS is shrunk at once (the kept copy stays small) and draws exactly as the one-step shrink of the box."""
+    from reportgen.analyses.activations import CROP_PIXELS, crop_at, shrink_crop
+    from reportgen.report.thumbnails import thumbnail
+
+    rows, columns = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
+    image = torch.stack([rows, columns, rows]).to(torch.uint8)  # (3, 224, 224): pixel (y, x) holds y, x, y
+    region, centre = crop_at(image, (7, 7), 7 * 5 + 6, factor=4.0)  # cell (5, 6): stride 32, side 4 x 32 = 128
+    assert region.shape == (3, 128, 128) and (region[0, 0, 0], region[1, 0, 0]) == (224 - 128, 224 - 128)
+    assert centre == (5.5 * 32 - 96, 6.5 * 32 - 96)  # the box is shifted to stay inside the image
+    crop, marker = shrink_crop(region, centre)
+    assert crop.shape == (CROP_PIXELS, CROP_PIXELS, 3) and marker == (80 * 0.75 - 0.5, 112 * 0.75 - 0.5)
+    np.testing.assert_array_equal(crop, thumbnail(image[:, 96:, 96:], CROP_PIXELS))
+
+    region, centre = crop_at(image, (2, 2), 3, factor=4.0)  # stride 112: the box is the whole image, 224 > 192
+    assert region.shape == (3, CROP_PIXELS, CROP_PIXELS) and centre == (168 * 96 / 224, 168 * 96 / 224)
+    crop, marker = shrink_crop(region, centre)
+    np.testing.assert_array_equal(crop, thumbnail(image, CROP_PIXELS))
+    assert marker == (72 - 0.5, 72 - 0.5)
+
+    region, centre = crop_at(image[:, :100, :150], None, 0, factor=4.0)  # no grid: the whole image, no marker
+    crop, marker = shrink_crop(region, centre)
+    assert marker is None and crop.shape == (64, 96, 3)
+    np.testing.assert_array_equal(crop, thumbnail(image[:, :100, :150], CROP_PIXELS))

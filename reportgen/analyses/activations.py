@@ -250,11 +250,13 @@ def histogram_quantiles(counts: np.ndarray, edges: np.ndarray, quantiles, low: f
 
 def crop_at(image: torch.Tensor, grid: Optional[Tuple[int, int]], position: int, factor: float
             ) -> Tuple[np.ndarray, Optional[Tuple[float, float]]]:
-    """(3, H, W) uint8 image -> (crop (h, w, 3) uint8, marker (y, x) in crop pixels) around a grid cell: side
-    factor x stride, clipped to [min(H, W) / 4, min(H, W)], shifted to stay inside the image, shrunk to at most
-    CROP_PIXELS. Without a grid: the whole image, no marker."""
+    """(3, H, W) uint8 image -> (region (3, h, w) uint8 copy, centre (y, x) of the grid cell in region pixels)
+    around a grid cell: side factor x stride, clipped to [min(H, W) / 4, min(H, W)], shifted to stay inside the
+    image. Without a grid: the whole image, no centre. A region is kept as cut (a copy, no resize) up to
+    2 x CROP_PIXELS a side, larger ones are shrunk to CROP_PIXELS now: most crops that enter a top-k heap are pushed
+    out again, so `shrink_crop` resizes only the ones drawn."""
     if grid is None:
-        return thumbnail(image, CROP_PIXELS), None
+        return _bounded(image, None)
     _, height, width = image.shape
     y, x = divmod(int(position), grid[1])
     centre_y, centre_x = (y + 0.5) * height / grid[0], (x + 0.5) * width / grid[1]
@@ -262,9 +264,28 @@ def crop_at(image: torch.Tensor, grid: Optional[Tuple[int, int]], position: int,
     side = int(round(min(side_limit, max(factor * max(height / grid[0], width / grid[1]), side_limit / 4))))
     top = int(min(max(round(centre_y - side / 2), 0), height - side))
     left = int(min(max(round(centre_x - side / 2), 0), width - side))
-    crop = thumbnail(image[:, top:top + side, left:left + side], CROP_PIXELS)  # (h, w, 3)
-    scale = crop.shape[0] / side
-    return crop, ((centre_y - top) * scale - 0.5, (centre_x - left) * scale - 0.5)
+    return _bounded(image[:, top:top + side, left:left + side], (centre_y - top, centre_x - left))
+
+
+def _bounded(region: torch.Tensor, centre: Optional[Tuple[float, float]]
+             ) -> Tuple[np.ndarray, Optional[Tuple[float, float]]]:
+    """A (3, h, w) uint8 copy of region, shrunk to CROP_PIXELS a side when it is over twice that (centre scaled)."""
+    if max(region.shape[1:]) <= 2 * CROP_PIXELS:
+        return region.detach().cpu().numpy().copy(), centre
+    small = thumbnail(region, CROP_PIXELS)  # (h, w, 3)
+    scale = small.shape[0] / region.shape[1]
+    return small.transpose(2, 0, 1).copy(), None if centre is None else (centre[0] * scale, centre[1] * scale)
+
+
+def shrink_crop(region: np.ndarray, centre: Optional[Tuple[float, float]]
+                ) -> Tuple[np.ndarray, Optional[Tuple[float, float]]]:
+    """A kept crop as drawn: (crop (h, w, 3) uint8, at most CROP_PIXELS a side; marker (y, x) in crop pixels, the
+    grid cell's centre, or None without a grid)."""
+    crop = thumbnail(torch.from_numpy(region), CROP_PIXELS)  # (h, w, 3)
+    if centre is None:
+        return crop, None
+    scale = crop.shape[0] / region.shape[1]
+    return crop, (centre[0] * scale - 0.5, centre[1] * scale - 0.5)
 
 
 @register("activations")
@@ -499,8 +520,8 @@ class Activations(Analysis):
                 score = float(peaks[row, channel])
                 if np.isfinite(score) and heap.accepts(score, index):
                     position = int(positions[row, channel])  # found: heaps only get harder to enter
-                    crop, marker = crop_at(batch.images[row], call.grid, position, float(self.cfg.crop_factor))
-                    heap.push(score, index, {"path": batch.paths[row], "crop": crop, "marker": marker})
+                    region, centre = crop_at(batch.images[row], call.grid, position, float(self.cfg.crop_factor))
+                    heap.push(score, index, {"path": batch.paths[row], "region": region, "centre": centre})
 
     def _keep_maps(self, call: LayerCall, values: torch.Tensor, grid: Tuple[int, int], rows: List[int],
                    layer_maps: Dict[int, Dict[str, tuple]]) -> None:
@@ -722,7 +743,8 @@ class Activations(Analysis):
         for channel in self.shown[call.key]:
             row = []
             for score, _, item in self.crops[call.key][channel].items():
-                row.append((item["crop"], f"{score:.4g}\n{_tail(item['path'])}", item["marker"]))
+                crop, marker = shrink_crop(item["region"], item["centre"])
+                row.append((crop, f"{score:.4g}\n{_tail(item['path'])}", marker))
             tiles.append(row)
             labels.append(f"ch {channel} · mean {stats.mean[channel]:.3g}")
         where = "crop around the maximum (ring)" if call.grid else "whole image (no spatial map)"

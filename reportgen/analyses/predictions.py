@@ -154,8 +154,8 @@ class Predictions(Analysis):
             item = {
                 "index": int(index), "path": batch.paths[row], "label": int(labels[row]),
                 "target": int(target[row]), "top_idx": top_idx[row].tolist(), "top_probs": top_probs[row].tolist(),
-                "thumb": thumbnail(batch.images[row], int(self.ctx.report.thumbnail_size)),
-                "full": batch.images[row].permute(1, 2, 0).numpy().copy(),  # (H, W, 3): the model's input
+                "full": batch.images[row].permute(1, 2, 0).numpy().copy(),  # (H, W, 3): the model's input (its
+                #   thumbnail is made when drawn: most items are pushed out of their heap again)
             }
             for heap, score in wanted:
                 heap.push(score, int(index), item)
@@ -367,6 +367,7 @@ class Predictions(Analysis):
                 status = "ok" if item["top_idx"][0] == item["target"] else "bad"
             if item["label"] >= 0:
                 lines.insert(0, f"label: {self.folder_names[item['label']]}")
-            items.append(GalleryItem(image=item["thumb"], title=item["path"], lines=lines, status=status,
+            thumb = thumbnail(torch.from_numpy(item["full"]).permute(2, 0, 1), int(self.ctx.report.thumbnail_size))
+            items.append(GalleryItem(image=thumb, title=item["path"], lines=lines, status=status,
                                      full=item["full"]))
         return Gallery(title=title, items=items, note=note)
