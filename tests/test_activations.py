@@ -198,6 +198,28 @@ def test_two_halves_merged_equal_one_pass(colour_folder, tmp_path):
             whole.edges, outputs[key].numpy(), 7))
 
 
+def test_gallery_maps_are_each_images_strongest_channels_and_its_mean_map(colour_folder, tmp_path):
+    """The gallery's feature maps against plain hooks: per drawn layer and gallery image, the channels shown are
+    the image's channels_shown strongest by mean, best first (the order up to float32 rounding of the means), their
+    maps exact, and the mean map the mean over every channel."""
+    cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "analysis.activations.n_images=4",
+                                          "analysis.activations.channels_shown=1"])
+    loaded, scan, batches = folder_batches(cfg, colour_folder, 5)
+    analysis = feed(cfg, loaded, scan, batches, tmp_path / "run")
+    outputs, _ = plain_hook_outputs(loaded.module, torch.cat([b.inputs for b in batches]))
+    rows = torch.cat([b.indices for b in batches]).tolist()  # the folder's image index of each output row
+    items = [(index, item) for heap in analysis.gallery for _, index, item in heap.items()]
+    assert len(items) == 4 and all(set(item["maps"]) == set(KEYS) for _, item in items)
+    for index, item in items:
+        index = rows.index(index)
+        for key, (channels, maps, mean_map) in item["maps"].items():
+            image = outputs[key][index].float()  # (C, h, w)
+            means = image.double().mean(dim=(1, 2)).numpy()
+            assert len(channels) == 1 and means[channels[0]] >= means.max() * (1 - 1e-6)
+            np.testing.assert_array_equal(maps, image[channels].numpy())
+            np.testing.assert_allclose(mean_map.numpy(), image.mean(dim=0).numpy(), rtol=1e-6, atol=1e-7)
+
+
 def test_state_does_not_grow_with_the_number_of_batches(colour_folder, tmp_path):
     cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "analysis.activations.spread=false"])
     loaded, scan, batches = folder_batches(cfg, colour_folder, 4)
@@ -250,6 +272,7 @@ def test_top_k_accepts_every_item_it_then_keeps_and_peak_positions_equal_numpy_a
         scores[rng.random((8, 5)) < 0.1] = np.nan
         orders = np.arange(first, first + 8)
         wanted = top.accepts(scores, orders)
+        assert (wanted.sum(axis=0) <= 3).all(), "at most the batch's own best k per channel"
         before = {(c, o) for c in range(5) for _, o, _ in top.items(c)}
         top.add(scores, orders, position=np.where(wanted, orders[:, None], -1))
         for channel in range(5):

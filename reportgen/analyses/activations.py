@@ -460,7 +460,8 @@ class Activations(Analysis):
         if call.drawn:
             self._keep_crops(call, batch, indices, peaks, positions)
             if self._current.gallery_rows and grid is not None:
-                self._keep_maps(call, values, grid, self._current.gallery_rows, self._current.layer_maps)
+                self._keep_maps(call, values, grid, self._current.gallery_rows, self._current.layer_maps,
+                                host.get("image_mean"))
         self._current.seen.add(call.key)
 
     def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
@@ -524,21 +525,25 @@ class Activations(Analysis):
                     heap.push(score, index, {"path": batch.paths[row], "region": region, "centre": centre})
 
     def _keep_maps(self, call: LayerCall, values: torch.Tensor, grid: Tuple[int, int], rows: List[int],
-                   layer_maps: Dict[int, Dict[str, tuple]]) -> None:
+                   layer_maps: Dict[int, Dict[str, tuple]], means: Optional[np.ndarray]) -> None:
         """For the gallery rows: the image's strongest channels by mean (maps pooled to <= MAP_SIDE a side) and the
-        mean map over all channels, moved to the CPU together."""
-        picked = torch.nan_to_num(values[rows].float(), nan=0.0, posinf=0.0, neginf=0.0)  # (R, C, P)
-        maps = picked.view(len(rows), call.channels, grid[0], grid[1])  # (R, C, h, w)
+        mean map over all channels. `means` (B, C): the images' channel means from `batch_reductions`, so only the
+        chosen maps are read again (ties to the lower channel); None when the batch holds NaN/Inf, which are then
+        drawn as 0."""
         count = min(int(self.cfg.channels_shown), call.channels)
-        strongest = picked.mean(dim=2).topk(count, dim=1).indices  # (R, N)
-        chosen = torch.gather(maps, 1, strongest[:, :, None, None].expand(-1, -1, grid[0], grid[1]))  # (R, N, h, w)
-        if max(grid) > MAP_SIDE:
-            size = (max(1, round(grid[0] * MAP_SIDE / max(grid))), max(1, round(grid[1] * MAP_SIDE / max(grid))))
-            chosen = F.adaptive_avg_pool2d(chosen, size)
-        mean_map = maps.mean(dim=1)  # (R, h, w)
-        chosen, strongest, mean_map = chosen.cpu().numpy(), strongest.cpu().numpy(), mean_map.cpu()
-        for i, row in enumerate(rows):
-            layer_maps[row][call.key] = (strongest[i], chosen[i], mean_map[i])
+        for row in rows:
+            maps = values[row].float()  # (C, P)
+            if means is None:
+                maps = torch.nan_to_num(maps, nan=0.0, posinf=0.0, neginf=0.0)
+                strongest = np.argsort(-maps.mean(dim=1).double().cpu().numpy(), kind="stable")[:count]  # (N,)
+            else:
+                strongest = np.argsort(-means[row], kind="stable")[:count]
+            chosen = maps[torch.as_tensor(strongest, device=maps.device)].view(count, grid[0], grid[1])  # (N, h, w)
+            if max(grid) > MAP_SIDE:
+                size = (max(1, round(grid[0] * MAP_SIDE / max(grid))), max(1, round(grid[1] * MAP_SIDE / max(grid))))
+                chosen = F.adaptive_avg_pool2d(chosen[None], size)[0]
+            mean_map = maps.mean(dim=0).view(grid[0], grid[1])  # (h, w)
+            layer_maps[row][call.key] = (strongest, chosen.cpu().numpy(), mean_map.cpu())
 
     def _embed(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
         if self.embed_key not in captures:

@@ -89,7 +89,7 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     `nonfinite` (NaN/Inf, left out of everything else). `hist` (bins,): the layer's finite values at the positions
     `sampled_positions(x, hist_stride)` over `edges` (float32-exact, see `symlog_edges`), out-of-range values in the
     end bins. Per image and channel (B, C): `peak`, the spatial maximum of the finite values (-inf when there are
-    none); `peak_positions` finds where it is, for the few images and channels that need it (a max with indices over
+    none), and `image_mean` (float64; only when every value is finite); `peak_positions` finds where it is, for the few images and channels that need it (a max with indices over
     every value costs three times a plain max on a CPU).
 
     The device does only per-image work, a few passes over x: each image's channel sum (float32), the root of its
@@ -114,7 +114,8 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
             "m2": (host["root_m2"] ** 2).sum(axis=0) + positions * ((image_mean - mean) ** 2).sum(axis=0),
             "min": host["min"].min(axis=0), "max": host["peak"].max(axis=0),
             "zeros": host["zeros"].sum(axis=0).astype(np.int64), "saturated": saturated.astype(np.int64),
-            "nonfinite": np.zeros(channels, dtype=np.int64), "peak": host["peak"], "hist": host["hist"]}
+            "nonfinite": np.zeros(channels, dtype=np.int64), "peak": host["peak"], "image_mean": image_mean,
+            "hist": host["hist"]}
 
 
 def _masked_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float], high: Optional[float],
@@ -314,18 +315,22 @@ class ChannelTopK:
         self._keep(scores, orders, columns)
 
     def accepts(self, scores: np.ndarray, orders: Sequence[int]) -> np.ndarray:
-        """(B, C) bool: the items of a batch (scores (B, C), orders (B,)) that could enter, judged against the kept
-        items only, so a superset of what `add` keeps (another item of the batch may still push one out). Lets
-        callers build an extra column (e.g. the maximum's position) for these alone."""
+        """(B, C) bool: the items of a batch (scores (B, C), orders (B,)) that could enter: per channel at most the
+        batch's own best `capacity`, and of those only the ones that beat the k-th kept item. A superset of what
+        `add` keeps (another item of the batch may still push one out). Lets callers build an extra column (e.g.
+        the maximum's position) for these alone: at most capacity x C of the batch's B x C items."""
         scores = np.asarray(scores, dtype=np.float64)  # (B, C)
         if self.capacity <= 0:
             return np.zeros(scores.shape, dtype=bool)
-        if self.scores.shape[1] < self.capacity:
-            return np.ones(scores.shape, dtype=bool)
-        worst, worst_order = self.scores[None, :, -1], self.orders[None, :, -1]  # (1, C) the k-th kept item
         scores = np.where(np.isnan(scores), -np.inf, scores)
         orders = np.asarray(orders, dtype=np.int64)[:, None]  # (B, 1)
-        return (scores > worst) | ((scores == worst) & (orders < worst_order))
+        wanted = np.zeros(scores.shape, dtype=bool)
+        best = np.lexsort((np.broadcast_to(orders, scores.shape), -scores), axis=0)[:self.capacity]  # (k, C) rows
+        wanted[best, np.arange(scores.shape[1])[None, :]] = True  # only the batch's best k can enter
+        if self.scores.shape[1] < self.capacity:
+            return wanted
+        worst, worst_order = self.scores[None, :, -1], self.orders[None, :, -1]  # (1, C) the k-th kept item
+        return wanted & ((scores > worst) | ((scores == worst) & (orders < worst_order)))
 
     def merge(self, other: "ChannelTopK") -> None:
         if other.channels != self.channels:
