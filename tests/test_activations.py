@@ -285,6 +285,8 @@ def test_top_k_accepts_every_item_it_then_keeps_and_peak_positions_equal_numpy_a
         wanted = rng.random((4, 3)) < share
         expected = np.where(wanted, finite.argmax(axis=2), -1)
         np.testing.assert_array_equal(peak_positions(x, wanted), expected)
+        strided = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # the same values, channels-last in memory
+        np.testing.assert_array_equal(peak_positions(strided, wanted), expected)
         clean = x[:1]  # no NaN/Inf: the caller may say so
         np.testing.assert_array_equal(peak_positions(clean, wanted[:1], finite=True), expected[:1])
 

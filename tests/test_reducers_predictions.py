@@ -11,6 +11,8 @@ def test_bounded_top_keeps_the_true_top_k_and_merges_exactly():
     whole = BoundedTop(7)
     halves = [BoundedTop(7), BoundedTop(7)]
     for i, s in enumerate(scores):
+        probe = np.array([s - 1, s, s, s + 1]), np.array([i, i - 1, i + 1, i])  # around the item itself
+        assert whole.accepts_many(*probe).tolist() == [whole.accepts(a, b) for a, b in zip(*probe)]
         whole.push(s, i, {"i": i})
         halves[i % 2].push(s, i, {"i": i})
     halves[1].merge(halves[0])

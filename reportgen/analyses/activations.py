@@ -453,12 +453,13 @@ class Activations(Analysis):
         self.hists[call.key].nan += int(host["nonfinite"].sum())
         indices, peaks = self._current.indices, host["peak"]  # peaks (B, C)
         wanted = self.topk[call.key].accepts(peaks, indices)  # (B, C): where the maximum's position is needed
-        if call.drawn:
-            wanted |= self._crop_candidates(call, indices, peaks)
+        candidates = self._crop_candidates(call, indices, peaks) if call.drawn else None
+        if candidates is not None:
+            wanted |= candidates
         positions = peak_positions(values, wanted, finite=not host["nonfinite"].any())  # (B, C), -1: not wanted
         self.topk[call.key].add(peaks, indices, position=positions, path=self._current.paths)
         if call.drawn:
-            self._keep_crops(call, batch, indices, peaks, positions)
+            self._keep_crops(call, batch, indices, peaks, positions, candidates)
             if self._current.gallery_rows and grid is not None:
                 self._keep_maps(call, values, grid, self._current.gallery_rows, self._current.layer_maps,
                                 host.get("image_mean"))
@@ -504,22 +505,26 @@ class Activations(Analysis):
         return -abs(index - self.centres[self._slot(index)])
 
     def _crop_candidates(self, call: LayerCall, indices: List[int], peaks: np.ndarray) -> np.ndarray:
-        """(B, C) bool: the images that could enter a shown channel's crop heap (before this batch's pushes, so a
-        superset of those `_keep_crops` takes)."""
+        """(B, C) bool: the images that could enter a shown channel's crop heap: finite peaks that beat the heap's
+        last item (judged before this batch's pushes), and of those only the batch's own best `capacity` (the
+        others are pushed out again by the end of the batch). A superset of those `_keep_crops` keeps."""
         candidates = np.zeros(peaks.shape, dtype=bool)
+        orders = np.asarray(indices, dtype=np.int64)
         for channel, heap in self.crops[call.key].items():
-            for row, index in enumerate(indices):
-                score = float(peaks[row, channel])
-                candidates[row, channel] = np.isfinite(score) and heap.accepts(score, index)
+            scores = peaks[:, channel]  # (B,)
+            rows = np.flatnonzero(np.isfinite(scores) & heap.accepts_many(scores, orders))
+            best = rows[np.lexsort((orders[rows], -scores[rows]))[:heap.capacity]]  # score desc, then index asc
+            candidates[best, channel] = True
         return candidates
 
     def _keep_crops(self, call: LayerCall, batch: Batch, indices: List[int], peaks: np.ndarray,
-                    positions: np.ndarray) -> None:
-        """Crops for the shown channels' heaps (chosen in `begin`), built only for images that enter a heap."""
+                    positions: np.ndarray, candidates: np.ndarray) -> None:
+        """Crops for the shown channels' heaps (chosen in `begin`), cut only for the `candidates` (B, C) that still
+        enter a heap when their turn comes."""
         for channel, heap in self.crops[call.key].items():
-            for row, index in enumerate(indices):
-                score = float(peaks[row, channel])
-                if np.isfinite(score) and heap.accepts(score, index):
+            for row in np.flatnonzero(candidates[:, channel]):
+                score, index = float(peaks[row, channel]), indices[row]
+                if heap.accepts(score, index):
                     position = int(positions[row, channel])  # found: heaps only get harder to enter
                     region, centre = crop_at(batch.images[row], call.grid, position, float(self.cfg.crop_factor))
                     heap.push(score, index, {"path": batch.paths[row], "region": region, "centre": centre})

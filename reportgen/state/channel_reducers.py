@@ -152,8 +152,12 @@ def peak_positions(x: torch.Tensor, wanted: np.ndarray, finite: bool = False) ->
     if 4 * len(rows) > wanted.size:  # most pairs: one max over every value is cheaper than gathering them
         positions[rows, channels] = x.max(dim=2).indices.cpu().numpy()[rows, channels]
     else:  # the usual case once the top-k are full: a few (image, channel) maps
-        index = torch.as_tensor(rows, device=x.device), torch.as_tensor(channels, device=x.device)
-        positions[rows, channels] = x[index].argmax(dim=1).cpu().numpy()  # x[index]: (n, P)
+        if x.is_contiguous():  # whole rows of the (B * C, P) view: a copy of n maps, row by row
+            picked = x.view(-1, x.shape[2]).index_select(0, torch.as_tensor(rows * x.shape[1] + channels,
+                                                                             device=x.device))
+        else:
+            picked = x[torch.as_tensor(rows, device=x.device), torch.as_tensor(channels, device=x.device)]
+        positions[rows, channels] = picked.argmax(dim=1).cpu().numpy()  # picked: (n, P)
     return positions
 
 

@@ -27,6 +27,16 @@ class BoundedTop:
             return True
         return (score, -order) > (self.heap[0][0], self.heap[0][1])
 
+    def accepts_many(self, scores: np.ndarray, orders: np.ndarray) -> np.ndarray:
+        """`accepts` of each (score, order) pair (arrays of one shape), judged against the items kept now."""
+        scores, orders = np.asarray(scores, dtype=np.float64), np.asarray(orders, dtype=np.int64)
+        if self.capacity <= 0:
+            return np.zeros(scores.shape, dtype=bool)
+        if len(self.heap) < self.capacity:
+            return np.ones(scores.shape, dtype=bool)
+        worst, worst_order = self.heap[0][0], -self.heap[0][1]
+        return (scores > worst) | ((scores == worst) & (orders < worst_order))
+
     def push(self, score: float, order: int, payload: Any) -> None:
         if not self.accepts(score, order):
             return
