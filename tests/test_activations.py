@@ -331,6 +331,21 @@ def test_channel_moments_stay_within_the_stated_bound_on_data_built_to_cancel():
     assert (np.abs(stats.std - plain_std) <= 2 * MOMENT_BOUND * rms).all()
 
 
+def test_channel_moments_stay_within_the_stated_bound_on_maps_of_a_million_positions():
+    """A long map (896 x 896 positions, P not a multiple of NORM_BLOCK) where one float32 norm over the whole map
+    would lose 2^-19 of the sum of squares: the blocked norms keep mean and std within the bound."""
+    from reportgen.state.channel_reducers import NORM_BLOCK
+
+    torch.manual_seed(6)
+    positions = 896 * 896 + 5
+    assert positions > 32 * NORM_BLOCK and positions % NORM_BLOCK
+    x = torch.rand(2, 3, positions) * 10 + 3  # positive, mean 8, std 2.9: a sum of squares with no cancellation
+    stats, _, _ = stream_moments([x])
+    values = x.double().permute(1, 0, 2).reshape(3, -1).numpy()
+    for c in range(3):
+        assert_moments_within_bound(stats.mean[c], stats.std[c], values[c])
+
+
 def test_sampled_histogram_percentiles_within_one_percentile_rank_of_every_value():
     """The default histogram sample (at most HIST_SAMPLE values of each image and layer) against the histogram of
     every value, on a real resnet18's stage outputs (random weights, smooth random images, 24 of them): each

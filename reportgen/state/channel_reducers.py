@@ -26,6 +26,7 @@ HIST_SAMPLE = 4096  # default histogram sample: at most this many values of each
 # devices take larger chunks, for fewer kernel launches. The work buffer is one chunk.
 CHUNK_VALUES = {"cpu": 1 << 19}  # 2 MiB of float32
 CHUNK_VALUES_ELSEWHERE = 1 << 24  # 64 MiB of float32
+NORM_BLOCK = 1 << 14  # positions per float32 norm of centred values (longer maps: several, added in float64)
 
 
 def symlog_edges(min_abs: float, max_abs: float, per_decade: int) -> np.ndarray:
@@ -89,12 +90,13 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     `nonfinite` (NaN/Inf, left out of everything else). `hist` (bins,): the layer's finite values at the positions
     `sampled_positions(x, hist_stride)` over `edges` (float32-exact, see `symlog_edges`), out-of-range values in the
     end bins. Per image and channel (B, C): `peak`, the spatial maximum of the finite values (-inf when there are
-    none), and `image_mean` (float64; only when every value is finite); `peak_positions` finds where it is, for the few images and channels that need it (a max with indices over
-    every value costs three times a plain max on a CPU).
+    none; `peak_positions` finds where it is, for the few images and channels that need it: a max with indices
+    over every value costs three times a plain max on a CPU), and `image_mean` (float64; only when every value is
+    finite).
 
     The device does only per-image work, a few passes over x: each image's channel sum (float32), the root of its
     sum of squared deviations from that image's mean (the centred values go to `scratch`, a few images at a time:
-    two passes, no cancellation), min, max, zero and saturated counts. The host merges those (B, C) results in
+    two passes, no cancellation; per run of NORM_BLOCK positions), min, max, zero and saturated counts. The host merges those (B, C) results in
     float64 (Chan's update with equal counts). Against the exact moments of the float32 values this keeps |mean
     error| and |std error| within 2^-20 (8 float32 units) times the channel's root mean square, which
     `tests/test_activations.py` checks on data built to cancel. With a NaN/Inf anywhere, a float64 masked path."""
@@ -111,7 +113,7 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     mean = image_mean.mean(axis=0)  # (C,)
     saturated = sum((host[name].sum(axis=0) for name in ("above", "below") if name in host), np.zeros(channels))
     return {"count": np.full(channels, batch * positions, dtype=np.int64), "mean": mean,
-            "m2": (host["root_m2"] ** 2).sum(axis=0) + positions * ((image_mean - mean) ** 2).sum(axis=0),
+            "m2": (host["root_m2"] ** 2).sum(axis=(0, 2)) + positions * ((image_mean - mean) ** 2).sum(axis=0),
             "min": host["min"].min(axis=0), "max": host["peak"].max(axis=0),
             "zeros": host["zeros"].sum(axis=0).astype(np.int64), "saturated": saturated.astype(np.int64),
             "nonfinite": np.zeros(channels, dtype=np.int64), "peak": host["peak"], "image_mean": image_mean,
@@ -163,7 +165,8 @@ def peak_positions(x: torch.Tensor, wanted: np.ndarray, finite: bool = False) ->
 
 def _per_image_reductions(x: torch.Tensor, low: Optional[float], high: Optional[float],
                           scratch: Scratch) -> Dict[str, torch.Tensor]:
-    """(B, C) per image and channel: `sum`, `root_m2` (the norm of the values centred on the image's mean), `peak`
+    """(B, C) per image and channel: `sum`, `root_m2` ((B, C, blocks): the norms of the values centred on the
+    image's mean, `_blocked_norms`), `peak`
     (max), `min` and the `zeros`, `above` (>= high) and `below` (<= low) counts. A chunk of images at a time
     (CHUNK_VALUES), every pass over it while it is in cache; the temporaries go through `scratch`. Each image's
     results depend on its own values only, so the chunking changes no result."""
@@ -174,7 +177,7 @@ def _per_image_reductions(x: torch.Tensor, low: Optional[float], high: Optional[
         chunk = x[start:start + step]  # (b, C, P)
         sums = chunk.sum(dim=2)  # (b, C)
         centred = torch.sub(chunk, (sums / positions)[:, :, None], out=scratch.like(chunk))
-        found = {"sum": sums, "root_m2": torch.linalg.vector_norm(centred, dim=2), "peak": chunk.amax(dim=2),
+        found = {"sum": sums, "root_m2": _blocked_norms(centred), "peak": chunk.amax(dim=2),
                  "min": chunk.amin(dim=2), "zeros": _count(torch.eq, chunk, 0, scratch)}
         for name, bound, beyond in (("above", high, torch.ge), ("below", low, torch.le)):
             if bound is not None:
@@ -182,6 +185,20 @@ def _per_image_reductions(x: torch.Tensor, low: Optional[float], high: Optional[
         for name, value in found.items():
             parts.setdefault(name, []).append(value)
     return {name: values[0] if len(values) == 1 else torch.cat(values) for name, values in parts.items()}
+
+
+def _blocked_norms(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, P) -> (B, C, blocks): the norms of each map's runs of NORM_BLOCK positions (and of the rest). A
+    float32 norm over one long run loses precision as the run grows (2^-19 of the sum of squares at a million
+    values on a CPU); blocks keep it near 2^-23, and the host adds their squares in float64."""
+    positions = x.shape[2]
+    if positions <= NORM_BLOCK:
+        return torch.linalg.vector_norm(x, dim=2)[:, :, None]
+    whole = positions // NORM_BLOCK * NORM_BLOCK
+    parts = [torch.linalg.vector_norm(x[:, :, :whole].unflatten(2, (-1, NORM_BLOCK)), dim=3)]  # (B, C, blocks)
+    if whole < positions:
+        parts.append(torch.linalg.vector_norm(x[:, :, whole:], dim=2)[:, :, None])
+    return torch.cat(parts, dim=2)
 
 
 def _count(compare, x: torch.Tensor, value: float, scratch: Scratch) -> torch.Tensor:
