@@ -14,7 +14,7 @@ import torch
 from reportgen.config.store import conf_dir
 from reportgen.errors import RunError
 from reportgen.runs.pipeline import run
-from reportgen.state.run_state import load_state
+from reportgen.state.run_state import load_state, save_state
 from tests.helpers import WIDE, WIDE_MODEL, compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
 
@@ -84,6 +84,17 @@ def test_resume_refuses_another_config_and_resume_false_starts_over(folder, tmp_
                                    "analysis.predictions.top_k=3"])
     run(fresh, out_dir=out)
     assert load_state(out / "results" / "state.pt").processed == 12
+    # a checkpoint of an older state layout (no format field: format 1) is refused by name, not half read
+    old = load_state(out / "results" / "state.pt")
+    del old.__dict__["format"]
+    save_state(out / "results" / "state.pt", old)
+    (out / "results" / "manifest.json").unlink()
+    with pytest.raises(RunError, match=r"state\.pt was written by another reportgen version \(state format 1; "
+                                       r"this one reads 2\): set runtime\.resume=false"):
+        run(compose_config(WIDE + [f"dataset.root={folder}", "runtime.shard=0/2", "analysis.predictions.top_k=3"]),
+            out_dir=out)
+    run(compose_config(WIDE + [f"dataset.root={folder}", "runtime.shard=0/2", "runtime.resume=false"]), out_dir=out)
+    assert load_state(out / "results" / "state.pt").format == 2
 
 
 def test_out_of_memory_halves_the_batch_and_loses_nothing(folder, tmp_path):

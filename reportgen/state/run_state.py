@@ -15,13 +15,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from reportgen.errors import RunError
 from reportgen.state.channel_reducers import ChannelStats, ChannelTopK, CovarianceMoments
 from reportgen.state.files import write_atomic
 from reportgen.state.reducers import BoundedTop, FixedHistogram, _Payload
 from reportgen.state.streams import StreamRef
 
 STATE_FILE = "state.pt"
-FORMAT = 1
+FORMAT = 2  # the state's layout: 2 since crop heaps keep the cut box ("region", "centre") and prediction items
+#   no thumbnail; load_state refuses other layouts with a clear error instead of failing at the end of the run
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RunState:
     pass_seconds: float = 0.0
     results_dir: str = ""  # where its streams were written (rebased when the folder moved)
     analyses: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> state_dict()
+    format: int = FORMAT  # the layout it was written in (states from before FORMAT 2 do not have it)
 
     @property
     def complete(self) -> bool:
@@ -116,6 +119,11 @@ def load_state(path: Path) -> RunState:
         raise ValueError(f"{path} is not a reportgen run state this version can read safely: {exc}") from exc
     if not isinstance(state, RunState):
         raise ValueError(f"{path} holds {type(state).__name__}, not a reportgen run state")
+    written = state.__dict__.get("format", 1)
+    if written != FORMAT:
+        raise RunError(f"{path} was written by another reportgen version (state format {written}; this one reads "
+                       f"{FORMAT}): set runtime.resume=false to start over, or finish that run with the version "
+                       f"that started it")
     moved_from, moved_to = state.results_dir, str(path.parent)
     if moved_from and moved_from != moved_to:
         _rebase(state.analyses, moved_from, moved_to)
