@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from reportgen.analyses.activations import QUANTILES, Activations, histogram_quantiles
+from reportgen.analyses.activations import QUANTILES, Activations, crop_at, histogram_quantiles
 from reportgen.analyses.base import Batch, RunContext, capture_engine_for
 from reportgen.engine.capture import CaptureEngine, count_hooks
 from reportgen.engine.tensors import channel_view
@@ -183,9 +183,18 @@ def test_two_halves_merged_equal_one_pass(colour_folder, tmp_path):
         np.testing.assert_array_equal(first.hists[key].counts, whole.hists[key].counts)
         np.testing.assert_array_equal(first.topk[key].scores, whole.topk[key].scores)
         np.testing.assert_array_equal(first.topk[key].orders, whole.topk[key].orders)
+    images = {int(i): image for b in batches for i, image in zip(b.indices, b.images)}
+    calls = {call.key: call for call in whole.calls}
     for key, heaps in whole.crops.items():
         for channel, heap in heaps.items():
             assert [i[:2] for i in first.crops[key][channel].items()] == [i[:2] for i in heap.items()]
+            top = whole.topk[key].items(channel)  # brute-force tested: the same ranking, so the same images
+            assert [index for _, index, _ in heap.items()] == [index for _, index, _ in top]
+            for (_, index, item), (_, _, extra) in zip(heap.items(), top):  # each crop cut at its maximum's cell
+                region, centre = crop_at(images[index], calls[key].grid, int(extra["position"]),
+                                         float(cfg.analysis.activations.crop_factor))
+                np.testing.assert_array_equal(item["region"], region)
+                assert item["centre"] == centre
     kept = [[[i[1] for i in heap.items()] for heap in a.gallery] for a in (first, whole)]
     assert kept[0] == kept[1] == [[2], [5], [8], [11]]  # the image nearest the middle of each quarter of the folder
     np.testing.assert_allclose(first.moments.mean, whole.moments.mean, rtol=1e-9)
@@ -481,7 +490,7 @@ def test_crops_cut_the_receptive_field_box_and_are_shrunk_only_when_drawn():
     """crop_at keeps the box around the grid cell as cut (checked through pixel values that encode their own row
     and column); shrink_crop makes the drawn crop and puts the marker on the cell's centre. A box over twice
     CROP_PIXELS is shrunk at once (the kept copy stays small) and draws exactly as the one-step shrink of the box."""
-    from reportgen.analyses.activations import CROP_PIXELS, crop_at, shrink_crop
+    from reportgen.analyses.activations import CROP_PIXELS, shrink_crop
     from reportgen.report.thumbnails import thumbnail
 
     rows, columns = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")

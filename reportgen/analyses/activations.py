@@ -68,7 +68,8 @@ from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
 from reportgen.report.overlays import heat_on_thumbnail
 from reportgen.report.thumbnails import thumbnail
 from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments, Scratch,
-                                              batch_reductions, histogram_stride, peak_positions, symlog_edges)
+                                              batch_reductions, best_of_batch, histogram_stride, peak_positions,
+                                              symlog_edges)
 from reportgen.state.reducers import BoundedTop, FixedHistogram
 from reportgen.state.streams import COPY_ROWS, RowStore, absorb_rows
 
@@ -506,15 +507,18 @@ class Activations(Analysis):
 
     def _crop_candidates(self, call: LayerCall, indices: List[int], peaks: np.ndarray) -> np.ndarray:
         """(B, C) bool: the images that could enter a shown channel's crop heap: finite peaks that beat the heap's
-        last item (judged before this batch's pushes), and of those only the batch's own best `capacity` (the
-        others are pushed out again by the end of the batch). A superset of those `_keep_crops` keeps."""
-        candidates = np.zeros(peaks.shape, dtype=bool)
+        last item (judged before this batch's pushes), and of those only the batch's own best top_k (the others
+        are pushed out again by the end of the batch). A superset of those `_keep_crops` keeps."""
         orders = np.asarray(indices, dtype=np.int64)
-        for channel, heap in self.crops[call.key].items():
-            scores = peaks[:, channel]  # (B,)
-            rows = np.flatnonzero(np.isfinite(scores) & heap.accepts_many(scores, orders))
-            best = rows[np.lexsort((orders[rows], -scores[rows]))[:heap.capacity]]  # score desc, then index asc
-            candidates[best, channel] = True
+        shown = list(self.crops[call.key])
+        candidates = np.zeros(peaks.shape, dtype=bool)
+        if not shown:  # channels_per_layer=0
+            return candidates
+        scores = peaks[:, shown]  # (B, S)
+        entering = np.isfinite(scores) & np.stack(
+            [heap.accepts_many(scores[:, j], orders) for j, heap in enumerate(self.crops[call.key].values())], axis=1)
+        candidates[:, shown] = entering & best_of_batch(np.where(entering, scores, -np.inf), orders,
+                                                        int(self.cfg.top_k))
         return candidates
 
     def _keep_crops(self, call: LayerCall, batch: Batch, indices: List[int], peaks: np.ndarray,

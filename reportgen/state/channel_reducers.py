@@ -96,8 +96,8 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
 
     The device does only per-image work, a few passes over x: each image's channel sum (float32), the root of its
     sum of squared deviations from that image's mean (the centred values go to `scratch`, a few images at a time:
-    two passes, no cancellation; per run of NORM_BLOCK positions), min, max, zero and saturated counts. The host merges those (B, C) results in
-    float64 (Chan's update with equal counts). Against the exact moments of the float32 values this keeps |mean
+    two passes, no cancellation; per run of NORM_BLOCK positions), min, max, zero and saturated counts. The host
+    merges those (B, C) results in float64 (Chan's update with equal counts). Against the exact moments of the float32 values this keeps |mean
     error| and |std error| within 2^-20 (8 float32 units) times the channel's root mean square, which
     `tests/test_activations.py` checks on data built to cancel. With a NaN/Inf anywhere, a float64 masked path."""
     if x.dtype not in (torch.float32, torch.float64):
@@ -166,8 +166,8 @@ def peak_positions(x: torch.Tensor, wanted: np.ndarray, finite: bool = False) ->
 def _per_image_reductions(x: torch.Tensor, low: Optional[float], high: Optional[float],
                           scratch: Scratch) -> Dict[str, torch.Tensor]:
     """(B, C) per image and channel: `sum`, `root_m2` ((B, C, blocks): the norms of the values centred on the
-    image's mean, `_blocked_norms`), `peak`
-    (max), `min` and the `zeros`, `above` (>= high) and `below` (<= low) counts. A chunk of images at a time
+    image's mean, `_blocked_norms`), `peak` (max), `min` and the `zeros`, `above` (>= high) and `below` (<= low)
+    counts. A chunk of images at a time
     (CHUNK_VALUES), every pass over it while it is in cache; the temporaries go through `scratch`. Each image's
     results depend on its own values only, so the chunking changes no result."""
     batch, channels, positions = x.shape
@@ -309,6 +309,17 @@ class ChannelStats:
         return sum(getattr(self, name).nbytes for name in self.FIELDS)
 
 
+def best_of_batch(scores: np.ndarray, orders: np.ndarray, k: int) -> np.ndarray:
+    """(B, C) bool: per channel, the batch's k best items by score (B, C), ties to the smaller order (B,), the
+    ranking of `ChannelTopK` and `reducers.BoundedTop`: no other item of the batch can be among the k best of any
+    set it joins."""
+    wanted = np.zeros(scores.shape, dtype=bool)
+    ranked = np.broadcast_to(np.asarray(orders, dtype=np.int64)[:, None], scores.shape)
+    best = np.lexsort((ranked, -scores), axis=0)[:max(k, 0)]  # (k, C) rows
+    wanted[best, np.arange(scores.shape[1])[None, :]] = True
+    return wanted
+
+
 class ChannelTopK:
     """For each of C channels, the `capacity` items with the highest score, ties broken by the smaller order key
     (the image index), so the kept set does not depend on arrival order or on how the data was split. Extra
@@ -345,9 +356,7 @@ class ChannelTopK:
             return np.zeros(scores.shape, dtype=bool)
         scores = np.where(np.isnan(scores), -np.inf, scores)
         orders = np.asarray(orders, dtype=np.int64)[:, None]  # (B, 1)
-        wanted = np.zeros(scores.shape, dtype=bool)
-        best = np.lexsort((np.broadcast_to(orders, scores.shape), -scores), axis=0)[:self.capacity]  # (k, C) rows
-        wanted[best, np.arange(scores.shape[1])[None, :]] = True  # only the batch's best k can enter
+        wanted = best_of_batch(scores, orders[:, 0], self.capacity)  # only the batch's best k can enter
         if self.scores.shape[1] < self.capacity:
             return wanted
         worst, worst_order = self.scores[None, :, -1], self.orders[None, :, -1]  # (1, C) the k-th kept item
