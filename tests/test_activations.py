@@ -27,6 +27,19 @@ LAYERS = ["analysis=[activations]", "analysis.activations.layers=[conv,act,share
           "analysis.activations.saturation=0.5", "analysis.activations.top_k=3"]
 
 
+@pytest.fixture(params=["cpu_kernels", "eager"])
+def reduction_path(request, monkeypatch):
+    """Run a test both ways a CPU batch can be reduced: the fused numba kernels (the default for float32 maps) and
+    the eager torch ops (CUDA, channels-last layers, REPORTGEN_CPU_KERNELS=0)."""
+    from reportgen.state import cpu_kernels
+
+    if request.param == "eager":
+        monkeypatch.setattr(cpu_kernels, "takes", lambda x: False)
+    else:
+        assert cpu_kernels.takes(torch.zeros(1, 1, 1)), "numba is a dependency: its kernels must be there"
+    return request.param
+
+
 def plain_hook_outputs(model, x):
     """Independent oracle: plain forward hooks that clone every call's output (a clone is what keeps the in-place
     ReLU from rewriting conv's output), keyed like the engine."""
@@ -119,7 +132,7 @@ def test_engine_captures_equal_plain_hooks_with_reuse_and_in_place(colour_folder
     assert torch.equal(captures["shared#2"], model.shared(model.shared(direct.clamp_min(0))))
 
 
-def test_pipeline_statistics_and_top_k_equal_brute_force(colour_folder, tmp_path):
+def test_pipeline_statistics_and_top_k_equal_brute_force(colour_folder, tmp_path, reduction_path):
     cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "runtime.batch_size=5"])
     index = run(cfg, out_dir=tmp_path / "run")
     results = tmp_path / "run" / "results"
@@ -165,7 +178,7 @@ def test_pipeline_statistics_and_top_k_equal_brute_force(colour_folder, tmp_path
     assert not (results / ".activations").exists(), "temporary feature rows removed"
 
 
-def test_two_halves_merged_equal_one_pass(colour_folder, tmp_path):
+def test_two_halves_merged_equal_one_pass(colour_folder, tmp_path, reduction_path):
     cfg = compose_config(TINY + LAYERS + [f"dataset.root={colour_folder}", "analysis.activations.channels=[1,0]",
                                           "analysis.activations.n_images=4", "analysis.activations.hist_sample=100"])
     loaded, scan, batches = folder_batches(cfg, colour_folder, 3)  # 4 batches of 3
@@ -271,7 +284,7 @@ def test_channel_top_k_equals_bounded_top_and_pca_equals_numpy_svd():
     assert np.array_equal(edges, edges.astype(np.float32)) and np.array_equal(edges, -edges[::-1])
 
 
-def test_top_k_accepts_every_item_it_then_keeps_and_peak_positions_equal_numpy_argmax():
+def test_top_k_accepts_every_item_it_then_keeps_and_peak_positions_equal_numpy_argmax(reduction_path):
     """Positions of the maximum are found only where the top-k could take the item; that must cover every item
     kept (ties included), and each position is numpy's first argmax of the finite values."""
     rng = np.random.default_rng(4)
@@ -296,8 +309,10 @@ def test_top_k_accepts_every_item_it_then_keeps_and_peak_positions_equal_numpy_a
         np.testing.assert_array_equal(peak_positions(x, wanted), expected)
         strided = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # the same values, channels-last in memory
         np.testing.assert_array_equal(peak_positions(strided, wanted), expected)
-        clean = x[:1]  # no NaN/Inf: the caller may say so
+        clean = x[:1]  # no NaN/Inf: the caller may say so, and pass the maxima (the kernels scan up to them)
         np.testing.assert_array_equal(peak_positions(clean, wanted[:1], finite=True), expected[:1])
+        np.testing.assert_array_equal(peak_positions(clean, wanted[:1], finite=True,
+                                                     peaks=clean.amax(dim=2).double().numpy()), expected[:1])
 
 
 def stream_moments(chunks, stride=1):
@@ -311,7 +326,7 @@ def stream_moments(chunks, stride=1):
     return stats, hist, edges
 
 
-def test_channel_moments_stay_within_the_stated_bound_on_data_built_to_cancel():
+def test_channel_moments_stay_within_the_stated_bound_on_data_built_to_cancel(reduction_path):
     """Per-image float32 moments merged in float64 against (a) closed-form answers on exactly representable data and
     (b) float64 two-pass moments of every value, on channels whose mean dwarfs their spread; batches of uneven size."""
     rng = np.random.default_rng(4)
@@ -333,6 +348,10 @@ def test_channel_moments_stay_within_the_stated_bound_on_data_built_to_cancel():
         assert abs(stats.mean[c] - mean) <= MOMENT_BOUND * rms and abs(stats.std[c] - std) <= MOMENT_BOUND * rms
     for c in range(6):
         assert_moments_within_bound(stats.mean[c], stats.std[c], values[c])
+        if reduction_path == "cpu_kernels":  # float64 sums: within float64 rounding, far inside the bound
+            rms = float(np.sqrt((values[c] ** 2).mean()))
+            assert abs(stats.mean[c] - values[c].mean()) <= 2.0 ** -40 * rms
+            assert abs(stats.std[c] - values[c].std()) <= 2.0 ** -40 * rms
     # a plain float32 forward hook (torch's own mean / std over the layer) is within twice the bound of ours
     plain_mean, plain_std = x.mean(dim=(0, 2)).double().numpy(), x.std(dim=(0, 2), correction=0).double().numpy()
     rms = np.sqrt((values ** 2).mean(axis=1))
@@ -340,7 +359,7 @@ def test_channel_moments_stay_within_the_stated_bound_on_data_built_to_cancel():
     assert (np.abs(stats.std - plain_std) <= 2 * MOMENT_BOUND * rms).all()
 
 
-def test_channel_moments_stay_within_the_stated_bound_on_maps_of_a_million_positions():
+def test_channel_moments_stay_within_the_stated_bound_on_maps_of_a_million_positions(reduction_path):
     """A long map (896 x 896 positions, P not a multiple of NORM_BLOCK) where one float32 norm over the whole map
     would lose 2^-19 of the sum of squares: the blocked norms keep mean and std within the bound."""
     from reportgen.state.channel_reducers import NORM_BLOCK
@@ -393,7 +412,7 @@ def test_histogram_stride_is_the_smallest_prime_that_fits_the_sample():
     assert histogram_stride(64, 10 ** 6, 0) == 1
 
 
-def test_sampled_histogram_and_moments_do_not_depend_on_how_images_are_batched():
+def test_sampled_histogram_and_moments_do_not_depend_on_how_images_are_batched(reduction_path):
     torch.manual_seed(5)
     x = torch.randn(13, 5, 7 * 7).relu()  # (B, C, P)
     one, one_hist, edges = stream_moments([x], stride=17)
@@ -408,7 +427,9 @@ def test_sampled_histogram_and_moments_do_not_depend_on_how_images_are_batched()
 
 def test_chunks_of_a_few_images_bound_the_work_buffer_and_change_no_result(monkeypatch):
     import reportgen.state.channel_reducers as reducers
+    from reportgen.state import cpu_kernels
 
+    monkeypatch.setattr(cpu_kernels, "takes", lambda x: False)  # the eager path's chunks (the kernels take none)
     torch.manual_seed(11)
     x = torch.randn(7, 4, 6 * 6).relu() - 0.25  # (B, C, P): zeros, negatives, values beyond the saturation bounds
     x[1, 2] = 3.0
@@ -426,7 +447,49 @@ def test_chunks_of_a_few_images_bound_the_work_buffer_and_change_no_result(monke
     assert int(whole["zeros"].sum()) == int((x == 0).sum()) and float(whole["max"].max()) == 3.0
 
 
-def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest():
+def test_cpu_kernels_equal_the_eager_reductions_and_numpy_exactly_where_rounding_does_not_enter(monkeypatch):
+    """The fused kernels against numpy on every value: min, max, zero / saturated counts and first-argmax positions
+    exactly (signed zeros, ties, negative maxima, a map of one value), sums and M2 to float64 rounding; and the
+    eager torch path gives the same exact parts."""
+    from reportgen.state import cpu_kernels
+
+    rng = np.random.default_rng(12)
+    data = np.round(rng.standard_normal((5, 7, 97)) * 4) / 4  # ties and exact zeros
+    data[0, 0] = -0.0
+    data[0, 1, ::2] = 0.0  # +0 and -0 side by side
+    data[0, 1, 1::2] = -0.0
+    data[1, 2] = -rng.random(97) - 1  # every value negative
+    data[2, 3] = 7.0  # one value: max == min == every position
+    data = data.astype(np.float32)
+    x = torch.from_numpy(data)
+    assert cpu_kernels.takes(x) and not cpu_kernels.takes(x.double())
+    assert not cpu_kernels.takes(x.permute(0, 2, 1).contiguous().permute(0, 2, 1))  # channels-last: eager
+    got = cpu_kernels.row_statistics(x, low=-0.5, high=1.25)
+    wide = data.astype(np.float64)
+    np.testing.assert_array_equal(got["peak"], data.max(axis=2))
+    np.testing.assert_array_equal(got["min"], data.min(axis=2))
+    np.testing.assert_array_equal(got["zeros"], (data == 0).sum(axis=2))
+    np.testing.assert_array_equal(got["above"], (data >= 1.25).sum(axis=2))
+    np.testing.assert_array_equal(got["below"], (data <= -0.5).sum(axis=2))
+    np.testing.assert_allclose(got["sum"], wide.sum(axis=2), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got["m2"], ((wide - wide.mean(axis=2, keepdims=True)) ** 2).sum(axis=2),
+                               rtol=1e-13, atol=1e-12)
+    assert "above" not in cpu_kernels.row_statistics(x, None, None)
+    rows, channels = np.nonzero(np.ones((5, 7), dtype=bool))
+    positions = cpu_kernels.first_positions(x, rows, channels, data.max(axis=2)[rows, channels])
+    np.testing.assert_array_equal(positions, data.argmax(axis=2)[rows, channels])
+    assert cpu_kernels.first_positions(x, np.array([0]), np.array([0]), np.array([99.0]))[0] == -1
+    edges = torch.as_tensor(symlog_edges(1e-4, 1e4, 8))
+    kernel = batch_reductions(x, edges, low=-0.5, high=1.25)
+    monkeypatch.setattr(cpu_kernels, "takes", lambda x: False)
+    eager = batch_reductions(x, edges, low=-0.5, high=1.25)
+    assert kernel.keys() == eager.keys()
+    for name in ("count", "min", "max", "zeros", "saturated", "nonfinite", "peak", "hist"):
+        np.testing.assert_array_equal(kernel[name], eager[name], err_msg=name)
+    np.testing.assert_allclose(kernel["mean"], eager["mean"], rtol=1e-6, atol=1e-7)
+
+
+def test_non_finite_values_are_counted_apart_and_left_out_of_the_rest(reduction_path):
     torch.manual_seed(3)
     x = torch.randn(4, 3, 10)  # (B, C, P)
     x[0, 1, 2], x[2, 1, 5], x[1, 2, 0] = float("nan"), float("inf"), -float("inf")

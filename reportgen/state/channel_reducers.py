@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from reportgen.state import cpu_kernels
+
 HIST_SAMPLE = 4096  # default histogram sample: at most this many values of each image per layer
 # images reduced together: at most this many values a chunk (one image when it is more). On a CPU a chunk that fits
 # in a core's L2 cache is read from memory once for all its passes (resnet18's stem: 44 -> 31 ms a batch); other
@@ -103,20 +105,26 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # (B, C, P) bf16/fp16 under autocast
     batch, channels, positions = x.shape
-    scratch = scratch or Scratch()
-    device = _per_image_reductions(x, low, high, scratch)  # (B, C) each
-    device["hist"] = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False)
-    host = to_host(device)
-    if not (np.isfinite(host["sum"]).all() and np.isfinite(host["root_m2"]).all()):  # NaN/Inf, or an overflow
+    hist = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False)
+    if cpu_kernels.takes(x):  # one fused read of each map (float64 sums), see cpu_kernels
+        host = cpu_kernels.row_statistics(x, low, high)
+        host["hist"] = hist.numpy()
+    else:
+        device = _per_image_reductions(x, low, high, scratch or Scratch())  # (B, C) each
+        device["hist"] = hist
+        host = to_host(device)
+        host["m2"] = (host.pop("root_m2") ** 2).sum(axis=2)  # (B, C) from the blocks' norms
+    if not (np.isfinite(host["sum"]).all() and np.isfinite(host["m2"]).all()):  # NaN/Inf, or an overflow
         return _masked_reductions(x, edges, low, high, hist_stride)
     image_mean = host["sum"] / positions  # (B, C) float64
     mean = image_mean.mean(axis=0)  # (C,)
     saturated = sum((host[name].sum(axis=0) for name in ("above", "below") if name in host), np.zeros(channels))
     return {"count": np.full(channels, batch * positions, dtype=np.int64), "mean": mean,
-            "m2": (host["root_m2"] ** 2).sum(axis=(0, 2)) + positions * ((image_mean - mean) ** 2).sum(axis=0),
-            "min": host["min"].min(axis=0), "max": host["peak"].max(axis=0),
+            "m2": host["m2"].sum(axis=0) + positions * ((image_mean - mean) ** 2).sum(axis=0),
+            "min": host["min"].min(axis=0).astype(np.float64), "max": host["peak"].max(axis=0).astype(np.float64),
             "zeros": host["zeros"].sum(axis=0).astype(np.int64), "saturated": saturated.astype(np.int64),
-            "nonfinite": np.zeros(channels, dtype=np.int64), "peak": host["peak"], "image_mean": image_mean,
+            "nonfinite": np.zeros(channels, dtype=np.int64), "peak": host["peak"].astype(np.float64),
+            "image_mean": image_mean,
             "hist": host["hist"]}
 
 
@@ -141,13 +149,19 @@ def _masked_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float
                     "hist": _histogram(sampled_positions(x, hist_stride), edges, finite_only=True)})
 
 
-def peak_positions(x: torch.Tensor, wanted: np.ndarray, finite: bool = False) -> np.ndarray:
+def peak_positions(x: torch.Tensor, wanted: np.ndarray, finite: bool = False,
+                   peaks: Optional[np.ndarray] = None) -> np.ndarray:
     """(B, C) int64: for the (image, channel) pairs where `wanted` (B, C) is True, the flat index into P of the
     largest finite value of x (B, C, P) (the first one on ties; 0 when none is finite); -1 elsewhere. `finite`: the
-    caller knows x holds no NaN/Inf (batch_reductions' `nonfinite` counts are all 0), which saves a pass."""
+    caller knows x holds no NaN/Inf (batch_reductions' `nonfinite` counts are all 0), which saves a pass. `peaks`
+    (B, C): the maps' maxima from batch_reductions; with them and `finite`, a CPU kernel reads each wanted map only
+    up to its maximum's first position."""
     positions = np.full(wanted.shape, -1, dtype=np.int64)
     rows, channels = np.nonzero(wanted)
     if not len(rows):
+        return positions
+    if finite and peaks is not None and cpu_kernels.takes(x):
+        positions[rows, channels] = cpu_kernels.first_positions(x, rows, channels, peaks[rows, channels])
         return positions
     if not finite:
         x = torch.where(torch.isfinite(x), x, -torch.inf)  # (B, C, P), rare: only batches holding NaN/Inf
