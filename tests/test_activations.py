@@ -448,9 +448,9 @@ def test_chunks_of_a_few_images_bound_the_work_buffer_and_change_no_result(monke
 
 
 def test_cpu_kernels_equal_the_eager_reductions_and_numpy_exactly_where_rounding_does_not_enter(monkeypatch):
-    """The fused kernels against numpy on every value: min, max, zero / saturated counts and first-argmax positions
-    exactly (signed zeros, ties, negative maxima, a map of one value), sums and M2 to float64 rounding; and the
-    eager torch path gives the same exact parts."""
+    """The fused kernels against numpy on every value: min, max, zero / saturated counts, first-argmax positions and
+    sampled histograms exactly (signed zeros, ties, negative maxima, a map of one value; values on each edge and its
+    float32 neighbours), sums and M2 to float64 rounding; and the eager torch path gives the same exact parts."""
     from reportgen.state import cpu_kernels
 
     rng = np.random.default_rng(12)
@@ -464,7 +464,7 @@ def test_cpu_kernels_equal_the_eager_reductions_and_numpy_exactly_where_rounding
     x = torch.from_numpy(data)
     assert cpu_kernels.takes(x) and not cpu_kernels.takes(x.double())
     assert not cpu_kernels.takes(x.permute(0, 2, 1).contiguous().permute(0, 2, 1))  # channels-last: eager
-    got = cpu_kernels.row_statistics(x, low=-0.5, high=1.25)
+    got = cpu_kernels.map_statistics(x, low=-0.5, high=1.25)
     wide = data.astype(np.float64)
     np.testing.assert_array_equal(got["peak"], data.max(axis=2))
     np.testing.assert_array_equal(got["min"], data.min(axis=2))
@@ -474,12 +474,25 @@ def test_cpu_kernels_equal_the_eager_reductions_and_numpy_exactly_where_rounding
     np.testing.assert_allclose(got["sum"], wide.sum(axis=2), rtol=0, atol=1e-12)
     np.testing.assert_allclose(got["m2"], ((wide - wide.mean(axis=2, keepdims=True)) ** 2).sum(axis=2),
                                rtol=1e-13, atol=1e-12)
-    assert "above" not in cpu_kernels.row_statistics(x, None, None)
+    assert "above" not in cpu_kernels.map_statistics(x, None, None) and "hist" not in got
     rows, channels = np.nonzero(np.ones((5, 7), dtype=bool))
     positions = cpu_kernels.first_positions(x, rows, channels, data.max(axis=2)[rows, channels])
     np.testing.assert_array_equal(positions, data.argmax(axis=2)[rows, channels])
     assert cpu_kernels.first_positions(x, np.array([0]), np.array([0]), np.array([99.0]))[0] == -1
-    edges = torch.as_tensor(symlog_edges(1e-4, 1e4, 8))
+    edges = symlog_edges(1e-4, 1e4, 8)
+    inner = edges[1:-1].astype(np.float32)  # each edge, its float32 neighbours, values beyond the ends, +-0, +-inf
+    at_edges = np.concatenate([inner, np.nextafter(inner, np.float32(np.inf)), np.nextafter(inner, -np.inf),
+                               np.float32([0.0, -0.0, 1e30, -1e30, 1e-30, -1e-30, np.inf, -np.inf])])
+    for values, stride in ((at_edges, 1), (at_edges, 7), (data.reshape(-1), 5)):
+        maps = torch.from_numpy(values.astype(np.float32).copy()).reshape(1, 1, -1)
+        counts = cpu_kernels.map_statistics(maps, None, None, stride, edges)["hist"]
+        expected = np.bincount(np.searchsorted(inner.astype(np.float64), values[::stride].astype(np.float64),
+                                               side="right"), minlength=len(edges) - 1)
+        np.testing.assert_array_equal(counts, expected)
+    two_images = cpu_kernels.map_statistics(x, None, None, 5, edges)["hist"]  # each image from its own flat index 0
+    np.testing.assert_array_equal(two_images, histogram_of_sampled_positions(edges, data, 5))
+    assert "hist" not in cpu_kernels.map_statistics(x, None, None, 5, np.array([-1.0, 0.0, 1.0]))  # 0 inside
+    edges = torch.as_tensor(edges)
     kernel = batch_reductions(x, edges, low=-0.5, high=1.25)
     monkeypatch.setattr(cpu_kernels, "takes", lambda x: False)
     eager = batch_reductions(x, edges, low=-0.5, high=1.25)

@@ -96,22 +96,25 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     over every value costs three times a plain max on a CPU), and `image_mean` (float64; only when every value is
     finite).
 
-    The device does only per-image work, a few passes over x: each image's channel sum (float32), the root of its
-    sum of squared deviations from that image's mean (the centred values go to `scratch`, a few images at a time:
-    two passes, no cancellation; per run of NORM_BLOCK positions), min, max, zero and saturated counts. The host
-    merges those (B, C) results in float64 (Chan's update with equal counts). Against the exact moments of the float32 values this keeps |mean
-    error| and |std error| within 2^-20 (8 float32 units) times the channel's root mean square, which
+    The device does only per-image work; the host merges its (B, C) results in float64 (Chan's update with equal
+    counts). On a CPU, float32 maps in rows go to `cpu_kernels` (one read of each map from memory: float64 sum and
+    centred sum of squares, min, max, counts and the histogram sample), within float64 rounding of the exact
+    moments. Elsewhere (CUDA, channels-last layers, float64) eager torch ops do a few passes over x, a few images at
+    a time: each image's channel sum (float32), the root of its sum of squared deviations from that image's mean
+    (the centred values go to `scratch`: two passes, no cancellation; per run of NORM_BLOCK positions), min, max,
+    zero and saturated counts. Either path keeps |mean error| and |std error| within 2^-20 (8 float32 units) times
+    the channel's root mean square against the exact moments of the float32 values, which
     `tests/test_activations.py` checks on data built to cancel. With a NaN/Inf anywhere, a float64 masked path."""
     if x.dtype not in (torch.float32, torch.float64):
         x = x.float()  # (B, C, P) bf16/fp16 under autocast
     batch, channels, positions = x.shape
-    hist = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False)
-    if cpu_kernels.takes(x):  # one fused read of each map (float64 sums), see cpu_kernels
-        host = cpu_kernels.row_statistics(x, low, high)
-        host["hist"] = hist.numpy()
+    if cpu_kernels.takes(x):  # one fused read of each map (float64 sums, the histogram sample), see cpu_kernels
+        host = cpu_kernels.map_statistics(x, low, high, hist_stride, edges.numpy())
+        if "hist" not in host:  # edges the kernel cannot bin over
+            host["hist"] = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False).numpy()
     else:
         device = _per_image_reductions(x, low, high, scratch or Scratch())  # (B, C) each
-        device["hist"] = hist
+        device["hist"] = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False)
         host = to_host(device)
         host["m2"] = (host.pop("root_m2") ** 2).sum(axis=2)  # (B, C) from the blocks' norms
     if not (np.isfinite(host["sum"]).all() and np.isfinite(host["m2"]).all()):  # NaN/Inf, or an overflow

@@ -15,6 +15,7 @@ channels-last outputs, float64) keep the eager path. Set REPORTGEN_CPU_KERNELS=0
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import Dict, Optional
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 _LOCK = threading.Lock()  # numba's thread pools are not all safe to enter from two threads at once
-_kernels = None  # (row_statistics, first_positions) once compiled; False when numba is missing or switched off
+_kernels = None  # the numba_kernels module once imported; False when numba is missing or switched off
 
 
 def takes(x: torch.Tensor) -> bool:
@@ -37,30 +38,52 @@ def prepare() -> None:
     that belongs to setup, not to the first batch of the pass."""
     tiny = torch.zeros(1, 1, 2)
     if takes(tiny):
-        row_statistics(tiny, -1.0, 1.0)
+        map_statistics(tiny, -1.0, 1.0, 1, np.array([-np.inf, -1.0, 1.0, np.inf]))
         first_positions(tiny, np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(1))
 
 
-def row_statistics(x: torch.Tensor, low: Optional[float], high: Optional[float]) -> Dict[str, np.ndarray]:
+def map_statistics(x: torch.Tensor, low: Optional[float], high: Optional[float], hist_stride: int = 0,
+                   edges: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """(B, C) per map of x (B, C, P), see `takes`: `sum` and `m2` (float64: the sum of squared deviations from the
     map's own mean), `peak` (max) and `min` (float32 values), `zeros` (== 0) and, where a bound is given, `above`
-    (>= high) and `below` (<= low) counts. A NaN or Inf makes that map's sum non-finite (the caller's signal to take
-    its masked path); its min and max are then meaningless."""
+    (>= high) and `below` (<= low) counts. With `edges` (float32 numbers, increasing, none 0, as `symlog_edges`
+    makes them) also `hist` (bins,): the images' values at `sampled_positions(x, hist_stride)` binned like
+    `torch.bucketize`, values beyond the ends in the end bins (no `hist` for other edges: bin them apart). A NaN or Inf makes that map's sum non-finite (the caller's signal to take its
+    masked path); its min, max and histogram are then meaningless."""
     batch, channels, positions = x.shape
-    rows = x.detach().view(batch * channels, positions).numpy()
-    out = {"sum": np.empty(batch * channels), "m2": np.empty(batch * channels),
-           "peak": np.empty(batch * channels, dtype=np.float32), "min": np.empty(batch * channels, dtype=np.float32)}
-    counts = np.empty((3, batch * channels), dtype=np.int32)  # zeros, above, below
-    statistics, _ = _compiled()
+    maps = x.detach().numpy()
+    out = {"sum": np.empty((batch, channels)), "m2": np.empty((batch, channels)),
+           "peak": np.empty((batch, channels), dtype=np.float32), "min": np.empty((batch, channels), dtype=np.float32)}
+    counts = np.empty((3, batch, channels), dtype=np.int32)  # zeros, above, below
+    binning = _bin_table(None if edges is None else np.asarray(edges, dtype=np.float64).tobytes())
+    table, inner_keys = binning or (np.zeros(1 << 16, dtype=np.int32), np.zeros(0, dtype=np.int32))
+    hist = np.zeros((batch, len(inner_keys) + 1), dtype=np.int64)
+    kernels = _compiled()
     with _LOCK:
         _use_torch_threads()
-        statistics(rows, rows.view(np.int32), -np.inf if low is None else float(low),
-                   np.inf if high is None else float(high), out["sum"], out["m2"], out["peak"].view(np.int32),
-                   out["min"].view(np.int32), counts)
+        kernels.map_statistics(maps, maps.view(np.int32), -np.inf if low is None else float(low),
+                               np.inf if high is None else float(high), int(hist_stride) if binning else 0,
+                               table, inner_keys, out["sum"], out["m2"], out["peak"].view(np.int32),
+                               out["min"].view(np.int32), counts, hist)
     for name, row, bound in (("zeros", 0, 0.0), ("above", 1, high), ("below", 2, low)):
         if bound is not None:
             out[name] = counts[row].astype(np.int64)
-    return {name: value.reshape(batch, channels) for name, value in out.items()}
+    if binning:
+        out["hist"] = hist.sum(axis=0)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _bin_table(edges: Optional[bytes]):
+    """`numba_kernels.bin_table` of these edges (float64 bytes), built once per set of edges; None without edges
+    or where the kernel cannot bin over them (inner edges not float32 numbers, not increasing, or one of them 0)."""
+    from reportgen.state import numba_kernels
+
+    inner = None if edges is None else np.frombuffer(edges, dtype=np.float64)[1:-1]
+    if inner is None or not (np.array_equal(inner.astype(np.float32), inner) and (inner != 0).all()
+                             and (np.diff(inner) > 0).all()):
+        return None
+    return numba_kernels.bin_table(inner)
 
 
 def first_positions(x: torch.Tensor, rows: np.ndarray, channels: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -70,10 +93,10 @@ def first_positions(x: torch.Tensor, rows: np.ndarray, channels: np.ndarray, tar
     batch, channels_, positions = x.shape
     maps = x.detach().view(batch * channels_, positions).numpy()
     found = np.empty(len(rows), dtype=np.int64)
-    _, first = _compiled()
+    kernels = _compiled()
     with _LOCK:
         _use_torch_threads()
-        first(maps, (np.asarray(rows) * channels_ + np.asarray(channels)).astype(np.int64),
+        kernels.first_positions(maps, (np.asarray(rows) * channels_ + np.asarray(channels)).astype(np.int64),
               np.asarray(targets, dtype=np.float32), found)
     return found
 
@@ -85,7 +108,7 @@ def _use_torch_threads() -> None:
 
 
 def _compiled():
-    """The compiled kernels, or None (numba missing, or REPORTGEN_CPU_KERNELS=0)."""
+    """The kernels' module (numba_kernels), or None (numba missing, or REPORTGEN_CPU_KERNELS=0)."""
     global _kernels
     if _kernels is None:
         with _LOCK:
@@ -99,4 +122,4 @@ def _compile():
         from reportgen.state import numba_kernels
     except ImportError:  # numba not installed
         return False
-    return numba_kernels.row_statistics, numba_kernels.first_positions
+    return numba_kernels
