@@ -8,17 +8,18 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup system-deps node-deps demo test clean-outputs
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py reportgen/state/map_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# graphviz (dot) for graph diagrams, Chromium for browser tests, SLURM and munge for the one-node cluster of
-# tests/test_slurm.py; installed with apt-get where we are root (the daemons are not started: the tests start them).
-SYSTEM_PACKAGES := graphviz chromium slurmctld slurmd slurm-client munge
-SYSTEM_PROGRAMS := dot chromium slurmctld slurmd sbatch munged
+# gcc for the fused CPU kernels (reportgen/state/map_kernels.c, compiled by pip install), graphviz (dot) for graph
+# diagrams, Chromium for browser tests, SLURM and munge for the one-node cluster of tests/test_slurm.py; installed
+# with apt-get where we are root (the daemons are not started: the tests start them).
+SYSTEM_PACKAGES := gcc graphviz chromium slurmctld slurmd slurm-client munge
+SYSTEM_PROGRAMS := gcc dot chromium slurmctld slurmd sbatch munged
 system-deps:
 	@missing=; for p in $(SYSTEM_PROGRAMS); do PATH="$$PATH:/usr/sbin:/sbin" command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then :; \

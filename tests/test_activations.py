@@ -29,14 +29,14 @@ LAYERS = ["analysis=[activations]", "analysis.activations.layers=[conv,act,share
 
 @pytest.fixture(params=["cpu_kernels", "eager"])
 def reduction_path(request, monkeypatch):
-    """Run a test both ways a CPU batch can be reduced: the fused numba kernels (the default for float32 maps) and
-    the eager torch ops (CUDA, channels-last layers, REPORTGEN_CPU_KERNELS=0)."""
+    """Run a test both ways a CPU batch can be reduced: the fused C kernels (the default for float32 maps) and the
+    eager torch ops (CUDA, channels-last layers, no compiled library, REPORTGEN_CPU_KERNELS=0)."""
     from reportgen.state import cpu_kernels
 
     if request.param == "eager":
         monkeypatch.setattr(cpu_kernels, "takes", lambda x: False)
     else:
-        assert cpu_kernels.takes(torch.zeros(1, 1, 1)), "numba is a dependency: its kernels must be there"
+        assert cpu_kernels.takes(torch.zeros(1, 1, 1)), "map_kernels.c not built: pip install -e . needs a C compiler"
     return request.param
 
 

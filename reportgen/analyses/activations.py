@@ -67,7 +67,6 @@ from reportgen.report import plots
 from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
 from reportgen.report.overlays import heat_on_thumbnail
 from reportgen.report.thumbnails import thumbnail
-from reportgen.state import cpu_kernels
 from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, ChannelTopK, CovarianceMoments, Scratch,
                                               batch_reductions, best_of_batch, histogram_stride, peak_positions,
                                               symlog_edges)
@@ -387,8 +386,6 @@ class Activations(Analysis):
             self.topk[call.key] = ChannelTopK(call.channels, int(cfg.top_k))
         if cfg.embedding:
             self._find_embedding(head)
-        if self.ctx.device.type == "cpu":
-            cpu_kernels.prepare()  # numba's import and compiled kernels in setup, not in the first batch
 
     def _example_channel_means(self, example: Batch) -> Dict[str, np.ndarray]:
         """Per drawn call, each channel's mean over the example images (the folder's first ones, so every shard,
