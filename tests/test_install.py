@@ -59,12 +59,15 @@ def test_the_installed_package_is_the_wheel_with_its_configs_and_templates(insta
     python, _, elsewhere = installed
     done = command([python, "-c", "import reportgen; from reportgen.config.store import conf_dir; "
                                   "from reportgen.report.render import TEMPLATES; "
-                                  "print(reportgen.__file__, conf_dir(), TEMPLATES, sep='\\n')"], elsewhere)
+                                  "from reportgen.state.cpu_kernels import library; "
+                                  "print(reportgen.__file__, conf_dir(), TEMPLATES, library()._name, sep='\\n')"],
+                   elsewhere)
     assert done.returncode == 0, done.stderr
-    package, conf, templates = (Path(line) for line in done.stdout.split())
+    package, conf, templates, kernels = (Path(line) for line in done.stdout.split())
     venv = python.parent.parent
     assert venv in package.parents and package.parent == conf.parent == templates.parent
     assert REPO not in package.parents
+    assert kernels.parent == package.parent / "state", "the wheel carries the compiled CPU kernels"
 
 
 def test_reportgen_runs_the_demo_from_another_directory(installed):

@@ -5,7 +5,8 @@ state of any split of the data merges into exactly the state of the whole.
   chunk of images at a time): per image and channel the sum, centred sum of squares, min, max, zero and saturated
   counts, and a fixed-edge histogram of the layer's values at fixed sampled positions; `peak_positions` finds the
   maximum's position only where a caller needs it. Only these small (B, C) results cross to the CPU
-  (`to_host`: one transfer), where they become per-channel count, mean, M2 (float64), min, max and counts.
+  (`to_host`: one transfer), where they become per-channel count, mean, M2 (float64), min, max and counts. On a
+  CPU, float32 maps go to the fused C kernels of `cpu_kernels` instead (one read of each map from memory).
 - `ChannelStats` merges per-batch moments with Chan et al.'s parallel update in float64, so mean and std equal a
   two-pass computation over every value to rounding.
 - `ChannelTopK`: per channel, the k images with the highest spatial maximum; vectorised (C, k) arrays instead of C
