@@ -75,7 +75,8 @@ def main() -> None:
     from reportgen.runs import one_pass
     from reportgen.runs.pipeline import run
 
-    root = make_jpeg_folder(args.cache / "jpeg_500", 500)
+    count = max(args.images, 500)  # the folder of scale.py that holds enough images (was always the 500 one)
+    root = make_jpeg_folder(args.cache / f"jpeg_{count}", count)
     cfg = compose_cfg([f"model={args.model}", "model.weights=null", f"dataset.root={root}",
                        f"dataset.limit={args.images}", "runtime.batch_size=32", "runtime.num_workers=2",
                        SETS["default"], *rest])

@@ -30,7 +30,7 @@ LAYERS = ["analysis=[activations]", "analysis.activations.layers=[conv,act,share
 @pytest.fixture(params=["cpu_kernels", "eager"])
 def reduction_path(request, monkeypatch):
     """Run a test both ways a CPU batch can be reduced: the fused C kernels (the default for float32 maps) and the
-    eager torch ops (CUDA, channels-last layers, no compiled library, REPORTGEN_CPU_KERNELS=0)."""
+    eager torch ops (CUDA, float64, no compiled library, REPORTGEN_CPU_KERNELS=0)."""
     from reportgen.state import cpu_kernels
 
     if request.param == "eager":
@@ -463,7 +463,6 @@ def test_cpu_kernels_equal_the_eager_reductions_and_numpy_exactly_where_rounding
     data = data.astype(np.float32)
     x = torch.from_numpy(data)
     assert cpu_kernels.takes(x) and not cpu_kernels.takes(x.double())
-    assert not cpu_kernels.takes(x.permute(0, 2, 1).contiguous().permute(0, 2, 1))  # channels-last: eager
     got = cpu_kernels.map_statistics(x, low=-0.5, high=1.25)
     wide = data.astype(np.float64)
     np.testing.assert_array_equal(got["peak"], data.max(axis=2))
@@ -493,6 +492,16 @@ def test_cpu_kernels_equal_the_eager_reductions_and_numpy_exactly_where_rounding
     np.testing.assert_array_equal(two_images, histogram_of_sampled_positions(edges, data, 5))
     assert "hist" not in cpu_kernels.map_statistics(x, None, None, 5, np.array([-1.0, 0.0, 1.0]))  # 0 inside
     edges = torch.as_tensor(edges)
+    kernel = batch_reductions(x, edges, low=-0.5, high=1.25, hist_stride=3)
+    import reportgen.state.channel_reducers as reducers
+
+    monkeypatch.setattr(reducers, "CHUNK_VALUES", {"cpu": 2 * 7 * 97})  # chunks of 2, 2 and 1 images
+    scratch = Scratch()
+    strided = x.permute(0, 2, 1).contiguous().permute(0, 2, 1)  # channels-last in memory: copied into rows
+    rows = batch_reductions(strided, edges, low=-0.5, high=1.25, hist_stride=3, scratch=scratch)
+    assert scratch.storage.numel() == 2 * 7 * 97, "the copy holds one chunk, not the batch"
+    for name in kernel:
+        np.testing.assert_array_equal(rows[name], kernel[name], err_msg=name)  # the same kernel on the same maps
     kernel = batch_reductions(x, edges, low=-0.5, high=1.25)
     monkeypatch.setattr(cpu_kernels, "takes", lambda x: False)
     eager = batch_reductions(x, edges, low=-0.5, high=1.25)

@@ -98,9 +98,9 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
     finite).
 
     The device does only per-image work; the host merges its (B, C) results in float64 (Chan's update with equal
-    counts). On a CPU, float32 maps in rows go to `cpu_kernels` (one read of each map from memory: float64 sum and
-    centred sum of squares, min, max, counts and the histogram sample), within float64 rounding of the exact
-    moments. Elsewhere (CUDA, channels-last layers, float64) eager torch ops do a few passes over x, a few images at
+    counts). On a CPU, float32 maps go to `cpu_kernels` (one read of each map from memory: float64 sum and centred
+    sum of squares, min, max, counts and the histogram sample; other layouts copied into rows a chunk at a time),
+    within float64 rounding of the exact moments. Elsewhere (CUDA, float64) eager torch ops do a few passes over x, a few images at
     a time: each image's channel sum (float32), the root of its sum of squared deviations from that image's mean
     (the centred values go to `scratch`: two passes, no cancellation; per run of NORM_BLOCK positions), min, max,
     zero and saturated counts. Either path keeps |mean error| and |std error| within 2^-20 (8 float32 units) times
@@ -110,7 +110,7 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
         x = x.float()  # (B, C, P) bf16/fp16 under autocast
     batch, channels, positions = x.shape
     if cpu_kernels.takes(x):  # one fused read of each map (float64 sums, the histogram sample), see cpu_kernels
-        host = cpu_kernels.map_statistics(x, low, high, hist_stride, edges.numpy())
+        host = _kernel_reductions(x, low, high, hist_stride, edges.numpy(), scratch)
         if "hist" not in host:  # edges the kernel cannot bin over
             host["hist"] = _histogram(sampled_positions(x, hist_stride), edges, finite_only=False).numpy()
     else:
@@ -130,6 +130,22 @@ def batch_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float] 
             "nonfinite": np.zeros(channels, dtype=np.int64), "peak": host["peak"].astype(np.float64),
             "image_mean": image_mean,
             "hist": host["hist"]}
+
+
+def _kernel_reductions(x: torch.Tensor, low: Optional[float], high: Optional[float], hist_stride: int,
+                       edges: np.ndarray, scratch: Optional[Scratch]) -> Dict[str, np.ndarray]:
+    """`cpu_kernels.map_statistics` of x (B, C, P). Maps not laid out as rows (channels-last layers, token grids)
+    are copied into rows a chunk of images at a time (CHUNK_VALUES) through `scratch`, so the copy stays one chunk
+    however large the layer; each image's results depend on its own values only, so chunks change no result."""
+    if x.is_contiguous():
+        return cpu_kernels.map_statistics(x, low, high, hist_stride, edges)
+    scratch = scratch or Scratch()
+    batch, channels, positions = x.shape
+    step = max(1, CHUNK_VALUES["cpu"] // max(1, channels * positions))
+    parts = [cpu_kernels.map_statistics(scratch.like(x[start:start + step]).copy_(x[start:start + step]), low, high,
+                                        hist_stride, edges) for start in range(0, batch, step)]
+    return {name: (sum(part[name] for part in parts) if name == "hist"
+                   else np.concatenate([part[name] for part in parts])) for name in parts[0]}
 
 
 def _masked_reductions(x: torch.Tensor, edges: torch.Tensor, low: Optional[float], high: Optional[float],
@@ -164,7 +180,7 @@ def peak_positions(x: torch.Tensor, wanted: np.ndarray, finite: bool = False,
     rows, channels = np.nonzero(wanted)
     if not len(rows):
         return positions
-    if finite and peaks is not None and cpu_kernels.takes(x):
+    if finite and peaks is not None and cpu_kernels.takes(x) and x.is_contiguous():
         positions[rows, channels] = cpu_kernels.first_positions(x, rows, channels, peaks[rows, channels])
         return positions
     if not finite:

@@ -10,9 +10,9 @@ with OpenMP, e.g. gcc); they run on torch's thread count and add no measurable m
 What they return has the eager path's meaning exactly, and is closer where rounding enters: min, max, counts,
 histograms and positions are exact; sum and centred sum of squares accumulate in float64 (two passes about the
 map's float64 mean), so mean and M2 are within a few float64 units of the exact moments of the float32 values.
-Only float32 maps laid out as contiguous rows of (B * C, P) on the CPU are taken (`takes`); others (CUDA,
-channels-last outputs, float64) keep the eager path, and so does everything where the library was not built or
-REPORTGEN_CPU_KERNELS=0 is set.
+Only float32 maps on the CPU are taken (`takes`), read as rows of (B * C, P): `batch_reductions` copies other
+layouts (channels-last outputs, token grids) into rows a few images at a time. CUDA and float64 tensors keep the
+eager path, and so does everything where the library was not built or REPORTGEN_CPU_KERNELS=0 is set.
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ MAGNITUDE = np.int32(0x7FFFFFFF)
 
 
 def takes(x: torch.Tensor) -> bool:
-    """Whether these kernels handle x (B, C, P): float32 on the CPU, each map a contiguous row, the library built."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3 and x.is_contiguous()
-            and x.numel() > 0 and library() is not None)
+    """Whether these kernels handle x (B, C, P): float32 on the CPU, the library built. They read maps laid out as
+    rows (x contiguous); callers copy other layouts into rows first (`channel_reducers.batch_reductions`)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3 and x.numel() > 0
+            and library() is not None)
 
 
 def map_statistics(x: torch.Tensor, low: Optional[float], high: Optional[float], hist_stride: int = 0,
@@ -46,7 +47,7 @@ def map_statistics(x: torch.Tensor, low: Optional[float], high: Optional[float],
     Inf makes that map's sum non-finite (the caller's signal to take its masked path); its min, max and histogram
     are then meaningless."""
     batch, channels, positions = x.shape
-    maps = np.ascontiguousarray(x.detach().numpy())
+    maps = _rows(x)
     out = {"sum": np.empty((batch, channels)), "m2": np.empty((batch, channels)),
            "peak": np.empty((batch, channels), dtype=np.float32), "min": np.empty((batch, channels), dtype=np.float32)}
     counts = np.empty((3, batch, channels), dtype=np.int64)  # zeros, above, below
@@ -71,7 +72,7 @@ def first_positions(x: torch.Tensor, rows: np.ndarray, channels: np.ndarray, tar
     equals `targets` (n,) (its exact maximum: the first argmax). Each map is read only up to that position; -1
     where the value does not occur."""
     batch, channels_, positions = x.shape
-    maps = np.ascontiguousarray(x.detach().numpy())
+    maps = _rows(x)
     picked = np.ascontiguousarray(np.asarray(rows, dtype=np.int64) * channels_ + np.asarray(channels, dtype=np.int64))
     wanted = np.ascontiguousarray(targets, dtype=np.float32)
     found = np.empty(len(picked), dtype=np.int64)
@@ -102,6 +103,13 @@ def _bin_table(edges: Optional[bytes]):
     inner_keys = np.ascontiguousarray(float_key(inner), dtype=np.int32)
     starts = (np.arange(1 << 16, dtype=np.int64) - 32768) << TABLE_SHIFT
     return np.searchsorted(inner_keys.astype(np.int64), starts, side="left").astype(np.int32), inner_keys
+
+
+def _rows(x: torch.Tensor) -> np.ndarray:
+    """x (B, C, P) as the numpy array the kernels read, without a copy: each map one contiguous row."""
+    if not x.is_contiguous():
+        raise ValueError("cpu_kernels read maps laid out as rows: pass a contiguous (B, C, P) tensor")
+    return x.detach().numpy()
 
 
 def _pointer(array: np.ndarray) -> ctypes.c_void_p:
