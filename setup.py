@@ -34,5 +34,6 @@ def map_kernels() -> Extension:
 
 
 shipped = list(shipped_packages())
-setup(ext_modules=[map_kernels()], packages=find_namespace_packages(include=["reportgen", "reportgen.*"], exclude=["*__pycache__"]) + shipped,
-      package_dir=SHIPPED, package_data={**DATA, **{package: SHIPPED_FILES for package in shipped}})
+setup(packages=find_namespace_packages(include=["reportgen", "reportgen.*"], exclude=["*__pycache__"]) + shipped,
+      package_dir=SHIPPED, package_data={**DATA, **{package: SHIPPED_FILES for package in shipped}},
+      ext_modules=[map_kernels()])

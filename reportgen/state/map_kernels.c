@@ -37,27 +37,24 @@ static void reduce_map(const float *x, int64_t positions, float low, float high,
     int32_t zeros[LANES] = {0}, above[LANES] = {0}, below[LANES] = {0};
     int32_t top[LANES], bottom[LANES];
     for (int l = 0; l < LANES; l++) { top[l] = INT32_MIN; bottom[l] = INT32_MAX; }
-    int64_t whole = positions / LANES * LANES, i;
-    int64_t zeros_total = 0, above_total = 0, below_total = 0;
-    for (int64_t start = 0; start < whole;) {  /* runs short enough for int32 lane counts */
-        int64_t end = start + ((int64_t)1 << 30) < whole ? start + ((int64_t)1 << 30) : whole;
-        for (i = start; i < end; i += LANES) {
-            for (int l = 0; l < LANES; l++) {
-                float v = x[i + l];
-                int32_t key = float_key(bits[i + l]);
-                sum[l] += v;
-                zeros[l] += v == 0.0f;
-                above[l] += v >= high;
-                below[l] += v <= low;
-                top[l] = key > top[l] ? key : top[l];
-                bottom[l] = key < bottom[l] ? key : bottom[l];
-            }
-        }
+    int64_t whole = positions / LANES * LANES, i;  /* int32 lane counts: exact for maps below 2^35 positions */
+    for (i = 0; i < whole; i += LANES) {
         for (int l = 0; l < LANES; l++) {
-            zeros_total += zeros[l]; above_total += above[l]; below_total += below[l];
-            zeros[l] = above[l] = below[l] = 0;
+            float v = x[i + l];
+            int32_t key = float_key(bits[i + l]);
+            sum[l] += v;
+            zeros[l] += v == 0.0f;
+            above[l] += v >= high;
+            below[l] += v <= low;
+            top[l] = key > top[l] ? key : top[l];
+            bottom[l] = key < bottom[l] ? key : bottom[l];
         }
-        start = end;
+    }
+    int64_t zeros_total = 0, above_total = 0, below_total = 0;
+    for (int l = 0; l < LANES; l++) {
+        zeros_total += zeros[l];
+        above_total += above[l];
+        below_total += below[l];
     }
     double total = 0.0;
     int32_t t = INT32_MIN, b = INT32_MAX;
