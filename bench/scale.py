@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def child(kind: str, overrides: List[str]) -> Dict[str, float]:
 
     cfg = compose_cfg(overrides)
     if kind == "plain":
-        return {"images_per_second": plain_loop(cfg), "peak_rss_mib": peak_rss_mib()}
+        return {"images_per_second": plain_loop(cfg), "peak_rss_mib": peak_rss_mib(), "timings_s": {}}
     with tempfile.TemporaryDirectory() as tmp:
         run(cfg, out_dir=Path(tmp))
         manifest = json.loads((Path(tmp) / "results" / "manifest.json").read_text())
@@ -94,18 +94,27 @@ def child(kind: str, overrides: List[str]) -> Dict[str, float]:
                 "report_mib": folder_bytes(Path(tmp) / "report") / 2**20,
                 "results_mib": folder_bytes(Path(tmp) / "results") / 2**20,
                 "finalize_render_s": timings.get("finalize", 0) + timings.get("render", 0),
-                "probes_s": timings.get("probes", 0), "images": manifest["counts"]["processed"]}
+                "probes_s": timings.get("probes", 0), "images": manifest["counts"]["processed"], "timings_s": timings}
 
 
-def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) -> float:
+def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) -> Tuple[float, Dict[str, float]]:
     """Seconds per image of whole processes (start-up, probes, finalize and render included), as the difference
-    of a run over `large` and one over `small` images: what cancels is every one-time cost."""
-    walls = []
+    of a run over `large` and one over `small` images: what cancels is every one-time cost. Also the same
+    difference per stage of the run (the manifest's timings; "loop" for the plain one, "outside the run" for the
+    process's own start-up, imports and exit), so a stage that grows with the folder shows."""
+    walls, stages = [], []
     for count in (small, large):
         started = time.perf_counter()
-        measure(kind, overrides + [f"dataset.limit={count}"])
+        result = measure(kind, overrides + [f"dataset.limit={count}"])
         walls.append(time.perf_counter() - started)
-    return (walls[1] - walls[0]) / (large - small)
+        timings = dict(result["timings_s"]) or {"loop": count / result["images_per_second"]}
+        if "total" in timings:  # what the run's own stages leave of its total (building analyses, checkpoints)
+            timings["rest of the run"] = timings["total"] - sum(v for k, v in timings.items() if k != "total")
+        timings["outside the run"] = walls[-1] - timings.get("total", timings.get("loop", 0.0))
+        stages.append(timings)
+    per_stage = {name: (stages[1].get(name, 0.0) - stages[0].get(name, 0.0)) / (large - small)
+                 for name in stages[1] if name != "total"}
+    return (walls[1] - walls[0]) / (large - small), per_stage
 
 
 def measure(kind: str, overrides: List[str]) -> Dict[str, float]:
@@ -146,13 +155,16 @@ def main() -> None:
         print("| analyses | plain s/image | ours s/image | ratio (plain / ours) | load |")
         print("| --- | --- | --- | --- | --- |")
         ratios: Dict[str, List[float]] = {}
+        splits = []
         for name in args.sets:
             for _ in range(args.repeat):
-                plain = marginal_seconds("plain", base, small, large)
-                ours = marginal_seconds("ours", base + [SETS[name]], small, large)
+                plain, plain_stages = marginal_seconds("plain", base, small, large)
+                ours, ours_stages = marginal_seconds("ours", base + [SETS[name]], small, large)
                 ratios.setdefault(name, []).append(plain / ours)
+                splits.append((name, plain_stages, ours_stages))
                 print(f"| {name} | {plain:.4f} | {ours:.4f} | {plain / ours:.2f} | {os.getloadavg()[0]:.1f} |")
         print_medians(ratios, "plain / ours")
+        print_stage_split(splits)
         return
     for count in args.images:
         root = make_jpeg_folder(args.cache / f"jpeg_{count}", count)
@@ -194,6 +206,16 @@ def main() -> None:
             (small, rss_small), (large, rss_large) = min(points), max(points)
             print(f"\npeak RSS, {name}: {rss_large:.0f} MiB at {large} images / {rss_small:.0f} MiB at {small} "
                   f"images = {rss_large / rss_small:.2f}x")
+
+
+def print_stage_split(splits: List[Tuple[str, Dict[str, float], Dict[str, float]]]) -> None:
+    """Per pair, the marginal milliseconds per image of each stage: where a whole-process gap comes from."""
+    print("\n| analyses | plain: loop, outside the run (ms/image) | ours: " + ", ".join(
+        name for name in splits[0][2]) + " (ms/image) |")
+    print("| --- | --- | --- |")
+    for name, plain, ours in splits:
+        print(f"| {name} | {plain['loop'] * 1e3:.2f}, {plain['outside the run'] * 1e3:.2f} | "
+              + ", ".join(f"{value * 1e3:.2f}" for value in ours.values()) + " |")
 
 
 def print_medians(ratios: Dict[str, List[float]], what: str) -> None:
