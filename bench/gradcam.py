@@ -33,7 +33,6 @@ def pytorch_grad_cam_loop(cfg) -> float:
                        cfg.dataset.limit)
     loader = make_loader(ImageFolderDataset(scan, loaded.preprocess), int(cfg.runtime.batch_size),
                          int(cfg.runtime.num_workers), pin_memory=False)
-    example = None
     images = 0
     start = time.perf_counter()
     cam = None

@@ -97,16 +97,18 @@ def child(kind: str, overrides: List[str]) -> Dict[str, float]:
                 "probes_s": timings.get("probes", 0), "images": manifest["counts"]["processed"], "timings_s": timings}
 
 
-def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) -> Tuple[float, Dict[str, float]]:
+def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) -> Tuple[float, float, Dict[str, float]]:
     """Seconds per image of whole processes (start-up, probes, finalize and render included), as the difference
     of a run over `large` and one over `small` images: what cancels is every one-time cost. Also the same
     difference per stage of the run (the manifest's timings; "loop" for the plain one, "outside the run" for the
-    process's own start-up, imports and exit), so a stage that grows with the folder shows."""
-    walls, stages = [], []
+    process's own start-up, imports and exit), so a stage that grows with the folder shows; and the CPU seconds
+    per image of the same difference (all cores, decode workers included)."""
+    walls, cpus, stages = [], [], []
     for count in (small, large):
         started = time.perf_counter()
         result = measure(kind, overrides + [f"dataset.limit={count}"])
         walls.append(time.perf_counter() - started)
+        cpus.append(result["cpu_s"])
         timings = dict(result["timings_s"]) or {"loop": count / result["images_per_second"]}
         if "total" in timings:  # what the run's own stages leave of its total (building analyses, checkpoints)
             timings["rest of the run"] = timings["total"] - sum(v for k, v in timings.items() if k != "total")
@@ -114,14 +116,19 @@ def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) ->
         stages.append(timings)
     per_stage = {name: (stages[1].get(name, 0.0) - stages[0].get(name, 0.0)) / (large - small)
                  for name in stages[1] if name != "total"}
-    return (walls[1] - walls[0]) / (large - small), per_stage
+    return (walls[1] - walls[0]) / (large - small), (cpus[1] - cpus[0]) / (large - small), per_stage
 
 
 def measure(kind: str, overrides: List[str]) -> Dict[str, float]:
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, __file__, "--child", kind, *overrides], capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} {overrides} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    # CPU seconds of the whole process tree (the decode workers are joined, so theirs count): on a shared machine
+    # far steadier than the wall clock, which the other tenants' load moves by 10% from one minute to the next
+    result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     result["load"] = os.getloadavg()[0]  # the machine's 1-minute load average as the measurement ended
     return result
 
@@ -152,18 +159,23 @@ def main() -> None:
         base = [f"model={args.model}", "model.weights=null", f"dataset.root={root}", f"runtime.device={args.device}",
                 f"runtime.batch_size={args.batch_size}", f"runtime.num_workers={args.workers}", *args.set_overrides]
         print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}`: whole processes, time({large}) - time({small})\n")
-        print("| analyses | plain s/image | ours s/image | ratio (plain / ours) | load |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| analyses | plain s/image | ours s/image | ratio (plain / ours) | plain CPU s/image | ours CPU s/image "
+              "| CPU ratio | load |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         ratios: Dict[str, List[float]] = {}
+        cpu_ratios: Dict[str, List[float]] = {}
         splits = []
         for name in args.sets:
             for _ in range(args.repeat):
-                plain, plain_stages = marginal_seconds("plain", base, small, large)
-                ours, ours_stages = marginal_seconds("ours", base + [SETS[name]], small, large)
+                plain, plain_cpu, plain_stages = marginal_seconds("plain", base, small, large)
+                ours, ours_cpu, ours_stages = marginal_seconds("ours", base + [SETS[name]], small, large)
                 ratios.setdefault(name, []).append(plain / ours)
+                cpu_ratios.setdefault(name, []).append(plain_cpu / ours_cpu)
                 splits.append((name, plain_stages, ours_stages))
-                print(f"| {name} | {plain:.4f} | {ours:.4f} | {plain / ours:.2f} | {os.getloadavg()[0]:.1f} |")
+                print(f"| {name} | {plain:.4f} | {ours:.4f} | {plain / ours:.2f} | {plain_cpu:.4f} | {ours_cpu:.4f} | "
+                      f"{plain_cpu / ours_cpu:.2f} | {os.getloadavg()[0]:.1f} |")
         print_medians(ratios, "plain / ours")
+        print_medians(cpu_ratios, "CPU seconds, plain / ours")
         print_stage_split(splits)
         return
     for count in args.images:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from reportgen.config.schema import torchvision_model_names
 from reportgen.config.store import check_cli_overrides, conf_dir, group_options
