@@ -6,6 +6,7 @@ that run's alone.
     python bench/scale.py --images 500 5000 --sets default     # memory at 10x the images
     python bench/scale.py --device cuda --set-overrides runtime=gpu   # on a GPU: bf16, channels_last, pinned memory
     python bench/scale.py --marginal 64 320 --sets default     # whole processes: (time(320) - time(64)) per image
+        # (wall and CPU seconds per image, then the same difference split by stage of the run)
     python bench/scale.py --images 500 --sets default --repeat 5   # five plain/ours pairs: the median ratio
 
 The folder: photo-like JPEGs (smooth colour gradients, overlapping shapes, sensor-like noise, quality 85) of mixed
@@ -126,8 +127,8 @@ def measure(kind: str, overrides: List[str]) -> Dict[str, float]:
     if out.returncode != 0:
         raise RuntimeError(f"{kind} {overrides} failed:\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    # CPU seconds of the whole process tree (the decode workers are joined, so theirs count): on a shared machine
-    # far steadier than the wall clock, which the other tenants' load moves by 10% from one minute to the next
+    # CPU seconds of the whole process tree (the decode workers are joined, so theirs count): less moved by the
+    # other tenants' load than the wall clock, though cache and memory contention still move it by a few percent
     result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     result["load"] = os.getloadavg()[0]  # the machine's 1-minute load average as the measurement ended
     return result
