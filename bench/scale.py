@@ -6,7 +6,8 @@ that run's alone.
     python bench/scale.py --images 500 5000 --sets default     # memory at 10x the images
     python bench/scale.py --device cuda --set-overrides runtime=gpu   # on a GPU: bf16, channels_last, pinned memory
     python bench/scale.py --marginal 64 320 --sets default     # whole processes: (time(320) - time(64)) per image
-        # (wall and CPU seconds per image, then the same difference split by stage of the run)
+        # (wall and CPU seconds per image, the in-pass speed and peak RSS ratios at both sizes, then the same
+        # difference split by stage of the run: one command for every number of the speed and memory goals)
     python bench/scale.py --images 500 --sets default --repeat 5   # five plain/ours pairs: the median ratio
 
 The folder: photo-like JPEGs (smooth colour gradients, overlapping shapes, sensor-like noise, quality 85) of mixed
@@ -17,7 +18,7 @@ manifest: the one-time probes are timed apart). Peak RSS is the main process's (
 prefetched batches). The plain loop is measured again right before each set and each ratio uses that neighbour,
 with the 1-minute load average at both: on a shared machine the load changes from one minute to the next.
 `--repeat N` measures N such pairs per set (and per marginal measure) and adds the median ratio and the range:
-on a shared machine one pair can be 10% off either way.
+on a shared machine one pair can be 10% off either way. In `--marginal`, every second pair runs ours first.
 """
 from __future__ import annotations
 
@@ -98,18 +99,21 @@ def child(kind: str, overrides: List[str]) -> Dict[str, float]:
                 "probes_s": timings.get("probes", 0), "images": manifest["counts"]["processed"], "timings_s": timings}
 
 
-def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) -> Tuple[float, float, Dict[str, float]]:
+def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) -> Dict[str, object]:
     """Seconds per image of whole processes (start-up, probes, finalize and render included), as the difference
     of a run over `large` and one over `small` images: what cancels is every one-time cost. Also the same
-    difference per stage of the run (the manifest's timings; "loop" for the plain one, "outside the run" for the
-    process's own start-up, imports and exit), so a stage that grows with the folder shows; and the CPU seconds
-    per image of the same difference (all cores, decode workers included)."""
-    walls, cpus, stages = [], [], []
+    difference per stage of the run (`stages`: the manifest's timings; "loop" for the plain one, "outside the run"
+    for the process's own start-up, imports and exit), so a stage that grows with the folder shows; the CPU
+    seconds per image of the same difference (`cpu`: all cores, decode workers included); and each run's own
+    loop or pass speed (`images_per_second`) and peak RSS (`peak_rss_mib`), keyed by its image count, so one pair
+    also gives the in-pass ratio and the memory ratio at both sizes."""
+    walls, cpus, stages, speeds, memory = [], [], [], {}, {}
     for count in (small, large):
         started = time.perf_counter()
         result = measure(kind, overrides + [f"dataset.limit={count}"])
         walls.append(time.perf_counter() - started)
         cpus.append(result["cpu_s"])
+        speeds[count], memory[count] = result["images_per_second"], result["peak_rss_mib"]
         timings = dict(result["timings_s"]) or {"loop": count / result["images_per_second"]}
         if "total" in timings:  # what the run's own stages leave of its total (building analyses, checkpoints)
             timings["rest of the run"] = timings["total"] - sum(v for k, v in timings.items() if k != "total")
@@ -117,7 +121,8 @@ def marginal_seconds(kind: str, overrides: List[str], small: int, large: int) ->
         stages.append(timings)
     per_stage = {name: (stages[1].get(name, 0.0) - stages[0].get(name, 0.0)) / (large - small)
                  for name in stages[1] if name != "total"}
-    return (walls[1] - walls[0]) / (large - small), (cpus[1] - cpus[0]) / (large - small), per_stage
+    return {"wall": (walls[1] - walls[0]) / (large - small), "cpu": (cpus[1] - cpus[0]) / (large - small),
+            "stages": per_stage, "images_per_second": speeds, "peak_rss_mib": memory}
 
 
 def measure(kind: str, overrides: List[str]) -> Dict[str, float]:
@@ -161,22 +166,39 @@ def main() -> None:
                 f"runtime.batch_size={args.batch_size}", f"runtime.num_workers={args.workers}", *args.set_overrides]
         print(f"\n`python bench/scale.py {' '.join(sys.argv[1:])}`: whole processes, time({large}) - time({small})\n")
         print("| analyses | plain s/image | ours s/image | ratio (plain / ours) | plain CPU s/image | ours CPU s/image "
-              "| CPU ratio | load |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+              f"| CPU ratio | in-pass ratio at {small}, {large} | peak RSS ratio at {small}, {large} "
+              f"| ours peak RSS at {large} | first | load |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         ratios: Dict[str, List[float]] = {}
         cpu_ratios: Dict[str, List[float]] = {}
+        pass_ratios: Dict[str, List[float]] = {}
+        rss_ratios: Dict[str, List[float]] = {}
         splits = []
         for name in args.sets:
-            for _ in range(args.repeat):
-                plain, plain_cpu, plain_stages = marginal_seconds("plain", base, small, large)
-                ours, ours_cpu, ours_stages = marginal_seconds("ours", base + [SETS[name]], small, large)
-                ratios.setdefault(name, []).append(plain / ours)
-                cpu_ratios.setdefault(name, []).append(plain_cpu / ours_cpu)
-                splits.append((name, plain_stages, ours_stages))
-                print(f"| {name} | {plain:.4f} | {ours:.4f} | {plain / ours:.2f} | {plain_cpu:.4f} | {ours_cpu:.4f} | "
-                      f"{plain_cpu / ours_cpu:.2f} | {os.getloadavg()[0]:.1f} |")
+            for pair in range(args.repeat):
+                # every second pair runs ours first: a machine that slows under sustained load (or speeds up
+                # when the page cache is warm) then favours neither side in the median
+                order = ("ours", "plain") if pair % 2 else ("plain", "ours")
+                found = {kind: marginal_seconds(kind, base + ([SETS[name]] if kind == "ours" else []), small, large)
+                         for kind in order}
+                plain, ours = found["plain"], found["ours"]
+                speed = [ours["images_per_second"][n] / plain["images_per_second"][n] for n in (small, large)]
+                rss = [ours["peak_rss_mib"][n] / plain["peak_rss_mib"][n] for n in (small, large)]
+                ratios.setdefault(name, []).append(plain["wall"] / ours["wall"])
+                cpu_ratios.setdefault(name, []).append(plain["cpu"] / ours["cpu"])
+                for ratio, count in zip(speed, (small, large)):
+                    pass_ratios.setdefault(f"{name}, {count} images", []).append(ratio)
+                for ratio, count in zip(rss, (small, large)):
+                    rss_ratios.setdefault(f"{name}, {count} images", []).append(ratio)
+                splits.append((name, plain["stages"], ours["stages"]))
+                print(f"| {name} | {plain['wall']:.4f} | {ours['wall']:.4f} | {plain['wall'] / ours['wall']:.2f} | "
+                      f"{plain['cpu']:.4f} | {ours['cpu']:.4f} | {plain['cpu'] / ours['cpu']:.2f} | "
+                      f"{speed[0]:.2f}, {speed[1]:.2f} | {rss[0]:.2f}, {rss[1]:.2f} | "
+                      f"{ours['peak_rss_mib'][large]:.0f} MiB | {order[0]} | {os.getloadavg()[0]:.1f} |")
         print_medians(ratios, "plain / ours")
         print_medians(cpu_ratios, "CPU seconds, plain / ours")
+        print_medians(pass_ratios, "in-pass speed ratio")
+        print_medians(rss_ratios, "peak RSS ratio")
         print_stage_split(splits)
         return
     for count in args.images:
