@@ -59,8 +59,8 @@ def main() -> None:
         example = one_pass.folder_example(job)
         one_pass.begin_analyses(job.analyses, example)
         del example
-        loader = make_loader(ImageFolderDataset(job.scan, job.loaded.preprocess), args.batch_size, 2,
-                             pin_memory=False)
+        loader = make_loader(ImageFolderDataset(job.scan, job.loaded.preprocess), args.batch_size,
+                             int(cfg.runtime.num_workers), pin_memory=False)
         raws = [raw for raw in loader if len(raw.indices)]  # decoded once, held
         labels_lookup = torch.tensor(job.scan.labels + [-1], dtype=torch.int64)
         order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # as the pass orders them

@@ -186,10 +186,9 @@ def main() -> None:
                 rss = [ours["peak_rss_mib"][n] / plain["peak_rss_mib"][n] for n in (small, large)]
                 ratios.setdefault(name, []).append(plain["wall"] / ours["wall"])
                 cpu_ratios.setdefault(name, []).append(plain["cpu"] / ours["cpu"])
-                for ratio, count in zip(speed, (small, large)):
-                    pass_ratios.setdefault(f"{name}, {count} images", []).append(ratio)
-                for ratio, count in zip(rss, (small, large)):
-                    rss_ratios.setdefault(f"{name}, {count} images", []).append(ratio)
+                for count, speed_ratio, rss_ratio in zip((small, large), speed, rss):
+                    pass_ratios.setdefault(f"{name}, {count} images", []).append(speed_ratio)
+                    rss_ratios.setdefault(f"{name}, {count} images", []).append(rss_ratio)
                 splits.append((name, plain["stages"], ours["stages"]))
                 print(f"| {name} | {plain['wall']:.4f} | {ours['wall']:.4f} | {plain['wall'] / ours['wall']:.2f} | "
                       f"{plain['cpu']:.4f} | {ours['cpu']:.4f} | {plain['cpu'] / ours['cpu']:.2f} | "
