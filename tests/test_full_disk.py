@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from reportgen.config.store import conf_dir
 from reportgen.runs.pipeline import run
-from reportgen.state.run_state import load_state
+from reportgen.state.files import DiskFullError
+from reportgen.state.run_state import RunState, load_state, save_state
 from tests.helpers import WIDE, compose_config, make_colour_folder
 from tests.run_compare import assert_same_results
 
@@ -86,3 +88,19 @@ def test_a_full_disk_stops_cleanly_and_the_same_command_finishes_once_there_is_r
         assert f"{saved} of 24 images were done" in again.stdout + again.stderr
     assert json.loads((out / "results" / "manifest.json").read_text())["status"] == "ok"
     assert_same_results(clean, out)
+
+
+def test_a_checkpoint_larger_than_the_free_space_names_the_checkpoint_and_keeps_the_last_one(small_disk):
+    """save_state streams torch.save into the file: on a full disk the file's own ENOSPC is what is raised (not
+    torch's "unexpected pos"), as one DiskFullError naming the checkpoint; the previous state.pt stays loadable and
+    no temporary file is left."""
+    path = small_disk / "state.pt"
+    small = RunState(config={}, start=0, end=10, done=4, shard=None, found=10,
+                     analyses={"a": {"values": np.arange(1000, dtype=np.float32)}})
+    save_state(path, small)
+    large = RunState(config={}, start=0, end=10, done=8, shard=None, found=10,
+                     analyses={"a": {"values": np.ones(512 * 1024, dtype=np.float32)}})  # 2 MiB: more than the disk
+    with pytest.raises(DiskFullError, match=r"no space left on device while writing the checkpoint"):
+        save_state(path, large)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["state.pt"]
+    assert load_state(path).done == 4

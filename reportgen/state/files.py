@@ -10,7 +10,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, Optional, Tuple, Union
 
 from reportgen.errors import RunError
 
@@ -49,16 +49,50 @@ def full_disk_named(what: str, path: Path) -> Iterator[None]:
 def write_atomic(path: Path, data: Union[str, bytes, memoryview], what: str = "") -> None:
     """Write text (UTF-8) or bytes to a temporary sibling, then rename: readers never see half a file, and a write
     that fails (a full disk) leaves the previous version in place and no temporary file behind."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    write_atomic_with(path, lambda handle: handle.write(payload), what)
+
+
+def write_atomic_with(path: Path, write: Callable[[BinaryIO], Any], what: str = "") -> None:
+    """Like `write_atomic`, for a writer that streams into the open file (`write(handle)`, e.g. `torch.save`), so
+    the content is never held whole in memory. The first write error the file saw is the one raised: a writer
+    may replace it with its own, less telling one (torch.save on a full disk: "unexpected pos")."""
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
     with full_disk_named(what or path.name, path):
         try:
             with open(tmp, "wb") as handle:
-                handle.write(payload)
+                recording = _ErrorRecordingFile(handle)
+                try:
+                    write(recording)
+                except Exception:
+                    if recording.error is not None:
+                        raise recording.error
+                    raise
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
+            raise
+
+
+class _ErrorRecordingFile:
+    """A binary file that keeps the first OSError its writes or flushes raised (see `write_atomic_with`)."""
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.error: Optional[OSError] = None
+
+    def write(self, data: Any) -> int:
+        return self._recorded(self.handle.write, data)
+
+    def flush(self) -> None:
+        self._recorded(self.handle.flush)
+
+    def _recorded(self, call: Callable, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except OSError as exc:
+            self.error = self.error or exc
             raise
 
 
