@@ -19,6 +19,7 @@ from reportgen.state.channel_reducers import (HIST_SAMPLE, ChannelStats, Channel
                                               batch_reductions, histogram_stride, peak_positions, sampled_positions,
                                               symlog_edges)
 from reportgen.state.reducers import BoundedTop, FixedHistogram
+from reportgen.inputs.tasks import ModelOutputs
 from tests.helpers import TINY, compose_config
 
 MOMENT_BOUND = 2.0 ** -20  # the stated accuracy of channel mean and std, in units of the channel's root mean square
@@ -88,7 +89,7 @@ def feed(cfg, loaded, scan, batches, results_dir, num_images=None):
             captures = engine.start_batch(batch)
             with torch.inference_mode():
                 logits = loaded.module(batch.inputs)
-                analysis.update(batch, logits, captures)
+                analysis.update(batch, ModelOutputs("classification", logits=logits), captures)
     return analysis
 
 

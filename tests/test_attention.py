@@ -17,6 +17,7 @@ from reportgen.engine.capture import CaptureEngine, count_hooks
 from reportgen.errors import ConfigError
 from reportgen.inputs.demo.models import demo_vit
 from reportgen.runs.pipeline import run
+from reportgen.inputs.tasks import ModelOutputs
 from tests.helpers import compose_config
 from tests.tiny_models import TinyNet
 
@@ -51,7 +52,7 @@ def run_attention(model, batches, results_dir, num_images=None, **options) -> At
         for batch in batches:
             captures = engine.start_batch(batch)
             with torch.inference_mode():
-                analysis.update(batch, model(batch.inputs), captures)
+                analysis.update(batch, ModelOutputs("classification", logits=model(batch.inputs)), captures)
     assert count_hooks(model) == 0
     return analysis
 

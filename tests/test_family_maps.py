@@ -21,6 +21,7 @@ from reportgen.analyses.gradcam import GradCAM, GradCAMConfig  # noqa: E402
 from reportgen.engine.capture import CaptureEngine, count_hooks  # noqa: E402
 from reportgen.engine.layers import named_modules  # noqa: E402
 from reportgen.errors import ConfigError  # noqa: E402
+from reportgen.inputs.tasks import ModelOutputs
 from tests import tiny_models  # noqa: E402
 
 REPORT = SimpleNamespace(thumbnail_size=32, gallery_size=4, figure_dpi=40, image_format="jpeg")
@@ -44,7 +45,7 @@ def drive(analysis_class, config_class, model, x, results_dir, **options):
     with capture_engine_for(model, [analysis]) as engine:
         captures = engine.start_batch(batch)
         with torch.enable_grad() if needs.gradients else torch.inference_mode():
-            analysis.update(batch, model(batch.inputs), captures)
+            analysis.update(batch, ModelOutputs("classification", logits=model(batch.inputs)), captures)
     assert count_hooks(model) == 0
     return analysis, analysis.finalize()
 

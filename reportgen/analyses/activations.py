@@ -77,6 +77,7 @@ MAP_SIDE = 48  # feature maps kept for the gallery are average-pooled down to at
 CROP_PIXELS = 96  # crops of top-activating images are shrunk to at most this side
 CSV_COLUMNS = ["layer", "channel", "count", "mean", "std", "max", "frac_zero", "min", "frac_saturated", "nonfinite"]
 QUANTILES = (0.01, 0.25, 0.5, 0.75, 0.99)
+MODEL_OUTPUT = "<model output>"  # the embedding layer of a backbone (task embedding): its own pooled output
 
 
 @dataclass
@@ -417,6 +418,9 @@ class Activations(Analysis):
         self.crops[call.key] = {c: BoundedTop(int(self.cfg.top_k)) for c in chosen}
 
     def _find_embedding(self, head: Optional[Tuple[str, str]]) -> None:
+        if getattr(self.ctx.loaded, "task", None) == "embedding" and not self.cfg.embedding_layer:
+            self.embed_key, self.embed_recipe = MODEL_OUTPUT, "output"  # a backbone: its output is the embedding
+            return
         if self.cfg.embedding_layer:
             name = select_layers(self.ctx.model, [str(self.cfg.embedding_layer)],
                                  "analysis.activations.embedding_layer")[-1]
@@ -430,7 +434,7 @@ class Activations(Analysis):
     def requires(self) -> Requirements:
         """The analysed layers are streamed (reduced inside the forward, no copy kept); the embedding's layer, small
         and needed with the logits, is captured."""
-        stored = [self.embed_key.partition("#")[0]] if self.embed_key else []
+        stored = [self.embed_key.partition("#")[0]] if self.embed_key and self.embed_key != MODEL_OUTPUT else []
         return Requirements(activations=stored, streamed=list(self.layers))
 
     # --- the pass ----------------------------------------------------------------------------------------------
@@ -439,8 +443,8 @@ class Activations(Analysis):
         """One analysed layer call of this batch, inside the forward: statistics, histogram, top-k, crops and
         gallery maps, all from this tensor now (nothing of it is kept)."""
         call = self._calls_by_key.get(key)
-        if call is None:  # a call the probe did not see (e.g. a third call of a reused module)
-            return
+        if call is None or output.shape[0] != len(batch.paths):  # a call the probe did not see (e.g. a third call
+            return  # of a reused module), or rows that are not the batch's images (a detector's proposals)
         if self._current is None or self._current.batch is not batch:
             self._current = _BatchInProgress(batch, self._gallery_rows(batch))
         values, grid = channel_view(output, call.channels_last, call.tokens)  # (B, C, P)
@@ -466,7 +470,7 @@ class Activations(Analysis):
                                 host.get("image_mean"))
         self._current.seen.add(call.key)
 
-    def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+    def update(self, batch: Batch, outputs: Any, captures: Any) -> None:
         """After the forward: which layer calls did not happen, the gallery's images, the embedding."""
         current = self._current
         if current is None or current.batch is not batch:  # no analysed layer was called in this batch
@@ -482,7 +486,7 @@ class Activations(Analysis):
             self.gallery[self._slot(index)].push(self._nearness(index), index, {
                 "path": batch.paths[row], "thumb": thumb, "maps": current.layer_maps[row]})
         if self.embed_key:
-            self._embed(batch, logits, captures)
+            self._embed(batch, outputs, captures)
         self.images += len(indices)
 
     def _gallery_rows(self, batch: Batch) -> List[int]:
@@ -554,11 +558,14 @@ class Activations(Analysis):
             mean_map = maps.mean(dim=0).view(grid[0], grid[1])  # (h, w)
             layer_maps[row][call.key] = (strongest, chosen.cpu().numpy(), mean_map.cpu())
 
-    def _embed(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
-        if self.embed_key not in captures:
+    def _embed(self, batch: Batch, outputs: Any, captures: Any) -> None:
+        if self.embed_key == MODEL_OUTPUT:
+            features = outputs.embedding.detach().float()  # (B, D): the backbone's own pooled output
+        elif self.embed_key not in captures:
             self.missing[self.embed_key] = self.missing.get(self.embed_key, 0) + 1
             return
-        features = features_from(captures[self.embed_key].detach(), self.embed_recipe).float()  # (B, D)
+        else:
+            features = features_from(captures[self.embed_key].detach(), self.embed_recipe).float()  # (B, D)
         self.moments.add(features)
         if self.store is None:
             dim = int(features.shape[1])
@@ -567,7 +574,8 @@ class Activations(Analysis):
                                   {"features": ((dim,), dtype), "labels": ((), np.int64),
                                    "predicted": ((), np.int64)})
         self.store.append(batch.paths, features=features.cpu().numpy(), labels=batch.labels.cpu().numpy(),
-                          predicted=logits.detach().argmax(dim=1).cpu().numpy())
+                          predicted=(outputs.logits.detach().argmax(dim=1).cpu().numpy() if outputs.logits is not None
+                                     else np.full(len(batch.paths), -1, dtype=np.int64)))
 
     # --- state -------------------------------------------------------------------------------------------------
 
@@ -690,10 +698,11 @@ class Activations(Analysis):
         ]
         if self.embed_key:
             how = {"flat": "its output", "first": "its first (class) token", "mean_hw": "its spatial mean",
-                   "mean_tokens": "its mean over tokens", "pool": "its output averaged over positions"}
+                   "mean_tokens": "its mean over tokens", "pool": "its output averaged over positions",
+                   "output": f"the backbone's embedding ({self.ctx.loaded.pooling or 'its pooled output'})"}
             facts.append(("embedding features", f"{self.embed_key}: {how[self.embed_recipe]}"
                                                 + (" (the input of the last nn.Linear)"
-                                                   if self.embed_recipe != "pool" else "")))
+                                                   if self.embed_recipe not in ("pool", "output") else "")))
         for note in self.notes:
             facts.append(("not analysed", note))
         return facts
@@ -792,7 +801,9 @@ class Activations(Analysis):
                     points, labels if by_label else predicted, names, name="embedding",
                     xlabel=f"PC1 ({ratio[0]:.1%} of variance)", ylabel=f"PC2 ({ratio[1]:.1%} of variance)",
                     legend_title="folder class" if by_label else "predicted", dpi=int(self.ctx.report.figure_dpi),
-                    caption=f"Penultimate features ({self.embed_key}, {components.shape[1]}-d) of every image, "
+                    caption=(f"The model's embedding ({self.ctx.loaded.pooling or 'its pooled output'}, "
+                             if self.embed_key == MODEL_OUTPUT else f"Penultimate features ({self.embed_key}, ")
+                            + f"{components.shape[1]}-d) of every image, "
                             f"PCA to 2-D, coloured by {'folder class' if by_label else 'predicted class'}")
         store.pack(self.ctx.results_dir / "embeddings.npz", **extra)
         self.store = None

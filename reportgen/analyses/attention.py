@@ -265,13 +265,13 @@ class Attention(Analysis):
         return Requirements(attention=sorted(set(self.shown_mha + self.rollout_mha + list(self.window_layouts))),
                             activations=sorted(set(self.swin_inputs.values())))
 
-    def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+    def update(self, batch: Batch, outputs: Any, captures: Any) -> None:
         if not self.applicable:
             return
         with torch.no_grad():
-            self._update(batch, logits, captures)
+            self._update(batch, outputs.logits, captures)
 
-    def _update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+    def _update(self, batch: Batch, logits: Optional[torch.Tensor], captures: Any) -> None:
         size = len(batch.paths)
         height, width = batch.inputs.shape[-2:]
         per_head: Dict[str, torch.Tensor] = {}  # call key -> (B, heads, gh, gw) maps
@@ -420,14 +420,17 @@ class Attention(Analysis):
                                   {name: (array.shape[1:], np.float32) for name, array in rows.items()})
         self.store.append(batch.paths, **rows)
 
-    def _keep_examples(self, batch: Batch, logits: torch.Tensor, per_head: Dict[str, torch.Tensor],
+    def _keep_examples(self, batch: Batch, logits: Optional[torch.Tensor], per_head: Dict[str, torch.Tensor],
                        matrices: Dict[str, torch.Tensor], rolled: Optional[torch.Tensor]) -> None:
         """Maps, thumbnail and prediction of the images that enter the bounded example sets."""
         indices = batch.indices.tolist()
         if not any(self.first.accepts(-i, i) or (matrices and self.matrix.accepts(-i, i)) for i in indices):
             return  # the usual case after the first images: nothing leaves the device
-        probs = torch.softmax(logits.detach().float(), dim=1)  # (B, K)
-        confidence, predicted = (t.cpu() for t in probs.max(dim=1))  # (B,) each
+        if logits is not None:
+            probs = torch.softmax(logits.detach().float(), dim=1)  # (B, K)
+            confidence, predicted = (t.cpu() for t in probs.max(dim=1))  # (B,) each
+        else:  # not a classifier: no prediction to show beside the maps
+            confidence, predicted = torch.full((len(indices),), float("nan")), torch.full((len(indices),), -1)
         for row, index in enumerate(indices):
             if self.first.accepts(-index, index):
                 self.first.push(-index, index, {
@@ -595,7 +598,8 @@ class Attention(Analysis):
         elements: List[Any] = []
         if self.rollout_info:
             items = [GalleryItem(image=heat_on_thumbnail(e["thumb"], e["rollout"]), title=e["path"],
-                                 lines=[f"predicted: {names[e['predicted']]} {e['confidence']:.1%}"])
+                                 lines=[f"predicted: {names[e['predicted']]} {e['confidence']:.1%}"]
+                                 if e["predicted"] >= 0 else [])
                      for e in examples if e["rollout"] is not None]
             elements.append(Gallery(title="Attention rollout", items=items,
                                     note=f"the first {len(items)} images: how much each patch flows into the "

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional, Sequence, Type
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Type
 
 import torch
 
 from reportgen.engine.capture import CaptureEngine
 from reportgen.errors import ConfigError
+from reportgen.inputs.tasks import TASKS
 
 if TYPE_CHECKING:
     from reportgen.engine.capture import Captures
     from reportgen.inputs.models import LoadedModel
+    from reportgen.inputs.tasks import ModelOutputs
     from reportgen.report.elements import Section
 
 ANALYSES: Dict[str, Type["Analysis"]] = {}
+ALL_TASKS = frozenset(TASKS)
 
 
 def register(name: str):
@@ -79,6 +82,8 @@ class RunContext:
     results_dir: Path  # where an analysis may stream per-image rows (e.g. predictions.csv)
     report: Any  # the ReportConfig node (thumbnail size, gallery size, ...)
     stream_rows: Optional[int] = None  # images this process streams rows for (its shard's slice); None: num_images
+    dataset_root: Optional[Path] = None  # the scanned folder (batch paths are relative to it), to decode an image
+    #   again at finalize (e.g. the nearest neighbours found only once every image is seen)
 
     @property
     def row_capacity(self) -> int:
@@ -91,6 +96,9 @@ class Analysis:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    title: ClassVar[str] = ""  # the report section's title (for the "not applicable" line of another task)
+    tasks: ClassVar[FrozenSet[str]] = ALL_TASKS  # the model tasks (model.task) this analysis applies to
+    why_not: ClassVar[str] = ""  # why it does not apply to the other tasks, e.g. "they output no class scores"
     oom_safe: ClassVar[bool] = False  # True when `update` does all its device work before changing any state, so
     #   an out-of-memory error inside it leaves the state as it was and the pass may retry with half the batch
 
@@ -114,8 +122,9 @@ class Analysis:
         """Fold one call of a `streamed` layer into the state, inside the forward (`key`: `layer`, `layer#2`, ...;
         `output` detached, valid only during this call). `update` follows once the forward is done."""
 
-    def update(self, batch: Batch, logits: torch.Tensor, captures: "Captures") -> None:
-        """Fold one batch into the state. Keep work on the device; move only small results to the CPU."""
+    def update(self, batch: Batch, outputs: "ModelOutputs", captures: "Captures") -> None:
+        """Fold one batch into the state (`outputs`: the forward's output, typed by task). Keep work on the device;
+        move only small results to the CPU."""
 
     def state_dict(self) -> Dict[str, Any]:
         """The mergeable state (tensors, arrays, plain Python) from which `finalize` can be computed."""
@@ -128,6 +137,37 @@ class Analysis:
         """Turn the state into a data-only report section (None: nothing to show)."""
         return None
 
+
+
+class NotApplicable(Analysis):
+    """Stands in for an analysis asked for on a model task it does not apply to: its section is one line saying
+    why, never numbers. Keeps no state, so runs, shards and merges treat it like any other analysis."""
+
+    def __init__(self, analysis: Type[Analysis], task: str):
+        super().__init__(None, None)  # type: ignore[arg-type]
+        self.name = analysis.name  # type: ignore[misc]
+        self.line = f"not applicable to {task} models because {analysis.why_not}"
+        self.section_title = analysis.title or analysis.name
+
+
+
+def not_applicable_section(stand_ins: Sequence[NotApplicable]) -> List["Section"]:
+    """One section listing the analyses asked for that do not apply to this model's task, a line each (none when
+    every analysis applies)."""
+    from reportgen.report.elements import Section, Table
+
+    if not stand_ins:
+        return []
+    rows = [[a.section_title, a.line] for a in stand_ins]
+    return [Section(id="not-applicable", title="Not applicable to this model",
+                    summary=f"{len(rows)} of the analyses asked for do not apply to this model's task",
+                    elements=[Table(columns=["analysis", "why"], rows=rows)])]
+
+def build_analysis(name: str, cfg: Any, ctx: RunContext) -> Analysis:
+    """The analysis `name` for this run, or its one-line stand-in when the model's task is not one it applies to."""
+    cls = get_analysis(name)
+    task = ctx.loaded.task or "classification"
+    return cls(cfg, ctx) if task in cls.tasks else NotApplicable(cls, task)
 
 
 def capture_engine_for(model: torch.nn.Module, analyses: Sequence[Analysis]) -> CaptureEngine:

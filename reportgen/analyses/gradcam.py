@@ -122,6 +122,9 @@ def _grid_layers(model: nn.Module, example: torch.Tensor) -> list:
 @register("gradcam")
 class GradCAM(Analysis):
     Config = GradCAMConfig
+    title = "Grad-CAM"
+    tasks = frozenset({"classification"})
+    why_not = "Grad-CAM explains one class score per image, and they output none"
     oom_safe = True  # gradients, maps and softmax are computed before any state changes
 
     @classmethod
@@ -181,9 +184,10 @@ class GradCAM(Analysis):
             return tensor.permute(0, 3, 1, 2)  # (B, C, h, w)
         return to_grid(tensor, tokens)  # (B, C, h, w) or (B, C, rows, columns) without the prefix tokens
 
-    def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+    def update(self, batch: Batch, outputs: Any, captures: Any) -> None:
         if self.layer is None:
             return
+        logits = outputs.logits  # (B, K), with the graph from the leaf
         if self.fixed_class is not None and self.fixed_class >= logits.shape[1]:
             raise ConfigError("analysis.gradcam.target", self.fixed_class,
                               f"a class index below the model's {logits.shape[1]} outputs")

@@ -44,6 +44,9 @@ class PredictionsConfig:
 @register("predictions")
 class Predictions(Analysis):
     Config = PredictionsConfig
+    title = "Predictions"
+    tasks = frozenset({"classification"})
+    why_not = "they output no class scores to rank (a backbone's features, per-pixel or per-box outputs)"
     oom_safe = True  # softmax and top-k on the device come before any count changes (num_outputs is idempotent)
 
     @classmethod
@@ -106,8 +109,8 @@ class Predictions(Analysis):
             return torch.cat([1.0 - positive, positive], dim=1)  # (B, 2): outcome 0 = "not", 1 = the class
         return torch.sigmoid(logits) if self.mode == "multi-label" else torch.softmax(logits, dim=1)  # (B, K)
 
-    def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
-        logits = logits.detach().float()  # (B, K)
+    def update(self, batch: Batch, outputs: Any, captures: Any) -> None:
+        logits = outputs.logits.detach().float()  # (B, K)
         if self.num_outputs is None:
             self._set_outputs(logits.shape[1])
             self.confusion = np.zeros((len(self.ctx.dataset_classes), self.num_classes), dtype=np.int64)

@@ -289,7 +289,7 @@ class Weights(Analysis):
         one_d = [r["layer"] for r in self.rows if r["drawn"] and r["layer"] not in {p["layer"] for p in self.plots}]
         self.selection = {"how": how, "selected": selected, "not_drawn": selected[len(drawn):], "one_d": one_d}
 
-    def update(self, batch: Batch, logits: torch.Tensor, captures: Any) -> None:
+    def update(self, batch: Batch, outputs: Any, captures: Any) -> None:
         """Nothing: the weights are the same for every batch."""
 
     def state_dict(self) -> Dict[str, Any]:

@@ -18,7 +18,16 @@ class ModelSource(Enum):
     checkpoint = "checkpoint"  # a local state_dict for a named architecture, or a TorchScript file
     target = "target"  # any callable returning an nn.Module, given as a Hydra `_target_` node
     timm = "timm"  # a timm architecture by name (pip install 'reportgen[timm]'), weights from the local HF hub cache
-    hf = "hf"  # a Hugging Face transformers image classifier: a save_pretrained folder or a cached hub id ('[hf]')
+    hf = "hf"  # a Hugging Face transformers image model: a save_pretrained folder or a cached hub id ('[hf]')
+    open_clip = "open_clip"  # an open_clip CLIP model, used as a zero-shot classifier of the folder's classes ('[clip]')
+
+
+class ModelTask(Enum):
+    auto = "auto"  # decided from what the model's library says, else from the output of a probe forward
+    classification = "classification"  # (B, K) class scores (zero-shot CLIP included: its head is text embeddings)
+    embedding = "embedding"  # a backbone: (B, D) pooled features (timm num_classes=0, DINOv2, CLIP image towers)
+    segmentation = "segmentation"  # (B, K, H, W) per-pixel class logits
+    detection = "detection"  # per-image boxes, labels and scores
 
 
 class Device(Enum):
@@ -59,6 +68,7 @@ class ModelConfig:
     """Which network to load and how; see reportgen/inputs/models.py for the sources."""
 
     source: ModelSource = ModelSource.torchvision  # where the model comes from
+    task: ModelTask = ModelTask.auto  # what the model's output is; auto: from its library, else from a probe forward
     name: Optional[str] = None  # torchvision architecture (e.g. resnet18), timm model name (vit_small_patch16_224,
     #   or name.tag), or Hugging Face hub id (google/vit-base-patch16-224, read from the local cache)
     weights: Optional[str] = "DEFAULT"  # null (random init) | DEFAULT | a torchvision enum name such as IMAGENET1K_V2
@@ -68,6 +78,10 @@ class ModelConfig:
     target: Optional[Any] = None  # source=target: {_target_: pkg.module.fn, ...kwargs} returning an nn.Module
     kwargs: Dict[str, Any] = field(default_factory=dict)  # extra builder arguments, e.g. {num_classes: 10}
     labels_file: Optional[str] = None  # class names: a .txt (one per line) or .json list; overrides weights' meta
+    class_names: Optional[List[str]] = None  # zero-shot CLIP: the classes to score (null: the folder's class names,
+    #   WordNet-id folders through their synset names; or model.labels_file)
+    prompts: Any = field(default_factory=lambda: ["a photo of a {}."])  # zero-shot CLIP: prompt templates with {} for
+    #   the class name (a list), or the string "imagenet" for the CLIP paper's 80 ImageNet templates
     trust_checkpoint: bool = False  # allow full pickles (runs code from the file!); default weights_only loading
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -133,10 +147,26 @@ class Config:
 
 
 def torchvision_model_names() -> List[str]:
-    """Every classification architecture torchvision can build by name."""
+    """Every classification, semantic segmentation and detection architecture torchvision can build by name."""
+    return sorted(name for names in _torchvision_names_by_task().values() for name in names)
+
+
+def torchvision_task(name: str) -> str:
+    """The task of a torchvision architecture, from the module that builds it: `models.segmentation` ->
+    segmentation, `models.detection` -> detection, `models` -> classification."""
+    for task, names in _torchvision_names_by_task().items():
+        if name in names:
+            return task
+    raise KeyError(name)
+
+
+def _torchvision_names_by_task() -> Dict[str, List[str]]:
     import torchvision
 
-    return sorted(torchvision.models.list_models(module=torchvision.models))
+    models = torchvision.models
+    return {"classification": models.list_models(module=models),
+            "segmentation": models.list_models(module=models.segmentation),
+            "detection": models.list_models(module=models.detection)}
 
 
 def to_container(cfg: DictConfig) -> Dict[str, Any]:

@@ -64,7 +64,7 @@ def _validate_model(model: DictConfig) -> None:
     source = ModelSource(_name(model.source))
     if source is ModelSource.torchvision:
         if model.name not in torchvision_model_names():
-            raise ConfigError("model.name", model.name, "a torchvision classification model",
+            raise ConfigError("model.name", model.name, "a torchvision model (classification, segmentation or detection)",
                               torchvision_model_names())
         resolve_weights(model.name, model.weights)
     elif source is ModelSource.checkpoint:
@@ -90,6 +90,16 @@ def _validate_model(model: DictConfig) -> None:
         elif not model.name:
             raise ConfigError("model.name", model.name, "a Hugging Face hub id such as google/vit-base-patch16-224 "
                               "(read from the local cache), or model.path=<a save_pretrained folder>")
+    elif source is ModelSource.open_clip:
+        from reportgen.inputs.clip_models import check_open_clip_name
+
+        check_open_clip_name(model.name)
+        if model.weights is not None and model.weights != "DEFAULT":
+            raise ConfigError("model.weights", model.weights, "DEFAULT (the state dict file at model.path) or null "
+                              "(random initialisation)", ["DEFAULT", "null"])
+        if model.path and not Path(model.path).is_file():
+            raise ConfigError("model.path", model.path, "an existing open_clip state dict file (.pt, .pth, .bin or "
+                              ".safetensors)")
     else:
         if model.target is None or "_target_" not in model.target:
             raise ConfigError("model.target", None if model.target is None else OmegaConf.to_container(model.target),

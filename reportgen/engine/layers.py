@@ -144,7 +144,8 @@ def stage_outputs(model: nn.Module, example: torch.Tensor, max_depth: int = 2) -
     if blocks:
         return blocks
     calls = [(n, s) for n, s in probe_output_shapes(model, example) if depth_of(n) <= max_depth]
-    spatial = [(n, s) for n, s in calls if len(s) == 4 and s[-1] > 1 and s[-2] > 1]
+    # one row per image: a detector's per-proposal features (R, C, 7, 7) are no stage of the image
+    spatial = [(n, s) for n, s in calls if len(s) == 4 and s[-1] > 1 and s[-2] > 1 and s[0] == example.shape[0]]
     stages: List[str] = []
     groups: Dict[Tuple[int, int], List[str]] = {}
     order: List[Tuple[int, int]] = []

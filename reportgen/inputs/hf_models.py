@@ -38,11 +38,57 @@ class HFClassifier(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits  # (B, num_labels)
 
 
-def load_hf(cfg: DictConfig) -> LoadedModel:
-    """Build the classifier (pretrained, or random from its config with model.weights=null) and its facts."""
+class HFBackbone(torch.nn.Module):
+    """Calls a transformers image backbone (Dinov2Model, ViTModel, CLIPVisionModel, ...) with `pixel_values` and
+    returns its pooled embedding (B, D): `image_embeds` where the model projects (CLIP's `...WithProjection`), else
+    `pooler_output`, as the model itself pools."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=pixel_values)
+        embeds = getattr(out, "image_embeds", None)
+        return embeds if embeds is not None else out.pooler_output  # (B, D)
+
+
+ZERO_SHOT_TYPES = {"clip", "siglip", "siglip2"}  # image-text models: zero-shot classifiers of the folder's classes
+
+
+def model_kind(config: Any) -> str:
+    """`zero_shot` (CLIPModel, SiglipModel), `backbone` (a `...Model` / `...VisionModel...` without a head) or
+    `classifier`, from the config's model type and the architectures save_pretrained recorded."""
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type in ZERO_SHOT_TYPES:
+        return "zero_shot"
+    architectures = list(getattr(config, "architectures", None) or [])
+    if model_type.endswith("_vision_model") or any(a.endswith(("Model", "ModelWithProjection"))
+                                                    for a in architectures):
+        return "backbone"
+    return "classifier"
+
+
+def locate_hf(cfg: DictConfig) -> Tuple[str, Path, str, Optional[Path]]:
+    """(kind, folder holding config.json, display name, weights file or None) of the `model=hf` model, kind being
+    `classifier`, `backbone` or `zero_shot` (a CLIP-like model, loaded by clip_models.py)."""
     transformers = require("transformers", "hf", "model=hf (Hugging Face transformers)")
     folder, label, weights_file = _locate(cfg)
+    try:
+        kind = model_kind(transformers.AutoConfig.from_pretrained(str(folder)))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"transformers could not read the config of {label}: {type(exc).__name__}: {exc}") from exc
+    return kind, folder, label, weights_file
+
+
+def load_hf(cfg: DictConfig) -> LoadedModel:
+    """Build a classifier or a backbone (task embedding), pretrained or random from its config with
+    model.weights=null, and its facts."""
+    transformers = require("transformers", "hf", "model=hf (Hugging Face transformers)")
+    kind, folder, label, weights_file = locate_hf(cfg)
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
+    if kind == "backbone":
+        return _load_backbone(transformers, cfg, folder, label, weights_file, kwargs)
     auto = transformers.AutoModelForImageClassification
     try:
         if weights_file is None:
@@ -72,7 +118,60 @@ def load_hf(cfg: DictConfig) -> LoadedModel:
         class_names=names, notes=notes,
         synsets=imagenet_synsets() if num_labels == 1000 else [],
         multi_label=getattr(config, "problem_type", None) == "multi_label_classification",
+        task="classification", task_reason=f"transformers {type(module).__name__} (an image classification head)",
     )
+
+
+def _load_backbone(transformers: Any, cfg: DictConfig, folder: Path, label: str, weights_file: Optional[Path],
+                   kwargs: Dict[str, Any]) -> LoadedModel:
+    """A transformers image backbone (task embedding), built with its own class (config.architectures) or AutoModel,
+    eager attention so its attention weights exist."""
+    config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
+    architectures = list(getattr(config, "architectures", None) or [])
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    model_class = model_class or transformers.AutoModel
+    try:
+        if weights_file is None:
+            module = model_class.from_config(config, attn_implementation="eager")
+        else:
+            module = model_class.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+    except (OSError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"transformers could not load the backbone {label}: {type(exc).__name__}: {exc}") from exc
+    config = module.config
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    base, notes = processor_preprocess(folder, channels, cfg.preprocess, getattr(config, "image_size", None))
+    pooling, token_layer, prefix = _backbone_facts(module)
+    return LoadedModel(
+        module=HFBackbone(module), name=label, source="hf", library="transformers",
+        weights=f"pretrained {weights_file.name}" if weights_file is not None else "random initialisation",
+        weights_file=str(weights_file) if weights_file is not None else None, random_init=weights_file is None,
+        preprocess=Preprocess.resolve(cfg.preprocess, base, source="the image processor config"),
+        class_names=[], notes=notes, task="embedding",
+        task_reason=f"transformers {type(module).__name__} is a backbone (no classification head)",
+        pooling=pooling, token_layer=token_layer, prefix_tokens=prefix)
+
+
+def _backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], int]:
+    """(how the backbone pools, the module whose output is its final (B, prefix + N, D) tokens, prefix tokens),
+    with names as they are inside HFBackbone (`model.` + the transformers module's own names)."""
+    config = module.config
+    names = dict(module.named_modules())
+    prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # class token + DINOv2's registers
+    if "vision_model.encoder" in names:  # CLIP / SigLIP towers: post_layernorm sees only the pooled token
+        projected = "visual_projection" in names
+        pooling = ("the class token after post_layernorm" if "vision_model.head" not in names
+                   else "attention pooling of the patch tokens (SigLIP's head)")
+        if "vision_model.head" in names:
+            prefix = 0  # SigLIP has no class token
+        return pooling + (", projected to the image-text space" if projected else ""), "model.vision_model.encoder", prefix
+    if "layernorm" in names:
+        pooler = names.get("pooler")
+        pooling = ("the class token after the final layernorm" if pooler is None
+                   else "the class token after the final layernorm, then the pooler's dense layer and tanh")
+        if type(module).__name__.startswith("Dinov2"):
+            pooling = "the class token after the final layernorm"
+        return pooling, "model.layernorm", prefix
+    return "the model's pooler_output", None, prefix
 
 
 def _locate(cfg: DictConfig) -> Tuple[Path, str, Optional[Path]]:

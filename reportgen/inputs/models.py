@@ -17,14 +17,14 @@ import dataclasses
 import logging
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torchvision
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from reportgen.config.schema import ModelSource, torchvision_model_names
+from reportgen.config.schema import ModelSource, torchvision_model_names, torchvision_task
 from reportgen.errors import ConfigError, ModelLoadError
 from reportgen.inputs.labels import WORDNET_ID, imagenet_synsets, read_labels_file
 from reportgen.inputs.loaded_model import LoadedModel, first_input_channels
@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 __all__ = ["LoadedModel", "load_model"]
 
 
-def load_model(cfg: DictConfig) -> LoadedModel:
-    """Build the model described by the `model` config node, in eval mode, on the CPU."""
+def load_model(cfg: DictConfig, folder_classes: Sequence[str] = ()) -> LoadedModel:
+    """Build the model described by the `model` config node, in eval mode, on the CPU. `folder_classes` (the
+    dataset's class folders) are what a zero-shot CLIP model classifies unless the config names the classes."""
     source = ModelSource(cfg.source) if not isinstance(cfg.source, ModelSource) else cfg.source
     if source is ModelSource.torchvision:
         loaded = _load_torchvision(cfg)
@@ -47,12 +48,22 @@ def load_model(cfg: DictConfig) -> LoadedModel:
 
         loaded = load_timm(cfg)
     elif source is ModelSource.hf:
-        from reportgen.inputs.hf_models import load_hf
+        from reportgen.inputs.hf_models import load_hf, locate_hf
 
-        loaded = load_hf(cfg)
+        kind, folder, label, weights_file = locate_hf(cfg)
+        if kind == "zero_shot":  # CLIPModel, SiglipModel: a zero-shot classifier of the folder's classes
+            from reportgen.inputs.clip_models import load_hf_zero_shot
+
+            loaded = load_hf_zero_shot(cfg, folder, label, weights_file, folder_classes)
+        else:
+            loaded = load_hf(cfg)
+    elif source is ModelSource.open_clip:
+        from reportgen.inputs.clip_models import load_open_clip
+
+        loaded = load_open_clip(cfg, folder_classes)
     else:
         loaded = _load_target(cfg)
-    if cfg.labels_file:
+    if cfg.labels_file and not loaded.zero_shot:  # zero-shot CLIP reads it as its class list
         loaded.class_names = read_labels_file(Path(cfg.labels_file))
         loaded.synsets = list(loaded.class_names) if all(WORDNET_ID.match(n) for n in loaded.class_names) else []
     if not loaded.synsets and len(loaded.class_names) == 1000:
@@ -77,7 +88,7 @@ def weights_enum(arch: str):
     """torchvision's weights enum for an architecture (ConfigError with close matches for an unknown name)."""
     names = torchvision_model_names()
     if arch not in names:
-        raise ConfigError("model.name", arch, "a torchvision classification model", names)
+        raise ConfigError("model.name", arch, "a torchvision model (classification, segmentation or detection)", names)
     return torchvision.models.get_model_weights(arch)
 
 
@@ -109,6 +120,7 @@ def _load_torchvision(cfg: DictConfig) -> LoadedModel:
     if weights is not None:
         _ensure_cached(weights, arch)
     builder = torchvision.models.get_model_builder(arch)
+    kwargs = offline_backbone(arch, weights, kwargs)
     try:
         module = builder(weights=weights, **kwargs)
     except (TypeError, ValueError) as exc:  # unknown kwarg, or num_classes that contradicts pretrained weights
@@ -117,9 +129,10 @@ def _load_torchvision(cfg: DictConfig) -> LoadedModel:
     except (OSError, RuntimeError) as exc:
         raise ModelLoadError(_offline_message(weights, arch, exc)) from exc
     class_names = _class_names(module, _categories_if_same_head(meta_weights, kwargs.get("num_classes")))
-    preprocess = model_preprocess(cfg, module, Preprocess.from_torchvision(meta_weights.transforms()),
+    preprocess = model_preprocess(cfg, module, torchvision_preprocess(arch, module, meta_weights),
                                   source="the torchvision weights' metadata")
-    return LoadedModel(
+    task, reason = torchvision_task_of(arch, module)
+    return LoadedModel(task=task, task_reason=reason,
         module=module,
         name=arch,
         source="torchvision",
@@ -130,6 +143,53 @@ def _load_torchvision(cfg: DictConfig) -> LoadedModel:
         preprocess=preprocess,
         class_names=class_names,
     )
+
+
+def offline_backbone(arch: str, weights: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Segmentation and detection builders fetch ImageNet backbone weights unless told not to: with random weights
+    (or a checkpoint to load) no backbone file is wanted, so `weights_backbone=None` unless the config sets it."""
+    if torchvision_task(arch) != "classification" and weights is None and "weights_backbone" not in kwargs:
+        return dict(kwargs, weights_backbone=None)
+    return kwargs
+
+
+def torchvision_preprocess(arch: str, module: torch.nn.Module, weights: Any) -> Preprocess:
+    """The input recipe of a torchvision architecture. Classifiers: the weights' transforms (resize, centre crop).
+    Segmentation: the weights' short side (520) and mean/std; the crop to a square of that side is this version's
+    stand-in until the segmentation analyses read whole images. Detection: the model normalises and resizes inside
+    (GeneralizedRCNNTransform), so images go in as [0, 1] at its own min_size, square."""
+    task = torchvision_task(arch)
+    transform = weights.transforms()
+    if task == "classification":
+        return Preprocess.from_torchvision(transform)
+    if task == "segmentation":
+        side = int(transform.resize_size[0]) if getattr(transform, "resize_size", None) else 520
+        return Preprocess(resize=side, crop=side, mean=tuple(float(m) for m in transform.mean),
+                          std=tuple(float(s) for s in transform.std),
+                          interpolation=transform.interpolation.value)
+    min_size = getattr(getattr(module, "transform", None), "min_size", (800,))
+    side = int(min_size[0] if isinstance(min_size, (list, tuple)) else min_size)
+    return Preprocess(resize=side, crop=side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+def torchvision_task_of(arch: str, module: torch.nn.Module) -> Tuple[Optional[str], str]:
+    """(task, reason) of a torchvision model: its builder's module says segmentation or detection; a classifier
+    whose head was replaced by nn.Identity is a backbone (embedding)."""
+    task = torchvision_task(arch)
+    if task != "classification":
+        return task, f"torchvision builds {arch} in torchvision.models.{task}"
+    backbone = identity_head_task(module)
+    return backbone if backbone[0] else ("classification", f"torchvision builds {arch} in torchvision.models "
+                                                           f"(a classifier)")
+
+
+def identity_head_task(module: torch.nn.Module) -> Tuple[Optional[str], str]:
+    """('embedding', reason) when the model's last layer is an nn.Identity (a head removed to use the model as a
+    backbone, e.g. `model.fc = nn.Identity()`), else (None, ''): the probe forward decides."""
+    leaves = [(name, m) for name, m in module.named_modules() if not list(m.children())]
+    if leaves and isinstance(leaves[-1][1], torch.nn.Identity):
+        return "embedding", f"its last layer, {leaves[-1][0]}, is nn.Identity: a backbone whose head was removed"
+    return None, ""
 
 
 def _ensure_cached(weights: Any, arch: str) -> None:
@@ -176,9 +236,11 @@ def _load_checkpoint(cfg: DictConfig) -> LoadedModel:
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
     module, notes, num_classes = _build_and_load(cfg.arch, state, kwargs, path)
     default_weights = weights_enum(cfg.arch).DEFAULT
-    preprocess = model_preprocess(cfg, module, Preprocess.from_torchvision(default_weights.transforms()),
+    preprocess = model_preprocess(cfg, module, torchvision_preprocess(cfg.arch, module, default_weights),
                                   source="the torchvision weights' metadata")
+    task, reason = torchvision_task_of(cfg.arch, module)
     return LoadedModel(module=module, name=cfg.arch, source="checkpoint", library="torchvision",
+                       task=task, task_reason=reason,
                        weights=f"checkpoint {path.name}", weights_file=str(path), random_init=False,
                        preprocess=preprocess,
                        class_names=_class_names(module, _categories_if_same_head(default_weights, num_classes)),
@@ -197,6 +259,7 @@ def _build_and_load(arch: str, state: Dict[str, torch.Tensor], kwargs: Dict[str,
     """Build `arch` and load `state` strictly. When only the classifier's output size differs and
     num_classes was not given, rebuild with the checkpoint's num_classes (and say so)."""
     builder = torchvision.models.get_model_builder(arch)
+    kwargs = offline_backbone(arch, None, kwargs)
     module = builder(weights=None, **kwargs)
     notes: List[str] = []
     expected = module.state_dict()
@@ -237,8 +300,9 @@ def _load_target(cfg: DictConfig) -> LoadedModel:
     if not isinstance(module, torch.nn.Module):
         raise ModelLoadError(f"model.target {target_name} returned {type(module).__name__}, not an nn.Module")
     random_init = bool(getattr(module, "random_init", False))
+    task, reason = identity_head_task(module)
     return LoadedModel(module=module, name=type(module).__name__, source="target", weights=target_name,
-                       random_init=random_init,
+                       random_init=random_init, task=task, task_reason=reason,
                        preprocess=model_preprocess(cfg, module),
                        class_names=_class_names(module, None))
 

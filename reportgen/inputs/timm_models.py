@@ -69,16 +69,39 @@ def load_timm(cfg: DictConfig) -> LoadedModel:
     else:
         raise ConfigError("model.weights", cfg.weights, "DEFAULT (timm's pretrained weights, from the local hub "
                           "cache) or null (random); a file goes to model.path", ["DEFAULT", "null"])
-    if not getattr(module, "num_classes", 1):
-        notes.append(f"timm model '{name}' has no classifier head (num_classes=0): its outputs are pooled features, "
-                     f"not class scores; set model.kwargs.num_classes (and model.path) for a classifier")
     base = timm_preprocess(timm, module, kwargs)
     class_names, synsets = timm_class_names(timm, module, hub_config)
-    return LoadedModel(module=module, name=name, source="timm", library="timm", weights=weights,
-                       weights_file=str(weights_file) if weights_file is not None else None,
-                       random_init=weights_file is None,
-                       preprocess=Preprocess.resolve(cfg.preprocess, base, source="timm's data config"),
-                       class_names=class_names, synsets=synsets, notes=notes)
+    loaded = LoadedModel(module=module, name=name, source="timm", library="timm", weights=weights,
+                         weights_file=str(weights_file) if weights_file is not None else None,
+                         random_init=weights_file is None,
+                         preprocess=Preprocess.resolve(cfg.preprocess, base, source="timm's data config"),
+                         class_names=class_names, synsets=synsets, notes=notes)
+    loaded.task, loaded.task_reason = "classification", f"timm num_classes={getattr(module, 'num_classes', None)}"
+    if not getattr(module, "num_classes", 1):  # timm's own word for a backbone: no classifier head
+        loaded.task, loaded.task_reason = "embedding", "timm num_classes=0: the model has no classifier head"
+        loaded.pooling, loaded.token_layer, loaded.prefix_tokens = timm_backbone_facts(module)
+    return loaded
+
+
+def timm_backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], int]:
+    """(how the backbone pools its output, the module whose output is the final (B, prefix + N, D) tokens, the
+    prefix tokens: class + distillation + register tokens) from timm's own attributes."""
+    pool = getattr(module, "global_pool", None)
+    prefix = int(getattr(module, "num_prefix_tokens", 0) or 0)
+    names = dict(module.named_modules())
+    tokens = "norm" if prefix or getattr(module, "patch_embed", None) is not None else None
+    if tokens is not None and tokens not in names:
+        tokens = None
+    if isinstance(pool, str):  # vision transformers: the pooling is named
+        pooling = {"token": "the class token", "avg": "the mean of the patch tokens",
+                   "avgmax": "the mean and max of the patch tokens", "max": "the max of the patch tokens",
+                   "map": "attention pooling (a learned query)", "": "no pooling (every token)"}.get(pool, pool)
+        if pool == "avg" and "fc_norm" in names and not isinstance(names["fc_norm"], torch.nn.Identity):
+            pooling += ", then fc_norm"
+        return pooling + " (timm global_pool=" + repr(pool) + ")", tokens, prefix
+    kind = getattr(pool, "pool_type", None)  # CNNs: SelectAdaptivePool2d
+    return (f"global {kind or 'average'} pooling of the last feature map" if kind != "" else
+            "the last feature map, unpooled"), tokens, prefix
 
 
 def _create(timm: Any, name: str, pretrained: bool, kwargs: Dict[str, Any]) -> torch.nn.Module:

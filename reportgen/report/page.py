@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from reportgen.inputs.data import ScanResult
 from reportgen.inputs.labels import folder_display_names
 from reportgen.inputs.models import LoadedModel
+from reportgen.inputs.tasks import TASK_ANALYSES_NOT_BUILT
 from reportgen.report.elements import Alert, KeyValues, Page, Section
 from reportgen.report.manifest import command_line, library_versions, reportgen_version
 
@@ -56,6 +57,10 @@ def build_page(cfg: DictConfig, loaded: LoadedModel, scan: ScanResult, root: Pat
         alerts.append(Alert("warning", warning))
     for note in loaded.notes:
         alerts.append(Alert("info", note))
+    if loaded.task in TASK_ANALYSES_NOT_BUILT:
+        alerts.append(Alert("info", f"This is a {loaded.task} model: the report has the sections every model gets "
+                                    f"(architecture, graphs, weights, activations, attention); the {loaded.task} "
+                                    f"analyses themselves are not built yet in reportgen {reportgen_version()}."))
     if capture_notes:
         alerts.append(Alert("info", "Some layer outputs were not plain tensors; what was captured:",
                             details=[f"{k}: {v}" for k, v in sorted(capture_notes.items())]))
@@ -66,7 +71,11 @@ def build_page(cfg: DictConfig, loaded: LoadedModel, scan: ScanResult, root: Pat
     precision = enum_name(cfg.runtime.precision)
     overview = KeyValues([
         ("model", f"{loaded.name} ({loaded.source})"), ("weights", loaded.weights),
-        ("model classes", len(loaded.class_names) or "unnamed"),
+        ("task", f"{loaded.task} ({loaded.task_reason})" if loaded.task else "classification"),
+        *([("embedding", loaded.pooling)] if loaded.pooling else []),
+        *([("zero-shot prompts", "; ".join(loaded.zero_shot.get("prompts", [])))] if loaded.zero_shot else []),
+        ("model classes", len(loaded.class_names) or ("none (a backbone)" if loaded.task == "embedding"
+                                                       else "unnamed")),
         ("dataset", str(dataset_label)),
         ("images", f"{processed} processed, {len(failed)} failed, {len(scan.paths)} found"),
         ("folder classes", ", ".join(folder_display_names(scan.class_names, loaded.class_names, loaded.synsets))

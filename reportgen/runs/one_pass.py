@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from reportgen.analyses.base import Analysis, Batch, capture_engine_for
 from reportgen.config.schema import Precision
-from reportgen.engine.capture import CaptureEngine, primary_tensor
+from reportgen.engine.capture import CaptureEngine
 from reportgen.errors import ConfigError, RunError
 from reportgen.inputs.data import ImageFolderDataset, RawBatch, ScanResult, example_batch, make_loader
+from reportgen.inputs.tasks import adapt_outputs
 from reportgen.runs.heap import release_free_memory
 from reportgen.runs.job import Job
 from reportgen.runs.signals import at_batch_boundaries, ignore_stop_signals, interruption, stop_requested
@@ -230,20 +231,19 @@ class _Stepper:
             try:
                 with torch.autocast(device_type, dtype=DTYPES[self.precision],
                                     enabled=self.precision is not Precision.fp32):
-                    logits = primary_tensor(self.job.model(batch.inputs))
+                    raw = self.job.model(batch.inputs)
             except OUT_OF_MEMORY:
                 raise
             except Exception as exc:
                 raise RunError(f"the model's forward raised on the batch of files {batch.paths}: "
                                f"{type(exc).__name__}: {exc}") from exc
-            if logits is None or logits.dim() != 2:
-                raise RunError(f"expected the model to return logits of shape (batch, classes), got "
-                               f"{None if logits is None else tuple(logits.shape)}")
+            outputs = adapt_outputs(self.job.loaded.task or "classification", raw, len(batch.paths))
+            raw = None  # only the typed outputs live on (a detector's or segmenter's extras go now)
             for analysis in self.analyses:
                 if not analysis.oom_safe:
                     self.updated = True  # an out-of-memory error inside may leave part of this batch counted
                 with full_disk_named(f"the per-image results of analysis '{analysis.name}'", self.job.results_dir):
-                    analysis.update(batch, logits, captures)
+                    analysis.update(batch, outputs, captures)
                 self.updated = True
         return captures.notes
 

@@ -20,13 +20,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from reportgen.analyses import Analysis, RunContext, get_analysis
+from reportgen.analyses import Analysis, RunContext
+from reportgen.analyses.base import NotApplicable, build_analysis, not_applicable_section
 from reportgen.config.schema import to_container
 from reportgen.config.validate import resolve_dataset_root, select_device, validate
 from reportgen.errors import RunError
 from reportgen.inputs.data import scan_folder
 from reportgen.inputs.models import load_model
 from reportgen.inputs.shards import runtime_shard, shard_bounds
+from reportgen.inputs.tasks import decide_task
 from reportgen.report.manifest import write_manifest
 from reportgen.report.page import PassOutcome, build_page, enum_name
 from reportgen.report.render import render_report
@@ -89,15 +91,20 @@ def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timin
     if scan.skipped and cfg.runtime.strict:
         raise RunError(f"runtime.strict=true and {scan.skipped[0][0]} was skipped: {scan.skipped[0][1]}")
     with _timed(timings, "model"):
-        loaded = load_model(cfg.model)
+        loaded = load_model(cfg.model, scan.class_names)
         model = loaded.module.to(device)
         if cfg.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        blank = torch.zeros(2, loaded.preprocess.channels, loaded.preprocess.crop, loaded.preprocess.crop,
+                            device=device)  # (2, C, H, W): two images, so the batch dimension shows
+        loaded.task, loaded.task_reason = decide_task(cfg.model.task, loaded, model, blank)
     log.info("model: %s (%s)", loaded.name, loaded.weights)
+    log.info("task: %s (%s)", loaded.task, loaded.task_reason)
     start, end = shard_bounds(len(scan.paths), shard)
     ctx = RunContext(model=model, loaded=loaded, dataset_classes=scan.class_names, num_images=len(scan.paths),
-                     device=device, results_dir=results_dir, report=cfg.report, stream_rows=end - start)
-    analyses = [get_analysis(name)(acfg, ctx) for name, acfg in analysis_cfgs.items()]
+                     device=device, results_dir=results_dir, report=cfg.report, stream_rows=end - start,
+                     dataset_root=root)
+    analyses = [build_analysis(name, acfg, ctx) for name, acfg in analysis_cfgs.items()]
     return Job(cfg=cfg, out_dir=out_dir, root=root, scan=scan, loaded=loaded, model=model, device=device,
                analyses=analyses, shard=shard, start=start, end=end)
 
@@ -115,7 +122,9 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
     pass_seconds = max(s.pass_seconds for s in states)  # shards run side by side: the slowest one's time
     throughput = processed / max(pass_seconds, 1e-9)
     with _timed(timings, "finalize"):
-        sections = [s for s in (_finalize(a, results_dir) for a in job.analyses) if s is not None]
+        applicable = [a for a in job.analyses if not isinstance(a, NotApplicable)]
+        sections = [s for s in (_finalize(a, results_dir) for a in applicable) if s is not None]
+        sections += not_applicable_section([a for a in job.analyses if isinstance(a, NotApplicable)])
     write_failed(results_dir / "failed.csv", failed)
     outcome = PassOutcome(processed=processed, failed=failed, timings=timings, throughput=throughput,
                           capture_notes=notes, warnings=warnings, shards=len(states))
