@@ -64,7 +64,8 @@ def _validate_model(model: DictConfig) -> None:
     source = ModelSource(_name(model.source))
     if source is ModelSource.torchvision:
         if model.name not in torchvision_model_names():
-            raise ConfigError("model.name", model.name, "a torchvision model (classification, segmentation or detection)",
+            raise ConfigError("model.name", model.name,
+                              "a torchvision model (classification, segmentation or detection)",
                               torchvision_model_names())
         resolve_weights(model.name, model.weights)
     elif source is ModelSource.checkpoint:

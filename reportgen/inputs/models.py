@@ -66,7 +66,7 @@ def load_model(cfg: DictConfig, folder_classes: Sequence[str] = ()) -> LoadedMod
     if cfg.labels_file and not loaded.zero_shot:  # zero-shot CLIP reads it as its class list
         loaded.class_names = read_labels_file(Path(cfg.labels_file))
         loaded.synsets = list(loaded.class_names) if all(WORDNET_ID.match(n) for n in loaded.class_names) else []
-    if not loaded.synsets and len(loaded.class_names) == 1000:
+    if not loaded.synsets and len(loaded.class_names) == 1000 and not loaded.zero_shot:
         loaded.synsets = imagenet_synsets()  # a 1000-class ImageNet head: outputs in sorted-synset order
     loaded.synsets = list(getattr(loaded.module, "synsets", None) or loaded.synsets)  # a model may declare its own
     loaded.module.eval()
