@@ -148,14 +148,32 @@ def test_transformers_dinov2_folder_is_a_backbone_pooled_by_its_class_token(tmp_
 
 
 def test_torchvision_model_with_identity_head_is_a_backbone(tmp_path):
-    folder = make_colour_folder(tmp_path / "images", per_class=1, noise=20, seed=2)
+    from torchvision import transforms
+
+    from tests.test_knn import assert_same_rows, assert_same_totals, expected_files, read_csv
+
+    folder = make_colour_folder(tmp_path / "images", per_class=2, noise=60, seed=2)
     out = tmp_path / "run"
-    run(compose_config(["model=target", "model.target._target_=tests.test_tasks.resnet18_backbone",
-                        "model.preprocess.resize=32", "model.preprocess.crop=32", f"dataset.root={folder}",
-                        "analysis=[predictions,activations]"] + FAST), out_dir=out)
+    cfg = compose_config(["model=target", "model.target._target_=tests.test_tasks.resnet18_backbone",
+                          "model.preprocess.resize=32", "model.preprocess.crop=32", f"dataset.root={folder}",
+                          "analysis=[predictions,activations,knn]"] + FAST)
+    run(cfg, out_dir=out)
     facts = manifest(out)["model"]
     assert facts["task"] == "embedding" and "fc" in facts["task_reason"]
-    assert np.load(out / "results" / "embeddings.npz")["features"].shape == (3, 512)
+    assert np.load(out / "results" / "embeddings.npz")["features"].shape == (6, 512)
+    # the same weights (same seed) on torchvision's own transforms: k-NN by the plain protocol
+    seed_everything(int(cfg.runtime.seed))
+    model = resnet18_backbone().eval()
+    transform = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor(),
+                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    with torch.no_grad():
+        features = model(torch.stack([transform(Image.open(folder / p).convert("RGB")) for p in paths])).numpy()
+    classes = ["blue", "green", "red"]
+    labels = np.array([classes.index(p.split("/")[0]) for p in paths])
+    want, table = expected_files(features, labels, classes, paths, 20, 0.07, 5)
+    assert_same_totals(json.loads((out / "results" / "knn.json").read_text()), want)
+    assert_same_rows(read_csv(out / "results" / "neighbours.csv")[1], table, tolerance=1e-4)
 
 
 def test_segmentation_model_by_name_gets_the_task_independent_sections_offline(tmp_path):
@@ -207,3 +225,35 @@ def test_model_task_names_the_task_and_is_checked_against_the_output(tmp_path):
     facts = manifest(out)["model"]
     assert (facts["task"], facts["task_reason"]) == ("embedding", "set by model.task")
     assert not (out / "results" / "predictions.csv").exists()
+
+
+def test_clip_image_tower_default_report_knn_equals_the_plain_protocol(tmp_path):
+    """A CLIPVisionModelWithProjection folder with the default analyses: knn and embedding_maps run, predictions and
+    Grad-CAM are one line each, and knn.json equals DINO's protocol over the tower's own image_embeds."""
+    transformers = pytest.importorskip("transformers")
+    from tests.test_knn import assert_same_rows, assert_same_totals, expected_files, read_csv
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+    model_dir = tmp_path / "clip-vision"
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(model_dir)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                    ).save_pretrained(model_dir)
+    folder = make_colour_folder(tmp_path / "images", per_class=4, noise=60, seed=7)
+    out = tmp_path / "run"
+    run(compose_config(["model=hf", f"model.path={model_dir}", f"dataset.root={folder}"] + FAST), out_dir=out)
+    facts = manifest(out)["model"]
+    assert facts["task"] == "embedding" and "projected" in facts["pooling"]
+    assert {"knn", "embedding_maps", "not-applicable"} <= section_ids(out)
+    paths = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+    reference = transformers.CLIPVisionModelWithProjection.from_pretrained(model_dir).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    with torch.no_grad():
+        features = reference(**processor([Image.open(folder / p).convert("RGB") for p in paths],
+                                         return_tensors="pt")).image_embeds.numpy()  # (N, 16)
+    classes = ["blue", "green", "red"]
+    labels = np.array([classes.index(p.split("/")[0]) for p in paths])
+    want, table = expected_files(features, labels, classes, paths, 20, 0.07, 5)
+    assert_same_totals(json.loads((out / "results" / "knn.json").read_text()), want)
+    assert_same_rows(read_csv(out / "results" / "neighbours.csv")[1], table, tolerance=1e-4)
