@@ -112,3 +112,14 @@ def test_demo_run_end_to_end_with_workers(tmp_path):
     accuracy = sum(r["label"] == r["top1_name"] for r in rows) / len(rows)
     assert accuracy > 0.8, f"the demo model should be clearly better than chance (1/6), got {accuracy:.2f}"
     assert len(list((index.parent / "assets").iterdir())) > 20
+
+
+def test_an_analysis_reading_anothers_results_is_finalized_after_it():
+    from types import SimpleNamespace
+
+    from reportgen.analyses.base import finalize_order
+
+    made = [SimpleNamespace(name=n, reads=r) for n, r in [("explorer", ("strategies", "predictions")),
+                                                         ("strategies", ("gradcam",)), ("gradcam", ()),
+                                                         ("predictions", ()), ("summary", ("absent",))]]
+    assert [a.name for a in finalize_order(made)] == ["gradcam", "strategies", "predictions", "explorer", "summary"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Type
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List, Optional, Sequence, Tuple, Type
 
 import torch
 
@@ -99,6 +99,8 @@ class Analysis:
     title: ClassVar[str] = ""  # the report section's title (for the "not applicable" line of another task)
     tasks: ClassVar[FrozenSet[str]] = ALL_TASKS  # the model tasks (model.task) this analysis applies to
     why_not: ClassVar[str] = ""  # why it does not apply to the other tasks, e.g. "they output no class scores"
+    reads: ClassVar[Tuple[str, ...]] = ()  # analyses whose results files this one reads in `finalize` (they are
+    #   finalized first when they run; see `finalize_order`)
     oom_safe: ClassVar[bool] = False  # True when `update` does all its device work before changing any state, so
     #   an out-of-memory error inside it leaves the state as it was and the pass may retry with half the batch
 
@@ -162,6 +164,24 @@ def not_applicable_section(stand_ins: Sequence[NotApplicable]) -> List["Section"
     return [Section(id="not-applicable", title="Not applicable to this model",
                     summary=f"{len(rows)} of the analyses asked for do not apply to this model's task",
                     elements=[Table(columns=["analysis", "why"], rows=rows)])]
+
+def finalize_order(analyses: Sequence[Analysis]) -> List[Analysis]:
+    """The analyses in config order, except that one reading another's results files (`reads`) comes after it."""
+    by_name = {a.name: a for a in analyses}
+    ordered: List[Analysis] = []
+
+    def place(analysis: Analysis, seen: tuple) -> None:
+        if analysis in ordered or analysis.name in seen:
+            return
+        for name in analysis.reads:
+            if name in by_name:
+                place(by_name[name], seen + (analysis.name,))
+        ordered.append(analysis)
+
+    for analysis in analyses:
+        place(analysis, ())
+    return ordered
+
 
 def build_analysis(name: str, cfg: Any, ctx: RunContext) -> Analysis:
     """The analysis `name` for this run, or its one-line stand-in when the model's task is not one it applies to."""

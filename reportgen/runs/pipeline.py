@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 
 from reportgen.analyses import Analysis, RunContext
-from reportgen.analyses.base import NotApplicable, build_analysis, not_applicable_section
+from reportgen.analyses.base import NotApplicable, build_analysis, finalize_order, not_applicable_section
 from reportgen.config.schema import to_container
 from reportgen.config.validate import resolve_dataset_root, select_device, validate
 from reportgen.errors import RunError
@@ -123,7 +123,8 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
     throughput = processed / max(pass_seconds, 1e-9)
     with _timed(timings, "finalize"):
         applicable = [a for a in job.analyses if not isinstance(a, NotApplicable)]
-        sections = [s for s in (_finalize(a, results_dir) for a in applicable) if s is not None]
+        finalized = {a.name: _finalize(a, results_dir) for a in finalize_order(applicable)}  # readers last
+        sections = [finalized[a.name] for a in applicable if finalized[a.name] is not None]  # config order
         sections += not_applicable_section([a for a in job.analyses if isinstance(a, NotApplicable)])
     write_failed(results_dir / "failed.csv", failed)
     outcome = PassOutcome(processed=processed, failed=failed, timings=timings, throughput=throughput,
