@@ -36,21 +36,18 @@ import numpy as np
 import torch
 
 from reportgen.analyses._knn_math import nearest_neighbours, rank_hits, unit_rows, weighted_vote
+from reportgen.analyses._redecode import decode_thumbnail
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.errors import ConfigError
-from reportgen.inputs.data import decode_image
 from reportgen.inputs.labels import folder_display_names
-from reportgen.inputs.paths import os_name
 from reportgen.report import plots
 from reportgen.report.elements import Alert, GalleryItem, ImageStrip, KeyValues, Section, Table, Text
-from reportgen.report.thumbnails import thumbnail
 from reportgen.state.files import write_atomic_with, write_json
 from reportgen.state.streams import COPY_ROWS, RowStore, absorb_rows
 
 TOP = 5  # the "top-5" of top-5 accuracy
 MIN_TEMPERATURE = 1.0 / 88.0  # exp(1 / T) overflows float32 below this
 HALF_PRECISION_VALUES = 1 << 28  # features stored as float16 past this many values (1 GiB of float32)
-REDECODE_PIXELS = 1 << 40  # the gallery's images decoded again at finalize already passed dataset.max_pixels
 
 
 @dataclass
@@ -353,21 +350,8 @@ class Knn(Analysis):
     def _panel(self, row: int, title: str, lines: List[str], status: str, paths: List[str],
                images: Dict[int, Optional[np.ndarray]]) -> GalleryItem:
         if row not in images:
-            images[row] = self._decode(paths[row])
+            images[row] = decode_thumbnail(self.ctx, paths[row])
         image = images[row]
         if image is None:
             return GalleryItem(image=None, title=title, lines=lines + ["(could not be read again)"], status=status)
         return GalleryItem(image=image, title=title, lines=lines, status=status)
-
-    def _decode(self, path: str) -> Optional[np.ndarray]:
-        """The image as the model saw it (resized, cropped), as a (h, w, 3) thumbnail; None when unreadable now."""
-        if self.ctx.dataset_root is None:
-            return None
-        try:
-            decoded = decode_image(self.ctx.dataset_root / os_name(path), REDECODE_PIXELS)
-            pixels = self.ctx.loaded.preprocess.to_uint8(decoded)  # (C, H, W) uint8, C = 1 or 3
-        except Exception:  # changed or removed since the pass: the strip says so
-            return None
-        if pixels.shape[0] == 1:
-            pixels = pixels.repeat(3, 1, 1)  # (3, H, W)
-        return thumbnail(pixels, int(self.ctx.report.thumbnail_size))

@@ -9,6 +9,10 @@ folders; accuracy counts only images whose folder matched a class, and the repor
 probability. `auto` takes sigmoid for a single output (a binary classifier: two outcomes, "not X" and "X") and for a
 head its library declares multi-label, softmax otherwise. A multi-label head has no top-1 accuracy (several classes
 may be right at once): the section gives per-class recall and precision at probability 0.5 instead.
+
+The full probability vector of every image (float32, under that activation) streams to disk as well (a RowStore,
+merged across shards like the CSV) and becomes `results/probabilities.npy` (N x K float32, in predictions.csv's row
+order) at finalize: label issues, error slices and anyone re-analysing need all K columns, not the top-k.
 """
 from __future__ import annotations
 
@@ -24,14 +28,39 @@ from reportgen.inputs.labels import WORDNET_ID, display_names, folder_display_na
 from reportgen.report import plots
 from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
 from reportgen.report.thumbnails import thumbnail
-from reportgen.state.files import write_json
+from reportgen.state.files import write_atomic_with, write_json
 from reportgen.state.reducers import BoundedTop, FixedHistogram
-from reportgen.state.streams import CsvStream, absorb_csv
+from reportgen.state.streams import COPY_ROWS, CsvStream, RowStore, absorb_csv, absorb_rows
 
 CONFIDENCE_EDGES = np.linspace(0.0, 1.0, 21)
 CSV_HEADER = ["path", "label", "top1_index", "top1_name", "top1_prob", "topk_indices", "topk_names", "topk_probs"]
 ACTIVATIONS = ["auto", "softmax", "sigmoid"]
 MULTI_LABEL_THRESHOLD = 0.5  # a multi-label output counts as "predicted" at this probability or above
+PROBABILITIES_FILE = "probabilities.npy"  # (N, K) float32, predictions.csv's rows
+
+
+def activation_mode(activation: str, num_outputs: int, multi_label: bool) -> str:
+    """softmax | binary (one sigmoid output, two outcomes) | multi-label (independent sigmoids), for the configured
+    `activation` (auto | softmax | sigmoid) and a head of `num_outputs` logits."""
+    sigmoid = activation == "sigmoid" or (activation == "auto" and (num_outputs == 1 or multi_label))
+    return "softmax" if not sigmoid else "binary" if num_outputs == 1 else "multi-label"
+
+
+def column_names(loaded: Any, mode: str, num_classes: int) -> List[str]:
+    """One name per probability column: a binary head's two outcomes, else the model's class names."""
+    names = list(loaded.class_names)
+    if mode == "binary":
+        return names if len(names) == 2 else [f"not {names[0]}", names[0]] if names else ["negative", "positive"]
+    return display_names(names, num_classes)
+
+
+def folder_targets(dataset_classes: List[str], loaded: Any, mode: str, num_outputs: int) -> np.ndarray:
+    """(n_folder,) the probability column each folder class matches (-1: none), as accuracy counts it."""
+    if mode == "binary":  # the two outcomes get the names folders are matched against
+        return match_labels(dataset_classes, column_names(loaded, mode, 2))
+    if num_outputs == 1000 and not loaded.synsets:  # a nameless 1000-class head: ImageNet's order
+        return match_labels(dataset_classes, loaded.class_names, output_synsets(loaded.synsets, num_outputs))
+    return match_labels(dataset_classes, loaded.class_names, loaded.synsets)
 
 
 @dataclass
@@ -79,28 +108,19 @@ class Predictions(Analysis):
         self.least_confident = BoundedTop(size)
         self.confident_mistakes = BoundedTop(size)
         self._csv: Optional[CsvStream] = None  # results/predictions.csv, one row per image as batches arrive
+        self._probs: Optional[RowStore] = None  # per image: the (num_classes,) probabilities, for probabilities.npy
         self._names: Optional[List[str]] = None
 
     def _set_outputs(self, num_outputs: int) -> None:
         """Decide the activation once the number of logits is known (first batch, or a merged state)."""
         self.num_outputs = num_outputs
-        activation = str(self.cfg.activation)
-        sigmoid = activation == "sigmoid" or (activation == "auto"
-                                               and (num_outputs == 1 or self.ctx.loaded.multi_label))
-        self.mode = "softmax" if not sigmoid else "binary" if num_outputs == 1 else "multi-label"
+        self.mode = activation_mode(str(self.cfg.activation), num_outputs, bool(self.ctx.loaded.multi_label))
         self.num_classes = 2 if self.mode == "binary" else num_outputs
-        if self.mode == "binary":  # the two outcomes get the names folders are matched against
-            self.label_to_output = match_labels(self.ctx.dataset_classes, self._names_of_classes())
-        elif num_outputs == 1000 and not self.ctx.loaded.synsets:  # a nameless 1000-class head: ImageNet's order
-            self.label_to_output = match_labels(self.ctx.dataset_classes, self.ctx.loaded.class_names,
-                                                output_synsets(self.ctx.loaded.synsets, num_outputs))
+        self.label_to_output = folder_targets(self.ctx.dataset_classes, self.ctx.loaded, self.mode, num_outputs)
 
     def _names_of_classes(self) -> List[str]:
         """One name per probability column: a binary head's two outcomes, else the model's class names."""
-        names = list(self.ctx.loaded.class_names)
-        if self.mode == "binary":
-            return names if len(names) == 2 else [f"not {names[0]}", names[0]] if names else ["negative", "positive"]
-        return display_names(names, self.num_classes or 0)
+        return column_names(self.ctx.loaded, self.mode, self.num_classes or 0)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """(B, K) logits -> (B, num_classes) probabilities under this run's activation."""
@@ -127,8 +147,8 @@ class Predictions(Analysis):
         if mapping.numel():
             target[labelled] = mapping[labels[labelled]]
         # one device->host copy for the whole batch
-        top_probs, top_idx, target, labels, finite = (t.cpu().numpy() for t in (top_probs, top_idx, target, labels,
-                                                                                 finite))
+        top_probs, top_idx, target, labels, finite, all_probs = (
+            t.cpu().numpy() for t in (top_probs, top_idx, target, labels, finite, probs.float()))  # all_probs (B, C)
         indices = batch.indices.cpu().numpy()
         self.images += len(indices)
         self.nonfinite += int((~finite).sum())
@@ -146,6 +166,10 @@ class Predictions(Analysis):
         self.hist_wrong.add(top_probs[evaluated & ~hit1, 0])
         self.hist_unlabelled.add(top_probs[~evaluated, 0])
         self._write_rows(batch, indices, labels, top_idx, top_probs)
+        if self._probs is None:
+            self._probs = RowStore(self.ctx.results_dir / ".predictions", self.ctx.row_capacity,
+                                   {"probabilities": ((self.num_classes,), np.float32)})
+        self._probs.append(batch.paths, probabilities=all_probs)
         for row, index in enumerate(indices):
             p1 = float(top_probs[row, 0])
             candidates = [(self.first, -float(index)), (self.least_confident, -p1 if np.isfinite(p1) else 1.0)]
@@ -185,12 +209,15 @@ class Predictions(Analysis):
             "confusion": self.confusion, "hist_correct": self.hist_correct, "hist_wrong": self.hist_wrong,
             "hist_unlabelled": self.hist_unlabelled, "first": self.first, "least_confident": self.least_confident,
             "confident_mistakes": self.confident_mistakes, "csv": self._csv.ref() if self._csv is not None else None,
+            "probabilities": self._probs.ref() if self._probs is not None else None,
         }
 
     def merge(self, state: Dict[str, Any]) -> None:
         if state["num_outputs"] is None:
             return
         self._csv = absorb_csv(self._csv, state["csv"], self.ctx.results_dir / "predictions.csv", CSV_HEADER)
+        self._probs = absorb_rows(self._probs, state.get("probabilities"), self.ctx.results_dir / ".predictions",
+                                  self.ctx.row_capacity)
         if self.num_outputs is None:
             self._set_outputs(state["num_outputs"])
             self.confusion = np.zeros_like(state["confusion"])
@@ -207,6 +234,7 @@ class Predictions(Analysis):
     def finalize(self) -> Optional[Section]:
         if self._csv is not None:
             self._csv.close()
+        self._write_probabilities()
         section = Section(id="predictions", title="Predictions")
         if not self.images:
             section.elements.append(Text("No image was processed, so there are no predictions."))
@@ -263,6 +291,26 @@ class Predictions(Analysis):
             section.elements.append(self._gallery("Most confident mistakes", self.confident_mistakes, names,
                                                   "wrong top-1 with the highest probability first"))
         return section
+
+    def _write_probabilities(self) -> None:
+        """results/probabilities.npy: the stored (N, num_classes) float32 rows, streamed in pieces (atomic)."""
+        store = self._probs
+        if store is None:
+            return
+        store.ref()  # flushed: the rows on disk are complete
+        rows = store.fields["probabilities"]
+
+        def write(handle: Any) -> None:
+            header = {"descr": np.lib.format.dtype_to_descr(rows.dtype), "fortran_order": False,
+                      "shape": (store.count, *rows.shape[1:])}
+            np.lib.format.write_array_header_2_0(handle, header)
+            for first in range(0, store.count, COPY_ROWS):
+                handle.write(rows.read(first, min(first + COPY_ROWS, store.count)).tobytes())
+
+        write_atomic_with(self.ctx.results_dir / PROBABILITIES_FILE, write, PROBABILITIES_FILE)
+        rows.handle.close()
+        store._paths.close()  # RowStore has no close() of its own; its folder goes with the finished run
+        self._probs = None
 
     def _activation_text(self, names: List[str]) -> str:
         if self.mode == "binary":

@@ -119,6 +119,47 @@ class ImageStrip:
 
 
 @dataclass
+class ScatterColouring:
+    """One way to colour a scatter's points: `codes[i]` indexes `categories` (-1: none of them, drawn grey)."""
+
+    name: str  # the colour menu's entry and the tooltip line's key, e.g. "label"
+    categories: List[str]  # legend entries, in code order
+    codes: np.ndarray  # (N,) int, -1 where the point has no category
+    colours: List[str] = field(default_factory=list)  # a CSS colour per category ("" or none: the palette's)
+
+
+@dataclass
+class ScatterValue:
+    """A number per point shown in the tooltip (NaN: not shown for that point)."""
+
+    name: str  # e.g. "probability"
+    values: np.ndarray  # (N,) float
+    percent: bool = False  # shown as a percentage
+
+
+@dataclass
+class Scatter:
+    """An interactive 2-D map of many points, drawn on a canvas: pan, zoom, colour by any of `colourings`, hover
+    for the point's thumbnail (a tile of a sprite sheet) and facts, click to enlarge. Every value is embedded in the
+    page and every sheet is an <img> in assets/, so it works from file:// with no request and in the single-file
+    report (templates/elements/scatter.html, templates/script.js)."""
+
+    title: str
+    x: np.ndarray  # (N,) float, data coordinates
+    y: np.ndarray  # (N,) float
+    names: List[str]  # (N,) the tooltip's title per point (e.g. its path)
+    colourings: List[ScatterColouring]  # the colour menu, first one shown first (at least one)
+    values: List[ScatterValue] = field(default_factory=list)
+    tiles: Optional[np.ndarray] = None  # (N,) int, the point's tile in `sheets` (-1: no thumbnail)
+    sheets: List[np.ndarray] = field(default_factory=list)  # sprite sheets (H, W, 3) uint8, tiles row-major
+    tile: int = 0  # side of one square tile, pixels
+    xlabel: str = ""
+    ylabel: str = ""
+    caption: str = ""
+    kind: str = "scatter"
+
+
+@dataclass
 class Section:
     """One analysis's part of the report."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import logging
 import os
 import re
@@ -19,10 +20,11 @@ from typing import Any, Dict, List
 
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
 from PIL import Image
 
 from reportgen.inputs.resources import resource_dir
-from reportgen.report.elements import Figure, Gallery, Graph, ImageStrip, Page, Table
+from reportgen.report.elements import Figure, Gallery, Graph, ImageStrip, Page, Scatter, Table
 
 log = logging.getLogger("reportgen")
 TEMPLATES = resource_dir("templates")  # the checkout's templates/, or the installed package's copy
@@ -142,7 +144,53 @@ def _view(element: Any, section_id: str, writer: _AssetWriter) -> Any:
             panels.append(_Obj(src=src, title=item.title, lines=list(item.lines), status=item.status,
                                width=item.image.shape[1] if src else 0, height=item.image.shape[0] if src else 0))
         return _Obj(kind="strip", title=element.title, lines=list(element.lines), panels=panels)
+    if isinstance(element, Scatter):
+        return _scatter_view(element, f"{section_id}-scatter-{writer.next_number()}", section_id, writer)
     return element
+
+
+def _scatter_view(scatter: Scatter, scatter_id: str, section_id: str, writer: _AssetWriter) -> "_Obj":
+    """A scatter's sprite sheets written as assets (so the single-file report inlines them like any image) and its
+    points as one JSON object for a <script type="application/json"> block: coordinates, codes and values as
+    base64 little-endian typed arrays (exact, about 5.3 characters per float32), names as a list of strings.
+    `<`, `>` and `&` are escaped as \\u00XX inside the JSON, so no name can end the script block."""
+    sheets = []
+    for sheet in scatter.sheets:
+        src = writer.write_image(f"{section_id}-sprite", sheet)
+        sheets.append(_Obj(src=src, width=sheet.shape[1], height=sheet.shape[0],
+                           bytes=(writer.folder / Path(src).name).stat().st_size))
+    tile = int(scatter.tile)
+    columns = scatter.sheets[0].shape[1] // tile if scatter.sheets and tile else 0
+    per_sheet = columns * (scatter.sheets[0].shape[0] // tile) if columns else 0
+    data = {
+        "x": _b64(scatter.x, "<f4"), "y": _b64(scatter.y, "<f4"), "names": [str(n) for n in scatter.names],
+        "colourings": [{"name": c.name, "categories": [str(k) for k in c.categories], "colours": list(c.colours),
+                        **_codes(np.asarray(c.codes), len(c.categories))} for c in scatter.colourings],
+        "values": [{"name": v.name, "values": _b64(v.values, "<f4"), "percent": bool(v.percent)}
+                   for v in scatter.values],
+        "tiles": _b64(scatter.tiles, "<i4") if scatter.tiles is not None and sheets else None,
+        "tile": tile, "columns": columns, "perSheet": per_sheet,
+    }
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    thumbnails = int((np.asarray(scatter.tiles) >= 0).sum()) if scatter.tiles is not None and sheets else 0
+    return _Obj(kind="scatter", id=scatter_id, title=scatter.title, caption=scatter.caption, data=Markup(text),
+                points=len(scatter.x), thumbnails=thumbnails, tile=tile, sheets=sheets,
+                data_bytes=len(text.encode("utf-8")), sheet_bytes=sum(s.bytes for s in sheets),
+                colourings=[c.name for c in scatter.colourings], xlabel=scatter.xlabel, ylabel=scatter.ylabel)
+
+
+def _b64(values: Any, dtype: str) -> str:
+    """An array as base64 of its little-endian bytes (JavaScript reads it back as a typed array)."""
+    return base64.b64encode(np.ascontiguousarray(np.asarray(values).astype(dtype)).tobytes()).decode("ascii")
+
+
+def _codes(codes: np.ndarray, categories: int) -> Dict[str, str]:
+    """Category codes in the smallest signed type that holds them (-1 included), with that type's name."""
+    for name, dtype, top in (("i1", "<i1", 127), ("i2", "<i2", 32767), ("i4", "<i4", 2**31 - 1)):
+        if categories <= top:
+            return {"type": name, "codes": _b64(codes, dtype)}
+    raise ValueError(f"{categories} categories is too many for one colouring")
 
 
 def _table_view(table: Table, table_id: str) -> "_Obj":

@@ -1,0 +1,30 @@
+"""Images decoded again at finalize for a gallery whose members are known only once every image is seen (nearest
+neighbours, likely label issues, error slices, strategy clusters): the model's input as a thumbnail."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from reportgen.inputs.data import decode_image
+from reportgen.inputs.paths import os_name
+from reportgen.report.thumbnails import thumbnail
+
+REDECODE_PIXELS = 1 << 40  # these images already passed dataset.max_pixels in the pass
+
+
+def decode_thumbnail(ctx: Any, path: str, size: Optional[int] = None) -> Optional[np.ndarray]:
+    """The image at `path` (relative to the dataset folder) as the model saw it (resized, cropped), as a (h, w, 3)
+    uint8 thumbnail of `size` (default: report.thumbnail_size); None when it cannot be read now (changed or
+    removed since the pass: the gallery says so)."""
+    if ctx.dataset_root is None:
+        return None
+    try:
+        decoded = decode_image(Path(ctx.dataset_root) / os_name(path), REDECODE_PIXELS)
+        pixels = ctx.loaded.preprocess.to_uint8(decoded)  # (C, H, W) uint8, C = 1 or 3
+    except Exception:
+        return None
+    if pixels.shape[0] == 1:
+        pixels = pixels.repeat(3, 1, 1)  # (3, H, W)
+    return thumbnail(pixels, int(size if size is not None else ctx.report.thumbnail_size))
