@@ -257,3 +257,14 @@ def test_clip_image_tower_default_report_knn_equals_the_plain_protocol(tmp_path)
     want, table = expected_files(features, labels, classes, paths, 20, 0.07, 5)
     assert_same_totals(json.loads((out / "results" / "knn.json").read_text()), want)
     assert_same_rows(read_csv(out / "results" / "neighbours.csv")[1], table, tolerance=1e-4)
+
+
+def test_comparing_a_backbone_run_says_why_not_image_by_image():
+    from reportgen.report.compare_data import RunResults, join_predictions
+
+    backbone = RunResults(run_dir=Path("a"), manifest={"model": {"task": "embedding"}}, predictions=None, totals={},
+                          summary={}, name="dinov2")
+    other = RunResults(run_dir=Path("b"), manifest={"model": {"task": "classification"}}, predictions=None,
+                       totals={}, summary={}, name="resnet")
+    with pytest.raises(RunError, match=r"not classifiers .* dinov2 \(embedding\); comparing backbones' k-NN"):
+        join_predictions([backbone, other])

@@ -192,6 +192,13 @@ def join_predictions(runs: Sequence[RunResults]) -> Joined:
     tables = {r.name: r.predictions for r in runs if r.predictions is not None}
     if len(tables) < len(runs):
         missing = [r.name for r in runs if r.predictions is None]
+        tasks = {r.name: (r.manifest.get("model") or {}).get("task") or "classification" for r in runs}
+        others = {name: tasks[name] for name in missing if tasks[name] != "classification"}
+        if others:
+            raise RunError(f"runs of models that are not classifiers have no predictions to compare image by image: "
+                           + ", ".join(f"{name} ({task})" for name, task in others.items())
+                           + "; comparing backbones' k-NN evaluations is not built yet (each run's results/knn.json "
+                             "holds its accuracy)")
         raise RunError(f"runs without results/predictions.csv cannot be compared image by image: {missing} "
                        f"(run them with the predictions analysis)")
     shared = None
