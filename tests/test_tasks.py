@@ -268,3 +268,22 @@ def test_comparing_a_backbone_run_says_why_not_image_by_image():
                        totals={}, summary={}, name="resnet")
     with pytest.raises(RunError, match=r"not classifiers .* dinov2 \(embedding\); comparing backbones' k-NN"):
         join_predictions([backbone, other])
+
+
+def test_segmentation_checkpoint_with_its_own_class_count_loads_offline(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                       num_classes=5)
+    torch.save(model.state_dict(), tmp_path / "lraspp5.pt")
+    from omegaconf import OmegaConf
+
+    from reportgen.config.schema import ModelConfig
+
+    node = {"source": "checkpoint", "arch": "lraspp_mobilenet_v3_large", "path": str(tmp_path / "lraspp5.pt")}
+    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), node)
+    loaded = load_model(cfg)
+    assert (loaded.task, loaded.class_names) == ("segmentation", [])  # 5 outputs: not VOC's 21 categories
+    assert "num_classes=5 inferred" in " ".join(loaded.notes)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.module.eval()(x)["out"], model.eval()(x)["out"])

@@ -163,7 +163,8 @@ def _backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], int]:
                    else "attention pooling of the patch tokens (SigLIP's head)")
         if "vision_model.head" in names:
             prefix = 0  # SigLIP has no class token
-        return pooling + (", projected to the image-text space" if projected else ""), "model.vision_model.encoder", prefix
+        pooling += ", projected to the image-text space" if projected else ""
+        return pooling, "model.vision_model.encoder", prefix
     if "layernorm" in names:
         pooler = names.get("pooler")
         pooling = ("the class token after the final layernorm" if pooler is None

@@ -277,14 +277,21 @@ def _build_and_load(arch: str, state: Dict[str, torch.Tensor], kwargs: Dict[str,
 
 
 def _classifier_out_features(state, mismatched, expected) -> Optional[int]:
-    """num_classes of the checkpoint when the mismatch is exactly the last layer's weight (and bias)."""
+    """num_classes of the checkpoint when the mismatch is exactly the last layer's weight (and bias), or, for a
+    segmentation head (convolutions: LR-ASPP's two classifiers, DeepLabV3's last conv), when every mismatched tensor
+    differs only in its output size and all by the same number."""
     last_weight = [k for k in expected if k.endswith("weight") and expected[k].dim() == 2][-1:]
-    if not last_weight:
-        return None
-    head = last_weight[0]
-    allowed = {head, head[: -len("weight")] + "bias"}
-    if set(mismatched) <= allowed and head in mismatched and state[head].shape[1:] == expected[head].shape[1:]:
-        return int(state[head].shape[0])
+    if last_weight:
+        head = last_weight[0]
+        allowed = {head, head[: -len("weight")] + "bias"}
+        if set(mismatched) <= allowed and head in mismatched and state[head].shape[1:] == expected[head].shape[1:]:
+            return int(state[head].shape[0])
+    present = [k for k in mismatched if k in state and k in expected]
+    if present and len(present) == len(mismatched) and any(expected[k].dim() == 4 for k in present) and all(
+            state[k].dim() == expected[k].dim() and state[k].shape[1:] == expected[k].shape[1:] for k in present):
+        sizes = {int(state[k].shape[0]) for k in present}
+        if len(sizes) == 1:
+            return sizes.pop()
     return None
 
 

@@ -126,7 +126,8 @@ def _detections(raw: Any, batch: int) -> Optional[List[Dict[str, torch.Tensor]]]
 
 def _field(raw: Any, key: str) -> Any:
     """`raw[key]` of a dict or transformers ModelOutput, else `raw.key`, else None."""
-    if isinstance(raw, dict) or (hasattr(raw, "keys") and hasattr(raw, "__getitem__") and not isinstance(raw, torch.Tensor)):
+    mapping = hasattr(raw, "keys") and hasattr(raw, "__getitem__") and not isinstance(raw, torch.Tensor)
+    if isinstance(raw, dict) or mapping:
         try:
             return raw[key] if key in raw.keys() else None
         except (KeyError, TypeError):
