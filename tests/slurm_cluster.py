@@ -3,7 +3,9 @@ with every state, spool, pid and log file under one folder, and stopped again by
 
 Needs root and Debian's packages (`make system-deps` installs slurmctld slurmd slurm-client munge). The cluster has
 one partition, `debug`, made of this machine (its CPUs and memory as `slurmd -C` reports them), no GPUs, no
-accounting (so no `sacct`: every wait on a job here has a timeout).
+accounting (so no `sacct`: every wait on a job here has a timeout). Its munged is its own, on its own socket
+(slurm.conf's AuthInfo): a cluster of another test session on the same machine, started or stopped meanwhile,
+cannot take the authentication away from this one's daemons, which would silently stop signals and time limits.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,7 +23,6 @@ from typing import Dict, List, Optional
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin")
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "munge", "unmunge")
-MUNGE_SOCKET_DIR = Path("/run/munge")
 MUNGE_KEY = Path("/etc/munge/munge.key")
 
 
@@ -62,6 +64,7 @@ class SlurmCluster:
         self.conf = self.folder / "slurm.conf"
         self.started: List[Path] = []  # pid files of the daemons this cluster started, stopped in reverse order
         self.env: Dict[str, str] = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.munge_dir: Optional[Path] = None  # outside the test's folder: the munge user must reach it
 
     def start(self, timeout_s: float = 60) -> "SlurmCluster":
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +92,9 @@ class SlurmCluster:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         self.started.clear()
+        if self.munge_dir is not None:
+            shutil.rmtree(self.munge_dir, ignore_errors=True)
+            self.munge_dir = None
 
     def run(self, command: List[str], check: bool = True, timeout_s: float = 60) -> subprocess.CompletedProcess:
         """A SLURM client command against this cluster."""
@@ -111,26 +117,35 @@ class SlurmCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def _start_munge(self, timeout_s: float) -> None:
-        if self._munge_works():
-            return  # a munged already runs on this machine: use it, and leave it running
         if not MUNGE_KEY.exists():
             subprocess.run([find_program("mungekey"), "-c", "-f", "-k", str(MUNGE_KEY)], check=True)
             shutil.chown(MUNGE_KEY, "munge", "munge")
             MUNGE_KEY.chmod(0o400)
-        MUNGE_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.chown(MUNGE_SOCKET_DIR, "munge", "munge")
-        pid_file = MUNGE_SOCKET_DIR / "munged.pid"
-        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", find_program("munged")], check=True, timeout=30)
+        self.munge_dir = Path(tempfile.mkdtemp(prefix="reportgen-test-munge-", dir="/run"))
+        shutil.chown(self.munge_dir, "munge", "munge")
+        self.munge_dir.chmod(0o755)  # every client (slurmstepd, srun, sbatch) reaches the socket
+        pid_file = self.munge_dir / "munged.pid"
+        options = [f"--socket={self.munge_socket}", f"--pid-file={pid_file}",
+                   f"--log-file={self.munge_dir / 'munged.log'}", f"--seed-file={self.munge_dir / 'munged.seed'}"]
+        subprocess.run(["su", "-s", "/bin/sh", "munge", "-c", " ".join([find_program("munged"), *options])],
+                       check=True, timeout=30)
         self.started.append(pid_file)
         self._wait(self._munge_works, timeout_s, "munge to answer")
 
+    @property
+    def munge_socket(self) -> Path:
+        return self.munge_dir / "munge.socket"
+
     def _munge_works(self) -> bool:
+        socket_option = f"--socket={self.munge_socket}"
         try:
-            encoded = subprocess.run([find_program("munge"), "-n"], capture_output=True, check=True, timeout=10)
-            decoded = subprocess.run([find_program("unmunge")], input=encoded.stdout, capture_output=True, timeout=10)
+            encoded = subprocess.run([find_program("munge"), "-n", socket_option], capture_output=True, check=True,
+                                     timeout=10)
+            decoded = subprocess.run([find_program("unmunge"), socket_option], input=encoded.stdout,
+                                     capture_output=True, timeout=10)
         except (subprocess.SubprocessError, OSError):
             return False
-        return b"STATUS:          Success" in decoded.stdout or b"Success" in decoded.stdout
+        return b"Success" in decoded.stdout
 
     def _write_conf(self) -> None:
         host = socket.gethostname().split(".")[0]
@@ -146,6 +161,7 @@ class SlurmCluster:
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",
+            f"AuthInfo=socket={self.munge_socket}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",

@@ -1,6 +1,9 @@
 """Stop signals (runs/signals.py): Ctrl-C, SIGTERM and SLURM's time-limit USR2 save the checkpoint at a batch
 boundary and stop with one line; nothing runs inside the model's forward (a handler installed before the run, like
-submitit's requeue, is called afterwards); the same command then ends with an uninterrupted run's results."""
+submitit's requeue, is called afterwards); the same command then ends with an uninterrupted run's results.
+
+These tests set the stop signals to their defaults first (in this process for the test, or in the child), so they
+pass from any shell: a background job of a non-interactive shell inherits SIGINT ignored, which a run respects."""
 import os
 import signal
 import subprocess
@@ -15,6 +18,7 @@ from reportgen.runs.pipeline import run
 from reportgen.runs.signals import RunInterrupted
 from reportgen.state.run_state import load_state
 from tests.helpers import WIDE, compose_config, make_colour_folder
+from tests.processes import STOP_SIGNALS, default_stop_signals
 from tests.run_compare import assert_same_results
 from tests.tiny_models import WideNet
 
@@ -23,12 +27,14 @@ SIGNALLED = {"sent": False}  # once per process: a resumed run in the same proce
 
 
 class SelfSignallingNet(WideNet):
-    """Sends SIGUSR2 to its own process inside its third forward of a batch, as SLURM does at any moment."""
+    """Sends SIGUSR2 to its own process inside its third forward of a pass batch (two noisy images; the task probe's
+    two blank images and the other probes' sizes are not counted, however many probes there are), as SLURM does at
+    any moment."""
 
     forwards = 0
 
     def forward(self, x):
-        if x.shape[0] > 1:
+        if x.shape[0] == 2 and x.flatten(2).std(dim=2).min() > 0:
             SelfSignallingNet.forwards += 1
             if SelfSignallingNet.forwards == 3 and not SIGNALLED["sent"]:
                 SIGNALLED["sent"] = True
@@ -41,6 +47,17 @@ def self_signalling_net() -> SelfSignallingNet:
 
 
 @pytest.fixture
+def default_signals():
+    """The stop signals at Python's defaults for the test (Ctrl-C raises KeyboardInterrupt), restored after."""
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for signum, handler in before.items():
+        signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+@pytest.fixture
 def folder(tmp_path):
     return make_colour_folder(tmp_path / "data", per_class=8, noise=60, seed=2)
 
@@ -49,7 +66,7 @@ def with_batches_of_two(overrides):
     return [o for o in overrides if not o.startswith("runtime.batch_size")] + ["runtime.batch_size=2"]
 
 
-def test_a_signal_inside_the_forward_stops_at_the_batch_boundary_then_hands_over(folder, tmp_path):
+def test_a_signal_inside_the_forward_stops_at_the_batch_boundary_then_hands_over(folder, tmp_path, default_signals):
     overrides = with_batches_of_two([o.replace("tests.tiny_models.wide_net", "tests.test_signals.self_signalling_net")
                                      for o in WIDE]) + [f"dataset.root={folder}", "runtime.checkpoint_every=0"]
     cfg = compose_config(overrides)
@@ -81,7 +98,8 @@ def test_ctrl_c_or_sigterm_to_the_whole_process_group_saves_and_exits_with_one_l
         f"dataset.root={folder}", "runtime.checkpoint_every=3", "runtime.num_workers=2"]
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "run.py", *overrides, f"hydra.run.dir={out}"], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               preexec_fn=default_stop_signals)
     state_file = out / "results" / "state.pt"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None and not state_file.exists():

@@ -27,7 +27,7 @@ from reportgen.inputs.data import ImageFolderDataset, RawBatch, ScanResult, exam
 from reportgen.inputs.tasks import adapt_outputs
 from reportgen.runs.heap import release_free_memory
 from reportgen.runs.job import Job
-from reportgen.runs.signals import at_batch_boundaries, ignore_stop_signals, interruption, stop_requested
+from reportgen.runs.signals import at_batch_boundaries, ignore_stop_signals, interruption, on_stop, stop_requested
 from reportgen.state.files import full_disk_named
 from reportgen.state.run_state import STATE_FILE, RunState, save_state
 
@@ -48,6 +48,7 @@ def run_pass(job: Job, state: RunState) -> float:
     loader = make_loader(dataset, int(runtime.batch_size), int(runtime.num_workers),
                          pin_memory=job.device.type == "cuda")
     loader.worker_init_fn = ignore_stop_signals  # workers leave stopping to this process (runs/signals.py)
+    batches = iter(loader)  # a generator: its workers start with its first batch, and end when it is closed
     labels_lookup = torch.tensor(scan.labels + [-1], dtype=torch.int64)
     strict = bool(runtime.strict)
     every = int(runtime.checkpoint_every)
@@ -57,7 +58,7 @@ def run_pass(job: Job, state: RunState) -> float:
         probe_started = time.perf_counter()
         example = folder_example(job)
         if example is None:  # nothing in the folder decodes: list every failure; the analyses never begin
-            _next_good_batch(iter(loader), scan, state, progress, strict)
+            _next_good_batch(batches, scan, state, progress, strict)
             return 0.0
         begin_analyses(job.analyses, example)
         del example  # its decoded images are not held through the pass
@@ -69,9 +70,9 @@ def run_pass(job: Job, state: RunState) -> float:
         # plain loop over the same loader would be (benchmarks compare the two)
         pass_started, pass_before = time.perf_counter(), state.pass_seconds
         order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # retryable updates first (out of memory)
-        # after begin: what the analyses require may depend on their probes
-        with at_batch_boundaries(), capture_engine_for(job.model, order) as engine:
-            batches = iter(loader)
+        # after begin: what the analyses require may depend on their probes. A stop signal kills the workers at
+        # once (a fetch it interrupts ends with no batch: the batches before it are all processed)
+        with at_batch_boundaries(), on_stop(loader.stop), capture_engine_for(job.model, order) as engine:
             raw = _next_good_batch(batches, scan, state, progress, strict)
             stepper = _Stepper(job, engine, order)
             batches_done = 0
@@ -95,6 +96,7 @@ def run_pass(job: Job, state: RunState) -> float:
         state.pass_seconds = pass_before + time.perf_counter() - pass_started
         return probe_seconds
     finally:
+        batches.close()  # every way out of the pass kills and reaps its workers here, before any exit handler
         progress.close()
 
 

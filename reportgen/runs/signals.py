@@ -9,6 +9,10 @@ so `RunInterrupted` is raised at once.
 
 A handler that was installed before the run (submitit's: dump the job for a requeue, `scontrol requeue`, exit) is
 not lost: `RunInterrupted.hand_over()` calls it after the checkpoint is saved, from run.py, outside the pass.
+
+The pass's decode workers ignore these signals (a terminal or SLURM sends them to every process of the group) and
+are not waited for: the first signal also calls the pass's `on_stop` action, which kills them, whatever they are
+doing, and ends a wait for the next batch, so a stopped run exits after the batch in hand and its checkpoint.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 log = logging.getLogger("reportgen")
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR2") if hasattr(signal, name))
@@ -53,6 +57,7 @@ class _StopRequests:
         self.deferred = False
         self.previous: Dict[int, Any] = {}
         self.owner_pid = 0
+        self.actions: List[Callable[[], None]] = []  # called at once when a signal waits for the batch boundary
 
     def handle(self, signum: int, frame: Any) -> None:
         if os.getpid() != self.owner_pid:
@@ -69,6 +74,8 @@ class _StopRequests:
                                          f"continues this run", self.previous.get(signum))
         log.warning("%s received: stopping after the current batch (checkpoint first)%s", name,
                     "; press Ctrl-C again to stop at once" if signum == signal.SIGINT else "")
+        for action in list(self.actions):
+            action()
 
 
 _STOPS = _StopRequests()
@@ -83,7 +90,7 @@ def stop_signals() -> Iterator[None]:
         yield
         return
     saved = dict(_STOPS.__dict__)
-    _STOPS.received, _STOPS.deferred, _STOPS.owner_pid = None, False, os.getpid()
+    _STOPS.received, _STOPS.deferred, _STOPS.owner_pid, _STOPS.actions = None, False, os.getpid(), []
     ignored = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is signal.SIG_IGN]  # nohup, `&`
     _STOPS.previous = {signum: signal.signal(signum, _STOPS.handle) for signum in STOP_SIGNALS if signum not in ignored}
     try:
@@ -103,6 +110,21 @@ def at_batch_boundaries() -> Iterator[None]:
         yield
     finally:
         _STOPS.deferred = before
+
+
+@contextmanager
+def on_stop(action: Callable[[], None]) -> Iterator[None]:
+    """Inside the block, a stop signal that waits for the batch boundary also calls `action` at once, from the
+    handler, in the main thread (the pass: `IsolatingLoader.stop`, which kills the decode workers and may raise
+    to end a wait for a batch; that exception comes out where the signal interrupted). A signal received before
+    the block calls it on entry."""
+    _STOPS.actions.append(action)
+    try:
+        if _STOPS.received is not None and _STOPS.deferred:
+            action()
+        yield
+    finally:
+        _STOPS.actions.remove(action)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
