@@ -287,3 +287,77 @@ def test_segmentation_checkpoint_with_its_own_class_count_loads_offline(tmp_path
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.module.eval()(x)["out"], model.eval()(x)["out"])
+
+
+def test_transformers_backbones_pool_as_the_model_means_it(tmp_path):
+    """ViTModel: the layer-normed class token, never its pooler (DINO's checkpoints ship none: it would be random);
+    ResNetModel: its pooled map flattened; a fine-tuned CLIPForImageClassification is a classifier, not zero-shot;
+    ViT-MAE (random masking in every forward) is refused with the reason."""
+    transformers = pytest.importorskip("transformers")
+    from reportgen.errors import ModelLoadError
+    from reportgen.inputs.hf_models import model_kind
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                       intermediate_size=64, image_size=28, patch_size=14),
+                                add_pooling_layer=False)
+    vit.save_pretrained(tmp_path / "dino-vit")
+    resnet = transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
+    resnet.save_pretrained(tmp_path / "resnet")
+    node = {"source": "hf", "weights": "DEFAULT"}
+    from omegaconf import OmegaConf
+
+    from reportgen.config.schema import ModelConfig
+
+    x = torch.rand(2, 3, 28, 28)
+    loaded = load_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(node, path=str(tmp_path / "dino-vit"))))
+    assert loaded.task == "embedding" and "pooler" in loaded.pooling
+    with torch.no_grad():
+        assert torch.allclose(loaded.module.eval()(x), vit.eval()(pixel_values=x).last_hidden_state[:, 0], atol=1e-6)
+    loaded = load_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(node, path=str(tmp_path / "resnet"))))
+    with torch.no_grad():
+        assert loaded.module.eval()(x).shape == (2, 16)
+    config = transformers.CLIPConfig()
+    config.architectures = ["CLIPForImageClassification"]
+    assert model_kind(config) == "classifier"
+    config.architectures = ["CLIPModel"]
+    assert model_kind(config) == "zero_shot"
+    mae = transformers.ViTMAEModel(transformers.ViTMAEConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                             intermediate_size=64, image_size=28, patch_size=14))
+    mae.save_pretrained(tmp_path / "mae")
+    with pytest.raises(ModelLoadError, match="masks its patches at random"):
+        load_model(OmegaConf.merge(OmegaConf.structured(ModelConfig), dict(node, path=str(tmp_path / "mae"))))
+
+
+def test_zero_shot_head_scores_in_float32_under_bf16_autocast():
+    from reportgen.inputs.clip_models import ZeroShotClassifier
+
+    class Tower(ZeroShotClassifier):
+        def image_features(self, images):
+            return images.flatten(1)  # (B, D)
+
+    torch.manual_seed(0)
+    head = Tower(torch.nn.functional.normalize(torch.randn(12, 50), dim=0), torch.tensor(100.0))
+    x = torch.randn(4, 3, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(x)
+    assert logits.dtype == torch.float32
+    expected = 100.0 * torch.nn.functional.normalize(x.flatten(1), dim=1) @ head.classifier  # (4, 50) in fp32
+    assert torch.allclose(logits, expected, atol=1e-4)  # bf16 scoring would be off by ~0.1
+
+
+def test_a_forward_that_fails_on_the_probe_and_a_library_task_that_does_not_fit_are_clear(tmp_path):
+    from types import SimpleNamespace
+
+    from reportgen.inputs.tasks import decide_task
+
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise ValueError("needs 5 channels")
+
+    with pytest.raises(RunError, match=r"forward failed on a probe of two blank images .*needs 5 channels"):
+        decide_task("auto", SimpleNamespace(task=None, task_reason=""), Broken(), torch.zeros(2, 3, 8, 8))
+    said = SimpleNamespace(task="embedding", task_reason="its library says so")
+    message = r"library says its task is embedding \(its library says so\).*\(2, 16, 1, 1\)"
+    with pytest.raises(RunError, match=message):
+        decide_task("auto", said, lambda x: torch.zeros(2, 16, 1, 1), torch.zeros(2, 3, 8, 8))

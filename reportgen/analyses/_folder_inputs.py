@@ -73,8 +73,8 @@ def read_predictions(ctx: Any) -> Tuple[Optional[FolderPredictions], str]:
     npy_path = results / PROBABILITIES_FILE
     if not (csv_path.is_file() and json_path.is_file() and npy_path.is_file()):
         return None, ("it reads the predictions analysis's results (predictions.csv, probabilities.npy), which "
-                      "this run does not have: add predictions to the run, e.g. analysis=[predictions,...] (or no "
-                      "image was processed)")
+                      "this run does not have: add predictions to the run, e.g. analysis=[predictions,...], with "
+                      "analysis.predictions.save_probabilities=true (the default) (or no image was processed)")
     mode = str(json.loads(json_path.read_text(encoding="utf-8")).get("activation", "softmax"))
     by_name = {name: index for index, name in enumerate(ctx.dataset_classes)}
     paths: List[str] = []

@@ -68,6 +68,8 @@ class PredictionsConfig:
     top_k: int = 5  # classes listed per image (and top-k accuracy)
     low_confidence: float = 0.5  # top-1 probability under this is flagged as low confidence
     activation: str = "auto"  # auto | softmax | sigmoid (auto: sigmoid for one output or a multi-label head)
+    save_probabilities: bool = True  # results/probabilities.npy, every image's N x K float32 vector (label_issues,
+    #   slices and the explorer read it); false for very large heads or folders (e.g. 21k classes x 1M images)
 
 
 @register("predictions")
@@ -166,10 +168,11 @@ class Predictions(Analysis):
         self.hist_wrong.add(top_probs[evaluated & ~hit1, 0])
         self.hist_unlabelled.add(top_probs[~evaluated, 0])
         self._write_rows(batch, indices, labels, top_idx, top_probs)
-        if self._probs is None:
-            self._probs = RowStore(self.ctx.results_dir / ".predictions", self.ctx.row_capacity,
-                                   {"probabilities": ((self.num_classes,), np.float32)})
-        self._probs.append(batch.paths, probabilities=all_probs)
+        if self.cfg.save_probabilities:
+            if self._probs is None:
+                self._probs = RowStore(self.ctx.results_dir / ".predictions", self.ctx.row_capacity,
+                                       {"probabilities": ((self.num_classes,), np.float32)})
+            self._probs.append(batch.paths, probabilities=all_probs)
         for row, index in enumerate(indices):
             p1 = float(top_probs[row, 0])
             candidates = [(self.first, -float(index)), (self.least_confident, -p1 if np.isfinite(p1) else 1.0)]

@@ -51,9 +51,11 @@ class ZeroShotClassifier(torch.nn.Module):
         raise NotImplementedError
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = F.normalize(self.image_features(images), dim=-1)  # (B, D)
-        logits = self.scale * (features @ self.classifier.to(features.dtype))  # (B, K)
-        return logits + self.bias if self.bias is not None else logits
+        features = self.image_features(images).float()  # (B, D); the tower may run in bf16/fp16 under autocast
+        with torch.autocast(features.device.type, enabled=False):  # scale x cosine (~25-100) in fp32: in bf16 its
+            features = F.normalize(features, dim=-1)  # rounding (~0.25) ties and swaps close classes
+            logits = self.scale * (features @ self.classifier)  # (B, K)
+            return logits + self.bias if self.bias is not None else logits
 
 
 class OpenClipZeroShot(ZeroShotClassifier):

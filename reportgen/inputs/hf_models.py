@@ -39,18 +39,23 @@ class HFClassifier(torch.nn.Module):
 
 
 class HFBackbone(torch.nn.Module):
-    """Calls a transformers image backbone (Dinov2Model, ViTModel, CLIPVisionModel, ...) with `pixel_values` and
-    returns its pooled embedding (B, D): `image_embeds` where the model projects (CLIP's `...WithProjection`), else
-    `pooler_output`, as the model itself pools."""
+    """Calls a transformers image backbone (Dinov2Model, ViTModel, CLIPVisionModel, ResNetModel, ...) with
+    `pixel_values` and returns its embedding (B, D), read as `pool` says (decided at load by `_backbone_facts`):
+    `image_embeds` (CLIP's `...WithProjection`), `pooler_output` (DINOv2, CLIP, BEiT, ConvNeXt; a (B, C, 1, 1)
+    pooled map, as ResNet's, flattened) or `class_token` (the first token of `last_hidden_state`, after the final
+    layernorm: ViT's pooler is a dense + tanh that DINO's and MSN's checkpoints do not train or ship)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, pool: str = "pooler_output"):
         super().__init__()
         self.model = model
+        self.pool = pool
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=pixel_values)
-        embeds = getattr(out, "image_embeds", None)
-        return embeds if embeds is not None else out.pooler_output  # (B, D)
+        if self.pool == "class_token":
+            return out.last_hidden_state[:, 0]  # (B, D)
+        pooled = getattr(out, self.pool)  # (B, D), or (B, C, 1, 1) for CNN backbones
+        return pooled.flatten(1) if pooled.dim() == 4 and pooled.shape[2:] == (1, 1) else pooled
 
 
 ZERO_SHOT_TYPES = {"clip", "siglip", "siglip2"}  # image-text models: zero-shot classifiers of the folder's classes
@@ -60,9 +65,11 @@ def model_kind(config: Any) -> str:
     """`zero_shot` (CLIPModel, SiglipModel), `backbone` (a `...Model` / `...VisionModel...` without a head) or
     `classifier`, from the config's model type and the architectures save_pretrained recorded."""
     model_type = str(getattr(config, "model_type", ""))
+    architectures = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForImageClassification") for a in architectures):  # fine-tuned, CLIP's and SigLIP's too
+        return "classifier"
     if model_type in ZERO_SHOT_TYPES:
         return "zero_shot"
-    architectures = list(getattr(config, "architectures", None) or [])
     if model_type.endswith("_vision_model") or any(a.endswith(("Model", "ModelWithProjection"))
                                                     for a in architectures):
         return "backbone"
@@ -140,9 +147,9 @@ def _load_backbone(transformers: Any, cfg: DictConfig, folder: Path, label: str,
     config = module.config
     channels = int(getattr(config, "num_channels", 3) or 3)
     base, notes = processor_preprocess(folder, channels, cfg.preprocess, getattr(config, "image_size", None))
-    pooling, token_layer, prefix = _backbone_facts(module)
+    pooling, token_layer, prefix, pool = _backbone_facts(module)
     return LoadedModel(
-        module=HFBackbone(module), name=label, source="hf", library="transformers",
+        module=HFBackbone(module, pool), name=label, source="hf", library="transformers",
         weights=f"pretrained {weights_file.name}" if weights_file is not None else "random initialisation",
         weights_file=str(weights_file) if weights_file is not None else None, random_init=weights_file is None,
         preprocess=Preprocess.resolve(cfg.preprocess, base, source="the image processor config"),
@@ -151,12 +158,17 @@ def _load_backbone(transformers: Any, cfg: DictConfig, folder: Path, label: str,
         pooling=pooling, token_layer=token_layer, prefix_tokens=prefix)
 
 
-def _backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], int]:
-    """(how the backbone pools, the module whose output is its final (B, prefix + N, D) tokens, prefix tokens),
-    with names as they are inside HFBackbone (`model.` + the transformers module's own names)."""
+def _backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], int, str]:
+    """(how the backbone pools, the module whose output is its final (B, prefix + N, D) tokens, prefix tokens, which
+    output HFBackbone returns), with names as they are inside HFBackbone (`model.` + the module's own names)."""
     config = module.config
     names = dict(module.named_modules())
+    kind = type(module).__name__
     prefix = 1 + int(getattr(config, "num_register_tokens", 0) or 0)  # class token + DINOv2's registers
+    if kind.startswith("ViTMAE"):
+        raise ModelLoadError(f"{kind} shuffles and masks its patches at random in every forward (mask_ratio "
+                             f"{getattr(config, 'mask_ratio', '?')}), so its embeddings would change from run to run: "
+                             f"not supported as a backbone. Load its encoder weights into a ViTModel instead")
     if "vision_model.encoder" in names:  # CLIP / SigLIP towers: post_layernorm sees only the pooled token
         projected = "visual_projection" in names
         pooling = ("the class token after post_layernorm" if "vision_model.head" not in names
@@ -164,15 +176,16 @@ def _backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], int]:
         if "vision_model.head" in names:
             prefix = 0  # SigLIP has no class token
         pooling += ", projected to the image-text space" if projected else ""
-        return pooling, "model.vision_model.encoder", prefix
-    if "layernorm" in names:
-        pooler = names.get("pooler")
-        pooling = ("the class token after the final layernorm" if pooler is None
-                   else "the class token after the final layernorm, then the pooler's dense layer and tanh")
-        if type(module).__name__.startswith("Dinov2"):
-            pooling = "the class token after the final layernorm"
-        return pooling, "model.layernorm", prefix
-    return "the model's pooler_output", None, prefix
+        return pooling, "model.vision_model.encoder", prefix, "image_embeds" if projected else "pooler_output"
+    pooler = names.get("pooler")
+    if "layernorm" in names and (pooler is None or hasattr(pooler, "dense")):  # ViT, DeiT, MSN, DINO, DINOv2
+        why = "" if pooler is None else " (the pooler's dense layer and tanh are left out: DINO's and MSN's " \
+                                         "checkpoints do not train or ship them)"
+        pool = "pooler_output" if kind.startswith("Dinov2") else "class_token"  # DINOv2's pooler_output is that
+        return "the class token after the final layernorm" + why, "model.layernorm", prefix, pool
+    if pooler is not None:  # BEiT's mean of the patch tokens, ConvNeXt's and ResNet's pooled feature map
+        return f"the model's pooler_output ({type(pooler).__name__})", None, prefix, "pooler_output"
+    return "the class token of the last hidden state", None, prefix, "class_token"
 
 
 def _locate(cfg: DictConfig) -> Tuple[Path, str, Optional[Path]]:

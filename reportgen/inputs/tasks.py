@@ -140,8 +140,12 @@ def decide_task(requested: Any, loaded: Any, model: torch.nn.Module, example: to
     forward. The probe forward on `example` (two blank images) runs in every case, so an output that fits no task, or
     not the task named, stops here, before the pass, with what was seen."""
     requested = getattr(requested, "value", requested) or ModelTask.auto.value
-    with torch.no_grad():
-        raw = model(example)
+    try:
+        with torch.no_grad():
+            raw = model(example)
+    except Exception as exc:
+        raise RunError(f"the model's forward failed on a probe of two blank images {tuple(example.shape)} (before "
+                       f"any file was read): {type(exc).__name__}: {exc}") from exc
     seen = task_from_output(raw, int(example.shape[0]))
     if requested != ModelTask.auto.value:
         task, reason = requested, "set by model.task"
@@ -154,5 +158,13 @@ def decide_task(requested: Any, loaded: Any, model: torch.nn.Module, example: to
                        f"{describe_output(raw)}. Expected (batch, classes) scores, (batch, dimensions) features, "
                        f"(batch, classes, height, width) logits or one dict of boxes, labels and scores per image; "
                        f"set model.task to one of {TASKS} if the model's output is one of these")
-    adapt_outputs(task, raw, int(example.shape[0]))  # raises with what was seen when the output does not fit
+    try:
+        adapt_outputs(task, raw, int(example.shape[0]))  # raises with what was seen when the output does not fit
+    except RunError as exc:
+        if requested != ModelTask.auto.value:
+            raise
+        raise RunError(f"the model's library says its task is {task} ({reason}), but a probe forward on "
+                       f"{tuple(example.shape)} returned {describe_output(raw)}, which is not what a {task} model "
+                       f"returns. If the output is one of {TASKS}'s, set model.task; otherwise this model is not "
+                       f"supported") from exc
     return task, reason

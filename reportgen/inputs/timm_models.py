@@ -96,6 +96,8 @@ def timm_backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], in
         pooling = {"token": "the class token", "avg": "the mean of the patch tokens",
                    "avgmax": "the mean and max of the patch tokens", "max": "the max of the patch tokens",
                    "map": "attention pooling (a learned query)", "": "no pooling (every token)"}.get(pool, pool)
+        if pool == "token" and getattr(module, "dist_token", None) is not None:
+            pooling = "the mean of the class and distillation tokens"  # DeiT distilled's own forward_head
         if pool == "avg" and "fc_norm" in names and not isinstance(names["fc_norm"], torch.nn.Identity):
             pooling += ", then fc_norm"
         return pooling + " (timm global_pool=" + repr(pool) + ")", tokens, prefix
