@@ -146,3 +146,16 @@ def placeholder(ctx: Any) -> np.ndarray:
     """A grey (s, s, 3) tile for an image that could not be read again."""
     size = int(ctx.report.thumbnail_size)
     return np.full((size, size, 3), 128, dtype=np.uint8)
+
+
+def single_label_predictions(ctx: Any, nothing: str, needs: str) -> Tuple[Optional[FolderPredictions], str]:
+    """(this run's predictions, "") when they are one softmax (or binary) distribution per image; else (None, the
+    line the section shows instead): `nothing` names what is missing ("label issues"), `needs` who needs a single
+    distribution ("confident learning needs")."""
+    data, why = read_predictions(ctx)
+    if data is None:
+        return None, f"No {nothing}: {why}."
+    if data.mode == "multi-label":
+        return None, (f"Not applicable because the head is multi-label (independent sigmoid probabilities): {needs} "
+                      f"one probability distribution over the classes per image.")
+    return data, ""

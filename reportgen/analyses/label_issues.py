@@ -35,8 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from reportgen.analyses._folder_inputs import (FolderPredictions, placeholder, read_predictions,
-                                               require)
+from reportgen.analyses._folder_inputs import (FolderPredictions, placeholder, single_label_predictions, require)
 from reportgen.analyses._redecode import decode_thumbnail
 from reportgen.analyses.base import Analysis, RunContext, register
 from reportgen.errors import ConfigError
@@ -97,14 +96,9 @@ class LabelIssues(Analysis):
 
     def finalize(self) -> Optional[Section]:
         section = Section(id="label-issues", title=self.title)
-        data, why = read_predictions(self.ctx)
+        data, instead = single_label_predictions(self.ctx, "label issues", "confident learning needs")
         if data is None:
-            section.elements.append(Text(f"No label issues: {why}."))
-            return section
-        if data.mode == "multi-label":
-            section.elements.append(Text("Not applicable because the head is multi-label (independent sigmoid "
-                                         "probabilities): confident learning needs one probability distribution "
-                                         "over the classes per image."))
+            section.elements.append(Text(instead))
             return section
         if not self.ctx.dataset_classes:
             section.elements.append(Text("The folder has no class subfolders, so there are no labels to check."))

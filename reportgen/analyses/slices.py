@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from reportgen.analyses._folder_inputs import (FolderPredictions, copy_embeddings, placeholder,
-                                               read_predictions, require)
+from reportgen.analyses._folder_inputs import (FolderPredictions, copy_embeddings, placeholder, require,
+                                               single_label_predictions)
 from reportgen.analyses._redecode import decode_thumbnail
 from reportgen.analyses._folder_math import entropy, gather_rows, mistakenness, nearest_distances, uniqueness
 from reportgen.analyses.base import Analysis, RunContext, register
@@ -107,14 +107,10 @@ class Slices(Analysis):
 
     def finalize(self) -> Optional[Section]:
         section = Section(id="slices", title=self.title)
-        data, why = read_predictions(self.ctx)
+        data, instead = single_label_predictions(self.ctx, "error slices",
+                                                 "hardness, mistakenness and a top-1 error need")
         if data is None:
-            section.elements.append(Text(f"No error slices: {why}."))
-            return section
-        if data.mode == "multi-label":
-            section.elements.append(Text("Not applicable because the head is multi-label (independent sigmoid "
-                                         "probabilities): hardness, mistakenness and a top-1 error need one "
-                                         "probability distribution over the classes per image."))
+            section.elements.append(Text(instead))
             return section
         finite, hardness, gap = self._probability_scores(data)
         evaluated = finite & (data.targets >= 0)  # (N,) labelled, matching a column, finite probabilities

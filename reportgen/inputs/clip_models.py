@@ -13,6 +13,7 @@ normalised image embedding against that classifier: logits = the model's logit s
 """
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from reportgen.errors import ConfigError, ModelLoadError
+from reportgen.inputs.hf_models import architecture_class, build_eager, processor_preprocess
 from reportgen.inputs.hub_cache import require
 from reportgen.inputs.labels import WORDNET_ID, imagenet_1k, read_labels_file
 from reportgen.inputs.loaded_model import LoadedModel
@@ -35,7 +37,7 @@ SIGLIP_NOTE = ("SigLIP was trained with a sigmoid per class (probability = sigmo
 OPEN_CLIP_RESIZE = {"shortest": "center", "squash": "squash", "longest": "border"}
 
 
-class ZeroShotClassifier(torch.nn.Module):
+class ZeroShotClassifier(torch.nn.Module, abc.ABC):
     """(B, C, H, W) normalised images -> (B, K) logits = scale x cosine(image embedding, class embedding) (+ bias).
 
     Subclasses hold the image tower as submodules and define `image_features`; the (D, K) text classifier, the logit
@@ -47,8 +49,9 @@ class ZeroShotClassifier(torch.nn.Module):
         self.register_buffer("scale", scale.detach().float().reshape(()).clone())  # () = exp(logit_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().float().reshape(()).clone())  # ()
 
+    @abc.abstractmethod
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B, C, H, W) normalised images -> (B, D) image embeddings, before normalising (the library's own tower)."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.image_features(images).float()  # (B, D); the tower may run in bf16/fp16 under autocast
@@ -335,8 +338,6 @@ def load_hf_zero_shot(cfg: DictConfig, folder: Path, label: str, weights_file: O
                       folder_classes: Sequence[str] = ()) -> LoadedModel:
     """A transformers CLIP / SigLIP save_pretrained folder (tokenizer files in it) as a zero-shot classifier."""
     transformers = require("transformers", "hf", "model=hf (Hugging Face transformers)")
-    from reportgen.inputs.hf_models import processor_preprocess
-
     names, synsets, classes_from = zero_shot_classes(cfg, folder_classes)
     templates, kind = zero_shot_prompts(cfg.get("prompts"))
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
@@ -370,15 +371,11 @@ def _hf_model(transformers: Any, config: Any, folder: Path, label: str, weights_
               kwargs: Dict[str, Any]) -> torch.nn.Module:
     """The image-text model (its own class from config.architectures, else AutoModel), eager attention so the image
     tower's attention weights exist, in eval mode."""
-    architectures = list(getattr(config, "architectures", None) or [])
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    model_class = architecture_class(transformers, config)
     if model_class is None or not hasattr(model_class, "get_text_features"):
         model_class = transformers.AutoModel
     try:
-        if weights_file is None:
-            model = model_class.from_config(config, attn_implementation="eager")
-        else:
-            model = model_class.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+        model = build_eager(model_class, config, folder, weights_file, kwargs)
     except (OSError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"transformers could not load {label}: {type(exc).__name__}: {exc}") from exc
     for part in ("vision_model", "logit_scale", "get_text_features"):

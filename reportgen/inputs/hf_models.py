@@ -96,13 +96,9 @@ def load_hf(cfg: DictConfig) -> LoadedModel:
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
     if kind == "backbone":
         return _load_backbone(transformers, cfg, folder, label, weights_file, kwargs)
-    auto = transformers.AutoModelForImageClassification
     try:
-        if weights_file is None:
-            config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
-            module = auto.from_config(config, attn_implementation="eager")
-        else:
-            module = auto.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+        config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs) if weights_file is None else None
+        module = build_eager(transformers.AutoModelForImageClassification, config, folder, weights_file, kwargs)
     except ValueError as exc:  # a config whose model type has no image-classification class
         raise ModelLoadError(f"transformers cannot build an image classifier from {label}: {exc}\n"
                              f"  model=hf takes models of AutoModelForImageClassification (ViT, DeiT, BEiT, ConvNeXt, "
@@ -129,19 +125,29 @@ def load_hf(cfg: DictConfig) -> LoadedModel:
     )
 
 
+def build_eager(model_class: Any, config: Any, folder: Path, weights_file: Optional[Path],
+                kwargs: Dict[str, Any]) -> torch.nn.Module:
+    """`model_class` from `folder` with eager attention (so attention weights exist): random from `config` without a
+    weights file, else pretrained. The caller turns the libraries' errors into its own message."""
+    if weights_file is None:
+        return model_class.from_config(config, attn_implementation="eager")
+    return model_class.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+
+
+def architecture_class(transformers: Any, config: Any) -> Any:
+    """The transformers class save_pretrained recorded (config.architectures[0]), or None."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    return getattr(transformers, architectures[0], None) if architectures else None
+
+
 def _load_backbone(transformers: Any, cfg: DictConfig, folder: Path, label: str, weights_file: Optional[Path],
                    kwargs: Dict[str, Any]) -> LoadedModel:
     """A transformers image backbone (task embedding), built with its own class (config.architectures) or AutoModel,
     eager attention so its attention weights exist."""
     config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
-    architectures = list(getattr(config, "architectures", None) or [])
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    model_class = model_class or transformers.AutoModel
+    model_class = architecture_class(transformers, config) or transformers.AutoModel
     try:
-        if weights_file is None:
-            module = model_class.from_config(config, attn_implementation="eager")
-        else:
-            module = model_class.from_pretrained(str(folder), attn_implementation="eager", **kwargs)
+        module = build_eager(model_class, config, folder, weights_file, kwargs)
     except (OSError, TypeError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(f"transformers could not load the backbone {label}: {type(exc).__name__}: {exc}") from exc
     config = module.config
