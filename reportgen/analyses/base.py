@@ -152,7 +152,6 @@ class NotApplicable(Analysis):
         self.section_title = analysis.title or analysis.name
 
 
-
 def not_applicable_section(stand_ins: Sequence[NotApplicable]) -> List["Section"]:
     """One section listing the analyses asked for that do not apply to this model's task, a line each (none when
     every analysis applies)."""
@@ -164,6 +163,7 @@ def not_applicable_section(stand_ins: Sequence[NotApplicable]) -> List["Section"
     return [Section(id="not-applicable", title="Not applicable to this model",
                     summary=f"{len(rows)} of the analyses asked for do not apply to this model's task",
                     elements=[Table(columns=["analysis", "why"], rows=rows)])]
+
 
 def finalize_order(analyses: Sequence[Analysis]) -> List[Analysis]:
     """The analyses in config order, except that one reading another's results files (`reads`) comes after it."""
