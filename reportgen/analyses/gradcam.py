@@ -19,6 +19,10 @@ Default target layer, per family (`default_target_layer`):
   `stages`, timm Swin -> `layers`, transformers ConvNeXt -> `...encoder.stages.3`).
 A layer whose output is not a grid is never used: chosen by `layer`, it is a config error; when the model has no
 spatial layer to default to, the section says so and names `analysis.gradcam.layer`.
+
+Maps that say nothing are counted and named in an alert, not drawn as if they were normal: all-zero maps (and,
+among them, those whose gradient is zero everywhere: the score does not depend on the layer, e.g. torchvision's
+zero-initialised ViT head with random weights) and maps with NaN or Inf.
 """
 from __future__ import annotations
 
@@ -124,7 +128,8 @@ class GradCAM(Analysis):
     Config = GradCAMConfig
     title = "Grad-CAM"
     tasks = frozenset({"classification"})
-    why_not = "Grad-CAM explains one class score per image, and they output none"
+    why_not = ("Grad-CAM explains one class score per image, and they output none (a segmentation model's class "
+               "explanations are in its Segmentation section)")
     oom_safe = True  # gradients, maps and softmax are computed before any state changes
 
     @classmethod
@@ -150,7 +155,9 @@ class GradCAM(Analysis):
         self.class_sum: Dict[int, np.ndarray] = {}  # target class -> sum of normalised CAMs
         self.class_count: Dict[int, int] = {}
         self.gallery = BoundedTop(int(ctx.report.gallery_size))
-        self.nonfinite = 0
+        self.nonfinite = 0  # images whose map holds NaN or Inf
+        self.zero = 0  # images whose map is all zero (finite)
+        self.zero_grad = 0  # ... of which the gradient w.r.t. the layer is zero everywhere
 
     def begin(self, example: Batch) -> None:
         model = self.ctx.model
@@ -201,10 +208,14 @@ class GradCAM(Analysis):
         confidence, predicted = probs.max(dim=1)  # (B,)
         normalised = normalise_maps(cams)  # (B, h, w) in [0, 1]
         finite = torch.isfinite(cams).flatten(1).all(dim=1)  # (B,)
+        zero = finite & (cams == 0).flatten(1).all(dim=1)  # (B,)
+        no_grad = (grads == 0).flatten(1).all(dim=1)  # (B,) the score does not depend on the layer
         cams_np, norm_np = cams.cpu().numpy().astype(np.float32), normalised.cpu().numpy()
         targets_np, conf_np = targets.cpu().numpy(), confidence.cpu().numpy()
         predicted_np, labels_np = predicted.cpu().numpy(), batch.labels.cpu().numpy()
         self.nonfinite += int((~finite).sum().item())
+        self.zero += int(zero.sum().item())
+        self.zero_grad += int((zero & no_grad).sum().item())
         if self.store is None:
             self.grid = tuple(cams_np.shape[1:])
             self.store = RowStore(self.ctx.results_dir / ".gradcam", self.ctx.row_capacity,
@@ -234,6 +245,19 @@ class GradCAM(Analysis):
             return f"tokens on the {tokens.grid[0]}×{tokens.grid[1]} patch grid{prefix}"
         return "feature map (B, C, h, w)"
 
+    def _zero_text(self) -> str:
+        """The all-zero alert: how many, and the likely reason for each kind."""
+        text = f"{self.zero} of {self.count} Grad-CAM maps are all zero, so they show nothing."
+        if self.zero_grad:
+            text += (f" {self.zero_grad} of them because the gradient of the target score with respect to "
+                     f"{self.layer} is zero everywhere: the score does not depend on the target layer (a "
+                     f"zero-initialised or untrained head gives zero gradients, as torchvision's ViT head has with "
+                     f"random weights; or the class score no longer sees the image after this layer).")
+        if self.zero - self.zero_grad:
+            text += (f" {self.zero - self.zero_grad} because the weighted sum is negative at every location and the "
+                     f"CAM's ReLU removes it: at this layer the image holds evidence against the target class only.")
+        return text
+
     def _targets(self, batch: Batch, logits: torch.Tensor) -> torch.Tensor:
         predicted = logits.detach().argmax(dim=1)  # (B,)
         if self.fixed_class is not None:
@@ -252,11 +276,14 @@ class GradCAM(Analysis):
     def state_dict(self) -> Dict[str, Any]:
         return {"layer": self.layer, "layout": self.layout, "missing": self.missing, "count": self.count,
                 "class_sum": self.class_sum, "class_count": self.class_count, "gallery": self.gallery,
-                "nonfinite": self.nonfinite, "grid": self.grid, "store": self.store.ref() if self.store is not None else None}
+                "nonfinite": self.nonfinite, "zero": self.zero, "zero_grad": self.zero_grad, "grid": self.grid,
+                "store": self.store.ref() if self.store is not None else None}
 
     def merge(self, state: Dict[str, Any]) -> None:
         self.count += state["count"]
         self.nonfinite += state["nonfinite"]
+        self.zero += state.get("zero", 0)  # states saved before these counts existed have none
+        self.zero_grad += state.get("zero_grad", 0)
         self.grid = self.grid or state["grid"]
         self.layout = self.layout or state["layout"]
         self.missing = self.missing or state["missing"]
@@ -287,13 +314,18 @@ class GradCAM(Analysis):
             ("colour scale", f"each map min-max normalised to [0, 1], colormap {HEATMAP_CMAP} (bright = more)"),
         ]))
         if self.nonfinite:
-            section.alerts.append(Alert("error", f"{self.nonfinite} Grad-CAM maps contain NaN or Inf (shown as 0)"))
+            section.alerts.append(Alert("error", f"{self.nonfinite} of {self.count} Grad-CAM maps contain NaN or Inf "
+                                                 f"(shown as 0), from the target layer's output or its gradient"))
+        if self.zero:
+            section.alerts.append(Alert("warning", self._zero_text()))
         items = []
         for _, _, item in self.gallery.items():
             lines = [f"target: {names[item['target']]}",
                      f"predicted: {names[item['predicted']]} {item['confidence']:.1%}"]
             if item["label"] >= 0:
                 lines.insert(0, f"label: {self.ctx.dataset_classes[item['label']]}")
+            if not item["cam"].any():
+                lines.append("map all zero: nothing to show")
             status = "neutral" if item["expected"] < 0 else ("bad" if item["wrong"] else "ok")
             cam = torch.from_numpy(item["cam"])  # (h, w) raw map
             thumb = thumbnail(item["image"], int(self.ctx.report.thumbnail_size))

@@ -1,9 +1,13 @@
 """`summary`: the architecture as a per-module-call table with shapes, parameters and true FLOPs.
 
 One probe forward of a single image runs under `torch.utils.flop_counter.FlopCounterMode`, so matmuls inside
-attention count (torchinfo's module-based MACs miss them). Each module call gets its own row: a pre-hook reads the
-running FLOP total, the post-hook takes the difference, so a reused module's calls are counted separately and
-exactly. Parameters are counted once per tensor, so tied weights are not double counted.
+attention count (torchinfo's module-based MACs miss them). Counted: matrix multiplies, convolutions and attention,
+1 multiply-add = 2 FLOPs; not counted: element-wise ops, norms, softmax, pooling, bias adds. The probe runs with
+nn.MultiheadAttention's fused fast path off and formulas for the CPU attention kernels (see `_flops`), and with
+frozen parameters (FlopCounterMode's module tracker fails on no_grad views of parameters, timm PiT / CaiT); an
+attention- or matmul-like op it still has no formula for is named in an alert. Each module call gets its own row: a
+pre-hook reads the running FLOP total, the post-hook takes the difference, so a reused module's calls are counted
+separately and exactly. Parameters are counted once per tensor, so tied weights are not double counted.
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from reportgen.analyses._flops import COUNTED, counting, flop_counter
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.engine.capture import ModuleProbe, shape_text
 from reportgen.report.elements import Alert, KeyValues, Section, Table, Text
@@ -51,11 +56,12 @@ def _flops_so_far(counter: FlopCounterMode) -> int:
     return int(sum(counter.flop_counts["Global"].values()))
 
 
-def profile_modules(model: nn.Module, example: torch.Tensor) -> tuple[List[Dict[str, Any]], int]:
-    """Rows (one per module call, in call order) and the total FLOPs of one forward of `example`."""
+def profile_modules(model: nn.Module, example: torch.Tensor) -> tuple[List[Dict[str, Any]], int, Dict[str, int]]:
+    """Rows (one per module call, in call order), the total FLOPs of one forward of `example`, and {op: calls} of
+    the attention- or matmul-like ops that ran without a FLOP formula (empty when the total is complete)."""
     rows: List[Dict[str, Any]] = []
     started: Dict[str, tuple] = {}  # call key -> (its row, FLOPs counted when it started)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     params = {id(m): count_parameters(m) for m in model.modules()}
 
     def start(key: str, name: str, module: nn.Module, args: Any) -> None:
@@ -71,9 +77,9 @@ def profile_modules(model: nn.Module, example: torch.Tensor) -> tuple[List[Dict[
         row["flops"] = _flops_so_far(counter) - flops_before
         row["output_bytes"] = _bytes(output)
 
-    with ModuleProbe(model, start, end), torch.no_grad(), counter:
+    with ModuleProbe(model, start, end, freeze=True), torch.no_grad(), counting(counter) as uncounted:
         model(example)
-    return rows, _flops_so_far(counter)
+    return rows, _flops_so_far(counter), dict(sorted(uncounted.items()))
 
 
 @register("summary")
@@ -96,8 +102,10 @@ class Summary(Analysis):
             "params": total, "trainable_params": trainable, "param_bytes": param_bytes, "buffer_bytes": buffers,
         }
         try:
-            self.rows, flops = profile_modules(model, example.inputs[:1])
+            self.rows, flops, uncounted = profile_modules(model, example.inputs[:1])
             self.totals["flops_per_image"] = flops
+            if uncounted:
+                self.totals["flops_uncounted_ops"] = uncounted
         except Exception as exc:  # a model FlopCounterMode cannot trace still gets its parameter counts
             self.error = f"{type(exc).__name__}: {exc}"
         self._write_results()
@@ -134,6 +142,13 @@ class Summary(Analysis):
         if flops is not None:
             facts.append(("FLOPs per image", f"{flops:,} ({flops / 1e9:.3g} G; 1 multiply-add = 2 FLOPs)"))
         section.elements.append(KeyValues(facts))
+        if flops is not None:
+            section.elements.append(Text(f"FLOPs counted (torch.utils.flop_counter, one image): {COUNTED}."))
+        uncounted = t.get("flops_uncounted_ops") or {}
+        if uncounted:
+            ops = ", ".join(f"{op} ({calls} calls)" for op, calls in uncounted.items())
+            section.alerts.append(Alert("warning", f"The FLOP count is low: {ops} ran without a FLOP formula, so "
+                                                   f"their multiply-adds are not in it"))
         if self.error:
             section.alerts.append(Alert("warning", f"Per-module profiling failed, only totals are shown: "
                                                    f"{self.error}"))

@@ -25,9 +25,11 @@ Streamed layers: a layer's consumers (`streamed`) are called inside its forward 
 (batch, call key, output): they reduce the output there and then, so the pass keeps no copy of it (the largest
 stage output of a CNN is several times the input batch) and a later in-place op cannot change what they saw.
 
-Gradients cheaply: a hooked layer whose gradient is wanted returns
-`output.detach().requires_grad_()`, so autograd records only the part of the network after it, and
-`torch.autograd.grad(score, captures[layer])` differentiates just that head.
+Gradients cheaply: a hooked layer whose gradient is wanted captures the leaf `output.detach().requires_grad_()`
+and returns a copy of it (`leaf.clone()`), so autograd records only the part of the network after it, and
+`torch.autograd.grad(score, captures[layer])` differentiates just that head. The copy, not the leaf, goes on into
+the model: autograd forbids in-place ops on a leaf (torchvision densenet's `F.relu(features, inplace=True)`,
+squeezenet's ReLU(inplace=True), timm twins' `x += ...`), and the captured values stay the layer's output.
 """
 from __future__ import annotations
 
@@ -267,7 +269,10 @@ class CaptureEngine(_ModelHooks):
                 torch.set_grad_enabled(True)  # the rest of the forward is recorded (forward_mode restores the mode)
                 leaf = output.detach().requires_grad_()  # gradients flow from here to the score only
                 self.captures.tensors[key] = leaf
-                return leaf
+                # the model goes on with a differentiable copy: an in-place op after the layer (densenet's
+                # F.relu(features, inplace=True), twins' `x += ...`) may not touch a leaf, and must not change
+                # the captured values; the copy's gradient reaches the leaf unchanged
+                return leaf.clone()
             # clone: a later in-place op (e.g. ReLU(inplace=True)) must not overwrite what was captured
             self.captures.tensors[key] = tensor.detach().clone()
             return None
@@ -362,25 +367,31 @@ class ModuleProbe(_ModelHooks):
     Every submodule is hooked once, under its first name (as named_modules and torch.fx name it); `modules`
     narrows that to some names. Inside the block the model is in eval mode (a probe must not update batch-norm
     statistics); with `requires_grad=True` every floating parameter requires grad, so an autograd graph reaches all
-    of them. On exit, on every path, the hooks are removed and the mode and each `requires_grad` restored.
+    of them; with `freeze=True` none does, so nothing in the forward requires grad (FlopCounterMode's module tracker
+    fails on a parameter's view made under no_grad, e.g. timm PiT's and CaiT's expanded class token). On exit, on
+    every path, the hooks are removed and the mode and each `requires_grad` restored.
     TorchScript modules take no Python hooks: nothing is reported for them."""
 
     def __init__(self, model: nn.Module, on_start: Optional[StartCallback] = None,
                  on_end: Optional[EndCallback] = None, modules: Optional[Iterable[str]] = None,
-                 requires_grad: bool = False):
+                 requires_grad: bool = False, freeze: bool = False):
         super().__init__(model)
+        if requires_grad and freeze:
+            raise ValueError("ModuleProbe: requires_grad=True and freeze=True exclude each other")
         self.on_start, self.on_end = on_start, on_end
         self.wanted = None if modules is None else set(modules)
         self.requires_grad = requires_grad
+        self.freeze = freeze
 
     def __enter__(self) -> "ModuleProbe":
         return super().__enter__()
 
     def _setup(self) -> None:
-        if self.requires_grad:
-            for param, _ in self._flags:
-                if param.is_floating_point() or param.is_complex():
-                    param.requires_grad_(True)
+        for param, _ in self._flags:
+            if self.freeze:
+                param.requires_grad_(False)
+            elif self.requires_grad and (param.is_floating_point() or param.is_complex()):
+                param.requires_grad_(True)
         if not isinstance(self.model, torch.jit.ScriptModule):
             for name, module in self.model.named_modules():
                 if name and (self.wanted is None or name in self.wanted):
