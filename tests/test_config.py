@@ -19,7 +19,8 @@ def test_default_config_validates_with_the_demo_analyses():
     cfg = compose_config([])
     typed = validate(cfg)
     assert list(typed) == ["summary", "predictions", "gradcam", "activations", "weights", "graph", "knn",
-                           "embedding_maps"]  # the last two run for backbones only (a line on a classifier)
+                           "embedding_maps", "segmentation"]  # knn, embedding_maps: backbones only; segmentation:
+    # segmentation models only (each a line on a classifier's page)
     assert typed["predictions"].top_k == 5
     assert cfg.model.source.name == "target" and cfg.dataset.synthetic == "shapes"
 

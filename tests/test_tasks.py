@@ -181,12 +181,13 @@ def test_segmentation_model_by_name_gets_the_task_independent_sections_offline(t
     out = tmp_path / "run"
     run(compose_config(["model=lraspp_mobilenet_v3_large", "model.weights=null", "model.preprocess.resize=64",
                         "model.preprocess.crop=64", f"dataset.root={folder}",
-                        "analysis=[summary,predictions,gradcam,activations,weights,graph]"] + FAST), out_dir=out)
+                        "analysis=[summary,predictions,gradcam,activations,weights,graph,segmentation]"] + FAST),
+        out_dir=out)
     facts = manifest(out)["model"]
     assert facts["task"] == "segmentation" and "torchvision.models.segmentation" in facts["task_reason"]
-    assert set(TASK_FREE) <= section_ids(out)
+    assert facts["preprocess"]["crop_mode"] == "whole"  # the crop the config named is not applied: every pixel
+    assert set(TASK_FREE) | {"segmentation"} <= section_ids(out)
     html = (out / "report" / "index.html").read_text()
-    assert "segmentation analyses themselves are not built yet" in html
     assert "not applicable to segmentation models because" in html
     assert not list((tmp_path / "torch_home").rglob("*.pth"))  # no backbone weights were fetched
 

@@ -68,6 +68,8 @@ class Batch:
     images: torch.Tensor  # (B, 3, H, W) uint8 on the CPU: the resized, cropped input as a person would see it
     inputs: torch.Tensor  # (B, 3, H, W) float, normalised, on the run device: what the model got
     labels: torch.Tensor  # (B,) dataset class index per image on the run device, -1 when unlabelled
+    sizes: Optional[torch.Tensor] = None  # (B, 2) int64 on the CPU: each image's (height, width) as decoded, before
+    #   resizing (segmentation scores and draws its predictions at this size)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class RunContext:
     stream_rows: Optional[int] = None  # images this process streams rows for (its shard's slice); None: num_images
     dataset_root: Optional[Path] = None  # the scanned folder (batch paths are relative to it), to decode an image
     #   again at finalize (e.g. the nearest neighbours found only once every image is seen)
+    dataset: Any = None  # the DatasetConfig node (segmentation reads its masks, ignore_index and mask_mapping)
 
     @property
     def row_capacity(self) -> int:

@@ -59,7 +59,9 @@ class PreprocessConfig:
     std: Optional[List[float]] = None  # per-channel normalisation std, RGB order (null: the model's or ImageNet)
     interpolation: Optional[str] = None  # resize filter: bilinear | bicubic | nearest | lanczos | box | hamming
     crop_mode: Optional[str] = None  # center (shorter side to resize, crop) | squash (both sides to resize, crop)
-    #   | border (longer side to resize, pad to crop); null: the model's (timm's crop_mode), else center
+    #   | border (longer side to resize, pad to crop) | whole (shorter side to resize, no crop: segmentation);
+    #   null: the model's (timm's crop_mode, whole for segmentation models), else center
+    size_divisor: Optional[int] = None  # whole: each side rounded to a multiple of this (a U-Net's stride, e.g. 32)
     channels: Optional[int] = None  # 1 (grayscale decode) or 3 (RGB); null: the model's first conv's in_channels
 
 
@@ -101,6 +103,11 @@ class DatasetConfig:
     # seconds one file may take to decode and crop before it is listed as failed (0: no limit); a decoder stuck in
     # native code is stopped with its worker process (runtime.num_workers > 0 only)
     decode_timeout: float = 30.0
+    masks: Optional[str] = None  # segmentation ground truth: a folder of PNG masks, `a/b.png` for image `a/b.jpg`
+    #   (index or palette PNGs: the pixel value or palette index is the class)
+    ignore_index: int = 255  # mask value of pixels that are not scored (borders, void)
+    mask_mapping: Optional[Dict[int, int]] = None  # mask value -> model class index (e.g. Cityscapes ids -> train
+    #   ids); values not in the mapping become ignore_index. null: mask values are the model's class indices
 
 
 @dataclass

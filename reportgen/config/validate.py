@@ -129,6 +129,9 @@ def _validate_dataset(dataset: DictConfig) -> None:
         raise ConfigError("dataset.limit", dataset.limit, "null or an integer >= 1")
     if not dataset.extensions:
         raise ConfigError("dataset.extensions", [], "at least one file suffix such as .jpg")
+    if dataset.masks is not None and not Path(dataset.masks).is_dir():
+        raise ConfigError("dataset.masks", dataset.masks, "an existing folder of PNG masks (a/b.png for the image "
+                                                          "a/b.jpg), or null")
 
 
 def resolve_dataset_root(dataset: DictConfig) -> Path:

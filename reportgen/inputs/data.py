@@ -146,8 +146,9 @@ class ImageFolderDataset(Dataset):
         path = self.scan.file(index)
         try:
             with time_limit(self.decode_seconds):
-                image = self.preprocess.to_uint8(decode_image(path, self.max_pixels))  # (3, H, W) uint8
-            return {"index": index, "image": image, "error": None}
+                decoded = decode_image(path, self.max_pixels)
+                image = self.preprocess.to_uint8(decoded)  # (C, H, W) uint8
+            return {"index": index, "image": image, "error": None, "size": (decoded.height, decoded.width)}
         except (Exception, DecodeTimeout) as exc:  # any decoder error (truncated, not an image, bomb, too slow)
             return {"index": index, "image": None, "error": self._reason(exc, path, index)}
 
@@ -164,19 +165,26 @@ class ImageFolderDataset(Dataset):
 def example_batch(dataset: ImageFolderDataset, count: int, attempts: int, num_workers: int = 0) -> Optional[RawBatch]:
     """The first `count` items that decode, in order (fewer when `attempts` items were tried and at least one
     decoded; the search goes on until one does). None when nothing in the dataset decodes. With `num_workers` > 0
-    they are decoded in a worker process, so a decoder crash among the first files costs only that file."""
+    they are decoded in a worker process, so a decoder crash among the first files costs only that file.
+    Images of several sizes (the `whole` preprocessing): only those of the first image's size are kept, so the example
+    is one batch."""
     indices: List[torch.Tensor] = []
     images: List[torch.Tensor] = []
+    sizes: List[torch.Tensor] = []
     tried = 0
     for raw in IsolatingLoader(dataset, count, min(num_workers, 1), False, dataset.decode_seconds):
-        indices.extend(raw.indices)
-        images.extend(raw.images)
+        for group in raw.groups():
+            keep = not images or group.images.shape[1:] == images[0].shape
+            indices.extend(group.indices if keep else [])
+            images.extend(group.images if keep else [])
+            sizes.extend(group.sizes if keep else [])
         tried += raw.size
         if len(images) >= count or (images and tried >= attempts):
             break
     if not images:
         return None
-    return RawBatch(indices=torch.stack(indices[:count]), images=torch.stack(images[:count]), failed=[])
+    return RawBatch(indices=torch.stack(indices[:count]), images=torch.stack(images[:count]), failed=[],
+                    sizes=torch.stack(sizes[:count]))
 
 
 def make_loader(dataset: ImageFolderDataset, batch_size: int, num_workers: int, pin_memory: bool) -> IsolatingLoader:

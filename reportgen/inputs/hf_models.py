@@ -58,14 +58,33 @@ class HFBackbone(torch.nn.Module):
         return pooled.flatten(1) if pooled.dim() == 4 and pooled.shape[2:] == (1, 1) else pooled
 
 
+class HFSegmenter(torch.nn.Module):
+    """Calls a transformers semantic segmentation model (SegFormer, DPT, UperNet, BEiT, ...) with `pixel_values` and
+    returns its `.logits` (B, num_labels, h, w), at the model's own output resolution (SegFormer: a quarter of the
+    input); the analyses bring them to each image's size as the processor's `post_process_semantic_segmentation`
+    does (bilinear, then argmax)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits  # (B, K, h, w)
+
+
 ZERO_SHOT_TYPES = {"clip", "siglip", "siglip2"}  # image-text models: zero-shot classifiers of the folder's classes
 
 
 def model_kind(config: Any) -> str:
-    """`zero_shot` (CLIPModel, SiglipModel), `backbone` (a `...Model` / `...VisionModel...` without a head) or
-    `classifier`, from the config's model type and the architectures save_pretrained recorded."""
+    """`zero_shot` (CLIPModel, SiglipModel), `backbone` (a `...Model` / `...VisionModel...` without a head),
+    `segmenter` (`...ForSemanticSegmentation`), `universal` (`...ForUniversalSegmentation`: Mask2Former, OneFormer)
+    or `classifier`, from the config's model type and the architectures save_pretrained recorded."""
     model_type = str(getattr(config, "model_type", ""))
     architectures = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSemanticSegmentation") for a in architectures):
+        return "segmenter"
+    if any(a.endswith(("ForUniversalSegmentation", "ForInstanceSegmentation")) for a in architectures):
+        return "universal"
     if any(a.endswith("ForImageClassification") for a in architectures):  # fine-tuned, CLIP's and SigLIP's too
         return "classifier"
     if model_type in ZERO_SHOT_TYPES:
@@ -96,6 +115,14 @@ def load_hf(cfg: DictConfig) -> LoadedModel:
     kwargs = dict(OmegaConf.to_container(cfg.kwargs, resolve=True)) if cfg.kwargs else {}
     if kind == "backbone":
         return _load_backbone(transformers, cfg, folder, label, weights_file, kwargs)
+    if kind == "universal":
+        raise ModelLoadError(f"{label} is a mask-classification model (Mask2Former, MaskFormer, OneFormer: "
+                             f"{', '.join(_architectures(folder, transformers))}): not supported yet, because its "
+                             f"processor pads each batch and its semantic post-processing resizes the padded output; "
+                             f"reportgen takes transformers models with a ...ForSemanticSegmentation head (SegFormer, "
+                             f"DPT, UperNet, BEiT)")
+    if kind == "segmenter":
+        return _load_segmenter(transformers, cfg, folder, label, weights_file, kwargs)
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs) if weights_file is None else None
         module = build_eager(transformers.AutoModelForImageClassification, config, folder, weights_file, kwargs)
@@ -162,6 +189,34 @@ def _load_backbone(transformers: Any, cfg: DictConfig, folder: Path, label: str,
         class_names=[], notes=notes, task="embedding",
         task_reason=f"transformers {type(module).__name__} is a backbone (no classification head)",
         pooling=pooling, token_layer=token_layer, prefix_tokens=prefix)
+
+
+def _load_segmenter(transformers: Any, cfg: DictConfig, folder: Path, label: str, weights_file: Optional[Path],
+                    kwargs: Dict[str, Any]) -> LoadedModel:
+    """A transformers semantic segmentation model (task segmentation), built with AutoModelForSemanticSegmentation;
+    class names from `id2label`."""
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs) if weights_file is None else None
+        module = build_eager(transformers.AutoModelForSemanticSegmentation, config, folder, weights_file, kwargs)
+    except (OSError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"transformers could not load the segmentation model {label}: {type(exc).__name__}: "
+                             f"{exc}") from exc
+    config = module.config
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    base, notes = processor_preprocess(folder, channels, cfg.preprocess, getattr(config, "image_size", None))
+    names = [str(config.id2label[i]) for i in sorted(config.id2label)] if config.id2label else []
+    return LoadedModel(
+        module=HFSegmenter(module), name=label, source="hf", library="transformers",
+        weights=f"pretrained {weights_file.name}" if weights_file is not None else "random initialisation",
+        weights_file=str(weights_file) if weights_file is not None else None, random_init=weights_file is None,
+        preprocess=Preprocess.resolve(cfg.preprocess, base, source="the image processor config"),
+        class_names=[] if names and all(GENERIC_LABEL.match(n) for n in names) else names, notes=notes,
+        task="segmentation",
+        task_reason=f"transformers {type(module).__name__} (a semantic segmentation head)")
+
+
+def _architectures(folder: Path, transformers: Any) -> List[str]:
+    return list(getattr(transformers.AutoConfig.from_pretrained(str(folder)), "architectures", None) or [])
 
 
 def _backbone_facts(module: torch.nn.Module) -> Tuple[str, Optional[str], int, str]:

@@ -28,7 +28,7 @@ import sys
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -43,16 +43,25 @@ _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") el
 
 @dataclass
 class RawBatch:
-    """A collated batch on the CPU: only the images that decoded, plus the failures of this batch."""
+    """A collated batch on the CPU: only the images that decoded, plus the failures of this batch.
+
+    Images of one size are one (B, C, H, W) tensor. The `whole` preprocessing (segmentation) keeps each image's
+    aspect ratio, so a batch may hold several sizes: then `images` is a list of (C, H, W) tensors, and `groups()`
+    splits it into runs of consecutive images of one size, each forwarded as its own batch (padding images to one
+    size would change what a CNN predicts near the padded border)."""
 
     indices: torch.Tensor  # (B,) int64
-    images: torch.Tensor  # (B, 3, H, W) uint8
+    images: Union[torch.Tensor, List[torch.Tensor]]  # (B, C, H, W) uint8, or B tensors (C, H_i, W_i) of several sizes
     failed: List[Tuple[int, str]]  # (index, reason)
+    sizes: Optional[torch.Tensor] = None  # (B, 2) int64: each image's (height, width) as decoded, before resizing
 
     def pin_memory(self) -> "RawBatch":
         """Called by DataLoader(pin_memory=True) so the host-to-device copy can be asynchronous."""
         self.indices = self.indices.pin_memory()
-        self.images = self.images.pin_memory()
+        if isinstance(self.images, torch.Tensor):
+            self.images = self.images.pin_memory()
+        else:
+            self.images = [image.pin_memory() for image in self.images]
         return self
 
     @property
@@ -60,16 +69,34 @@ class RawBatch:
         """Files this batch accounts for, decoded or not."""
         return len(self.indices) + len(self.failed)
 
+    def groups(self) -> List["RawBatch"]:
+        """The decoded images as batches of one image size each, in order (consecutive images of equal size
+        together); the failures stay with this batch, not its groups."""
+        if isinstance(self.images, torch.Tensor):
+            return [RawBatch(self.indices, self.images, [], self.sizes)] if len(self.indices) else []
+        parts: List[RawBatch] = []
+        start = 0
+        for end in range(1, len(self.images) + 1):
+            if end == len(self.images) or self.images[end].shape != self.images[start].shape:
+                parts.append(RawBatch(self.indices[start:end], torch.stack(self.images[start:end]), [],
+                                      None if self.sizes is None else self.sizes[start:end]))
+                start = end
+        return parts
+
 
 def collate(samples: List[Dict[str, Any]]) -> RawBatch:
     good = [s for s in samples if s["image"] is not None]
     failed = [(s["index"], s["error"]) for s in samples if s["image"] is None]
-    if good:
-        images = torch.stack([s["image"] for s in good])  # (B, 3, H, W)
-    else:
+    images: Union[torch.Tensor, List[torch.Tensor]]
+    if not good:
         images = torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    elif all(s["image"].shape == good[0]["image"].shape for s in good):
+        images = torch.stack([s["image"] for s in good])  # (B, C, H, W)
+    else:
+        images = [s["image"] for s in good]  # several sizes (the whole-image preprocessing): see RawBatch.groups
     indices = torch.tensor([s["index"] for s in good], dtype=torch.int64)
-    return RawBatch(indices=indices, images=images, failed=failed)
+    sizes = torch.tensor([s.get("size", (0, 0)) for s in good], dtype=torch.int64).reshape(-1, 2)  # (B, 2)
+    return RawBatch(indices=indices, images=images, failed=failed, sizes=sizes)
 
 
 class IsolatingLoader:

@@ -30,6 +30,7 @@ from reportgen.inputs.labels import WORDNET_ID, imagenet_synsets, read_labels_fi
 from reportgen.inputs.loaded_model import LoadedModel, first_input_channels
 from reportgen.inputs.preprocess import Preprocess
 from reportgen.inputs.state_dicts import check_fits, mismatched_keys, read_state_dict
+from reportgen.inputs.tasks import identity_head_task
 
 log = logging.getLogger(__name__)
 __all__ = ["LoadedModel", "load_model"]
@@ -155,18 +156,14 @@ def offline_backbone(arch: str, weights: Any, kwargs: Dict[str, Any]) -> Dict[st
 
 def torchvision_preprocess(arch: str, module: torch.nn.Module, weights: Any) -> Preprocess:
     """The input recipe of a torchvision architecture. Classifiers: the weights' transforms (resize, centre crop).
-    Segmentation: the weights' short side (520) and mean/std; the crop to a square of that side is this version's
-    stand-in until the segmentation analyses read whole images. Detection: the model normalises and resizes inside
-    (GeneralizedRCNNTransform), so images go in as [0, 1] at its own min_size, square."""
+    Segmentation: the weights' transforms (shorter side 520, no crop: the whole image). Detection: the model
+    normalises and resizes inside (GeneralizedRCNNTransform), so images go in as [0, 1] at its own min_size, square."""
     task = torchvision_task(arch)
     transform = weights.transforms()
     if task == "classification":
         return Preprocess.from_torchvision(transform)
     if task == "segmentation":
-        side = int(transform.resize_size[0]) if getattr(transform, "resize_size", None) else 520
-        return Preprocess(resize=side, crop=side, mean=tuple(float(m) for m in transform.mean),
-                          std=tuple(float(s) for s in transform.std),
-                          interpolation=transform.interpolation.value)
+        return Preprocess.from_torchvision_segmentation(transform)
     min_size = getattr(getattr(module, "transform", None), "min_size", (800,))
     side = int(min_size[0] if isinstance(min_size, (list, tuple)) else min_size)
     return Preprocess(resize=side, crop=side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -181,15 +178,6 @@ def torchvision_task_of(arch: str, module: torch.nn.Module) -> Tuple[Optional[st
     backbone = identity_head_task(module)
     return backbone if backbone[0] else ("classification", f"torchvision builds {arch} in torchvision.models "
                                                            f"(a classifier)")
-
-
-def identity_head_task(module: torch.nn.Module) -> Tuple[Optional[str], str]:
-    """('embedding', reason) when the model's last layer is an nn.Identity (a head removed to use the model as a
-    backbone, e.g. `model.fc = nn.Identity()`), else (None, ''): the probe forward decides."""
-    leaves = [(name, m) for name, m in module.named_modules() if not list(m.children())]
-    if leaves and isinstance(leaves[-1][1], torch.nn.Identity):
-        return "embedding", f"its last layer, {leaves[-1][0]}, is nn.Identity: a backbone whose head was removed"
-    return None, ""
 
 
 def _ensure_cached(weights: Any, arch: str) -> None:
@@ -307,9 +295,8 @@ def _load_target(cfg: DictConfig) -> LoadedModel:
     if not isinstance(module, torch.nn.Module):
         raise ModelLoadError(f"model.target {target_name} returned {type(module).__name__}, not an nn.Module")
     random_init = bool(getattr(module, "random_init", False))
-    task, reason = identity_head_task(module)
     return LoadedModel(module=module, name=type(module).__name__, source="target", weights=target_name,
-                       random_init=random_init, task=task, task_reason=reason,
+                       random_init=random_init,  # the task: from the probe forward (tasks.decide_task)
                        preprocess=model_preprocess(cfg, module),
                        class_names=_class_names(module, None))
 

@@ -5,17 +5,20 @@ galleries reuse); normalisation to float happens on the run device, batched. The
 library (torchvision weights' metadata, timm's data config, a Hugging Face image processor) unless the config sets
 them, else ImageNet's.
 
-Three geometries cover the libraries' evaluation recipes (`crop_mode`):
+Four geometries cover the libraries' evaluation recipes (`crop_mode`):
 - center: shorter side to `resize`, then centre crop `crop` (torchvision; timm's default "center")
 - squash: both sides to `resize` (aspect ratio not kept), then centre crop `crop` (timm "squash"; a Hugging Face
   processor with size {height, width}, where crop == resize when it does not crop)
 - border: longer side to `resize`, then centre crop or pad to `crop` with the mean colour (timm "border")
+- whole: shorter side to `resize`, no crop, each side rounded to a multiple of `size_divisor` when set
+  (torchvision's segmentation weights: every labelled pixel is seen; images keep their own aspect ratio, so a batch
+  holds images of several sizes: see loader.py's `RawBatch.groups`)
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -32,7 +35,7 @@ INTERPOLATIONS = {
     "box": InterpolationMode.BOX,
     "hamming": InterpolationMode.HAMMING,
 }
-CROP_MODES = ("center", "squash", "border")
+CROP_MODES = ("center", "squash", "border", "whole")
 CHANNELS = (1, 3)  # grayscale or RGB decode
 
 
@@ -49,6 +52,7 @@ class Preprocess:
     channels: int = 3  # 1: images are decoded to grayscale ("L"), 3: to RGB
     crop_offset: str = "round"  # centre crop's top/left: round((size - crop) / 2) as torchvision and timm do, or
     #   "floor" as transformers' image processors do (the two differ by a pixel when size - crop is odd)
+    size_divisor: int = 1  # whole: each resized side rounded to a multiple of this (a U-Net's total stride)
 
     @classmethod
     def from_torchvision(cls, transform: Any, channels: int = 3) -> "Preprocess":
@@ -56,6 +60,15 @@ class Preprocess:
         return cls(resize=int(_first(transform.resize_size)), crop=int(_first(transform.crop_size)),
                    mean=tuple(float(m) for m in transform.mean), std=tuple(float(s) for s in transform.std),
                    interpolation=transform.interpolation.value, channels=channels)
+
+    @classmethod
+    def from_torchvision_segmentation(cls, transform: Any, channels: int = 3) -> "Preprocess":
+        """The numbers of a torchvision segmentation weights' `transforms()` (SemanticSegmentation): shorter side to
+        `resize_size`, no crop (`crop` = `resize`: the square the probes use)."""
+        size = int(_first(transform.resize_size))
+        return cls(resize=size, crop=size, mean=tuple(float(m) for m in transform.mean),
+                   std=tuple(float(s) for s in transform.std), interpolation=transform.interpolation.value,
+                   crop_mode="whole", channels=channels)
 
     @classmethod
     def resolve(cls, cfg: Any, base: Optional["Preprocess"] = None, source: str = "ImageNet defaults") -> "Preprocess":
@@ -76,8 +89,11 @@ class Preprocess:
         if channels not in CHANNELS:
             raise ConfigError("model.preprocess.channels", channels, "1 (grayscale) or 3 (RGB) input channels",
                               [str(c) for c in CHANNELS])
+        divisor = int(get("size_divisor")) if get("size_divisor") is not None else base.size_divisor
+        if divisor < 1:
+            raise ConfigError("model.preprocess.size_divisor", divisor, "a positive number of pixels (1: any size)")
         resolved = dataclasses.replace(
-            base,
+            base, size_divisor=divisor,
             resize=int(get("resize")) if get("resize") is not None else base.resize,
             crop=int(get("crop")) if get("crop") is not None else base.crop,
             mean=tuple(float(m) for m in get("mean")) if get("mean") is not None else base.mean,
@@ -96,25 +112,42 @@ class Preprocess:
                               "positive resize and crop sizes in pixels")
         return resolved
 
+    def for_segmentation(self, cfg: Any) -> "Preprocess":
+        """A segmentation model scores every pixel of the user's masks, so no crop may drop any: a geometry that
+        crops (center, border) becomes `whole` at the same `resize`, unless `model.preprocess.crop_mode` names one.
+        `squash` with no crop (a transformers processor's {height, width}) already sees the whole image."""
+        if self.crop_mode in ("whole", "squash") and (self.crop_mode == "whole" or self.crop >= self.resize):
+            return self
+        if cfg is not None and cfg.get("crop_mode"):
+            return self
+        return dataclasses.replace(self, crop_mode="whole", crop=self.resize)
+
     def describe(self) -> Dict[str, Any]:
         """The effective numbers, as the manifest records them."""
         return {"resize": self.resize, "crop": self.crop, "crop_mode": self.crop_mode,
                 "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
-                "channels": self.channels, "crop_offset": self.crop_offset}
+                "channels": self.channels, "crop_offset": self.crop_offset, "size_divisor": self.size_divisor}
 
     def summary(self) -> str:
         """One line for the report's overview."""
         geometry = {"center": f"shorter side {self.resize}, centre crop {self.crop}",
                     "squash": f"stretch to {self.resize}x{self.resize}"
                               + (f", centre crop {self.crop}" if self.crop != self.resize else ""),
-                    "border": f"longer side {self.resize}, crop/pad to {self.crop}"}[self.crop_mode]
+                    "border": f"longer side {self.resize}, crop/pad to {self.crop}",
+                    "whole": f"shorter side {self.resize}, whole image (no crop)"
+                             + (f", sides multiples of {self.size_divisor}" if self.size_divisor > 1 else "")
+                    }[self.crop_mode]
         return (f"{geometry}, {self.interpolation}, {'grayscale' if self.channels == 1 else 'RGB'}, "
                 f"mean {list(self.mean)}, std {list(self.std)}")
 
     def to_uint8(self, image: Image.Image) -> torch.Tensor:
-        """PIL image (RGB or L) -> (channels, crop, crop) uint8 tensor, resized and cropped."""
+        """PIL image (RGB or L) -> (channels, crop, crop) uint8 tensor, resized and cropped; `whole`: (channels,
+        h, w) with the shorter side `resize`."""
         image = image.convert("L" if self.channels == 1 else "RGB")
         mode = INTERPOLATIONS[self.interpolation]
+        if self.crop_mode == "whole":
+            return TF.pil_to_tensor(TF.resize(image, self.whole_size(image.height, image.width), interpolation=mode,
+                                              antialias=True))  # (C, h, w) uint8
         if self.crop_mode == "squash":
             image = TF.resize(image, [self.resize, self.resize], interpolation=mode, antialias=True)
         elif self.crop_mode == "border":
@@ -130,6 +163,16 @@ class Preprocess:
         else:
             image = TF.center_crop(image, [self.crop, self.crop])
         return TF.pil_to_tensor(image)  # (C, crop, crop) uint8
+
+    def whole_size(self, height: int, width: int) -> List[int]:
+        """[h, w] of an image after the `whole` resize: shorter side `resize` (torchvision's rule for the longer one:
+        int(resize * long / short)), then each side rounded to the nearest multiple of `size_divisor`."""
+        short, long = min(height, width), max(height, width)
+        sides = (self.resize, int(self.resize * long / short))
+        h, w = sides if height <= width else sides[::-1]
+        if self.size_divisor > 1:
+            h, w = (max(self.size_divisor, round(side / self.size_divisor) * self.size_divisor) for side in (h, w))
+        return [h, w]
 
     def normalize(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, C, H, W) uint8 on any device -> normalised float, computed where the tensor lives."""

@@ -18,7 +18,7 @@ from reportgen.errors import RunError
 
 TASKS = [t.value for t in ModelTask if t is not ModelTask.auto]
 DETECTION_KEYS = {"boxes", "labels", "scores"}
-TASK_ANALYSES_NOT_BUILT = frozenset({"segmentation", "detection"})  # tasks whose own analyses do not exist yet
+TASK_ANALYSES_NOT_BUILT = frozenset({"detection"})  # tasks whose own analyses do not exist yet
 
 
 @dataclass
@@ -135,9 +135,19 @@ def _field(raw: Any, key: str) -> Any:
     return getattr(raw, key, None) if not isinstance(raw, (torch.Tensor, list, tuple)) else None
 
 
+def identity_head_task(module: torch.nn.Module) -> Tuple[Optional[str], str]:
+    """('embedding', reason) when the model's last layer is an nn.Identity (a head removed to use the model as a
+    backbone, e.g. `model.fc = nn.Identity()`), else (None, ''). Only for a (B, D) output: a segmentation network
+    may end in an Identity too (segmentation_models_pytorch's `activation=None`)."""
+    leaves = [(name, m) for name, m in module.named_modules() if not list(m.children())]
+    if leaves and isinstance(leaves[-1][1], torch.nn.Identity):
+        return "embedding", f"its last layer, {leaves[-1][0]}, is nn.Identity: a backbone whose head was removed"
+    return None, ""
+
+
 def decide_task(requested: Any, loaded: Any, model: torch.nn.Module, example: torch.Tensor) -> Tuple[str, str]:
     """(task, reason): `model.task` when set, else the source's (library's) decision, else the output of a probe
-    forward. The probe forward on `example` (two blank images) runs in every case, so an output that fits no task, or
+    forward (a (B, D) output of a model whose last layer is nn.Identity: a backbone). The probe forward on `example` (two blank images) runs in every case, so an output that fits no task, or
     not the task named, stops here, before the pass, with what was seen."""
     requested = getattr(requested, "value", requested) or ModelTask.auto.value
     try:
@@ -153,6 +163,8 @@ def decide_task(requested: Any, loaded: Any, model: torch.nn.Module, example: to
         task, reason = loaded.task, loaded.task_reason
     elif seen is not None:
         task, reason = seen
+        if task == ModelTask.classification.value and identity_head_task(model)[0]:
+            task, reason = identity_head_task(model)  # (B, D) from a model whose head was removed: a backbone
     else:
         raise RunError(f"the model's output fits no task: a probe forward on {tuple(example.shape)} returned "
                        f"{describe_output(raw)}. Expected (batch, classes) scores, (batch, dimensions) features, "

@@ -6,6 +6,10 @@ how many each had). On that join: accuracy with Wilson intervals, per-class accu
 the agreement, the 2×2 table on labelled images and the exact McNemar test. Per-layer activation statistics come
 from `activation_stats.csv`; the weight change of checkpoints of one architecture is computed from the weights
 themselves (`relative_weight_change`), since `weights.csv` holds per-tensor statistics, not the tensors.
+
+Runs are compared only with runs of the same task: segmentation runs get their own comparison
+(`SegmentationComparison`, numbers from reportgen/report/compare_segmentation.py); backbone runs are refused with
+the reason.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import pandas as pd
 
 from reportgen.errors import RunError
 from reportgen.inputs.labels import normalise_class_name
+from reportgen.report.compare_segmentation import (IMAGES_FILE, TOTALS_FILE, ClassIoU, ImagePair, class_iou,
+                                                   image_pairs, read_segmentation_images, shared_images)
 from reportgen.report.compare_stats import holm_adjusted, mcnemar_exact, p_value_text, wilson_interval
 
 DEFAULT_DEAD_ZERO_FRACTION = 0.99  # the activations analysis's default, for runs whose config lacks it
@@ -37,10 +43,17 @@ class RunResults:
     totals: Dict[str, Any]  # results/predictions.json
     summary: Dict[str, Any]  # results/summary.json
     name: str = ""  # set once all runs are known: what tells it apart from the others
+    segmentation: Dict[str, Any] = field(default_factory=dict)  # results/segmentation.json (segmentation runs)
+    segmentation_images: Optional[pd.DataFrame] = None  # results/segmentation_images.csv, indexed by path
 
     @property
     def config(self) -> Dict[str, Any]:
         return self.manifest.get("config", {})
+
+    @property
+    def task(self) -> str:
+        """What the model does, as its manifest says ("classification" for runs older than tasks)."""
+        return str((self.manifest.get("model") or {}).get("task") or "classification")
 
     @property
     def top_k(self) -> int:
@@ -101,12 +114,18 @@ def load_run(run_dir: Path) -> RunResults:
     if manifest.get("status") != "ok":
         raise RunError(f"{run_dir}: status {manifest.get('status')!r}, not a finished run "
                        f"({manifest.get('error', 'see its run.log')})")
+    summary = _read_json(results / "summary.json")
+    if (manifest.get("model") or {}).get("task") == "segmentation":
+        images = results / IMAGES_FILE
+        return RunResults(run_dir=Path(run_dir), manifest=manifest, predictions=None, totals={}, summary=summary,
+                          segmentation=_read_json(results / TOTALS_FILE),
+                          segmentation_images=read_segmentation_images(images) if images.is_file() else None)
     totals = _read_json(results / "predictions.json")
     csv_path = results / "predictions.csv"
     predictions = read_predictions(csv_path, list(totals.get("per_class_accuracy") or {})) if csv_path.is_file() \
         else None
     return RunResults(run_dir=Path(run_dir), manifest=manifest, predictions=predictions, totals=totals,
-                      summary=_read_json(results / "summary.json"))
+                      summary=summary)
 
 
 # ---------------------------------------------------------------------------------------------------- what differs
@@ -192,10 +211,10 @@ def join_predictions(runs: Sequence[RunResults]) -> Joined:
     tables = {r.name: r.predictions for r in runs if r.predictions is not None}
     if len(tables) < len(runs):
         missing = [r.name for r in runs if r.predictions is None]
-        tasks = {r.name: (r.manifest.get("model") or {}).get("task") or "classification" for r in runs}
+        tasks = {r.name: r.task for r in runs}
         others = {name: tasks[name] for name in missing if tasks[name] != "classification"}
         if others:
-            raise RunError(f"runs of models that are not classifiers have no predictions to compare image by image: "
+            raise RunError("runs of models that are not classifiers have no predictions to compare image by image: "
                            + ", ".join(f"{name} ({task})" for name, task in others.items())
                            + "; comparing backbones' k-NN evaluations is not built yet (each run's results/knn.json "
                              "holds its accuracy)")
@@ -405,13 +424,79 @@ def recount_notes(runs: Sequence[RunResults]) -> List[str]:
     return notes
 
 
-def compare(runs: List[RunResults], not_compared: Sequence[NotCompared] = (), gallery_size: int = 24) -> Comparison:
-    """Name the runs, join them on their shared images and compute every table of the page."""
+# ---------------------------------------------------------------------------------------------------- segmentation
+
+@dataclass
+class SegmentationComparison:
+    """Everything the comparison page and its results files show for segmentation runs."""
+
+    runs: List[RunResults]  # compared, named, in the order given
+    not_compared: List[NotCompared]
+    differing: List[str]  # config keys that differ between runs
+    shared_config: Dict[str, str]  # what every run has in common, once
+    images: Dict[str, pd.DataFrame]  # run name -> its segmentation_images.csv
+    shared: pd.Index  # the images every run processed
+    classes: ClassIoU
+    pairs: List[ImagePair]
+    weight_changes: List[WeightChange] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def check_one_task(runs: Sequence[RunResults]) -> str:
+    """The task every run shares. Mixing segmentation runs with runs of another task is a RunError naming each
+    run's task; other mixes are left to the classifier comparison, which refuses backbones with its reason."""
+    tasks = [r.task for r in runs]
+    if "segmentation" in tasks and len(set(tasks)) > 1:
+        raise RunError("runs of different tasks cannot be compared: "
+                       + ", ".join(f"{r.name} is {task} ({r.run_dir})" for r, task in zip(runs, tasks))
+                       + "; compare segmentation runs only with segmentation runs")
+    return tasks[0]
+
+
+def segmentation_notes(runs: Sequence[RunResults], shared: pd.Index) -> List[str]:
+    """Warnings for the page: runs without masks, different ignore indices, no shared image (class lists that
+    differ are said in the per-class section, `ClassIoU.notes`)."""
+    notes = []
+    for run in runs:
+        if not run.segmentation.get("labelled_images"):
+            notes.append(f"{run.name} had no masks (0 labelled images): it has no mIoU or accuracy to compare")
+    ignore = {r.name: r.segmentation.get("ignore_index") for r in runs}
+    if len(set(ignore.values())) > 1:
+        notes.append("the runs ignore different mask values ("
+                     + ", ".join(f"{n}: {v}" for n, v in ignore.items()) + "): their metrics count other pixels")
+    if shared.empty:
+        notes.append("the runs share no image (matched by path inside the folder): there is nothing to compare "
+                     "image by image; compare runs over the same folder")
+    return notes
+
+
+def compare_segmentation(runs: List[RunResults], not_compared: Sequence[NotCompared], differing: List[str],
+                         shared_config: Dict[str, str]) -> SegmentationComparison:
+    """Per-class IoU side by side and the per-image paired tests of named segmentation runs."""
+    lacking = [f"{r.name} ({r.run_dir})" for r in runs if not r.segmentation or r.segmentation_images is None]
+    if lacking:
+        raise RunError(f"segmentation runs need results/{TOTALS_FILE} and results/{IMAGES_FILE}; missing in "
+                       f"{', '.join(lacking)} (the segmentation analysis writes them; rerun those runs)")
+    names = [r.name for r in runs]
+    tables = {r.name: r.segmentation_images for r in runs}
+    classes = class_iou(names, [r.segmentation for r in runs])
+    shared = shared_images(tables)
+    return SegmentationComparison(runs=list(runs), not_compared=list(not_compared), differing=differing,
+                                  shared_config=shared_config, images=tables, shared=shared, classes=classes,
+                                  pairs=image_pairs(tables), notes=segmentation_notes(runs, shared))
+
+
+def compare(runs: List[RunResults], not_compared: Sequence[NotCompared] = (),
+            gallery_size: int = 24) -> Comparison | SegmentationComparison:
+    """Name the runs, check they share a task and compute every table of the page: a SegmentationComparison for
+    segmentation runs, a Comparison (joined on the shared images) for classifiers."""
     if len(runs) < 2:
         raise RunError(f"a comparison needs at least two finished runs, got {len(runs)}"
                        + "".join(f"; {n.run_dir}: {n.reason}" for n in not_compared))
     differing, shared = config_differences(runs)
     name_runs(runs, differing)
+    if check_one_task(runs) == "segmentation":
+        return compare_segmentation(runs, not_compared, differing, shared)
     joined = join_predictions(runs)
     names = [r.name for r in runs]
     return Comparison(runs=list(runs), not_compared=list(not_compared), differing=differing, shared_config=shared,

@@ -1,7 +1,9 @@
 """The comparison page and its results files, from a computed Comparison (reportgen/report/compare_data.py).
 
 Writes into one folder: `index.html` + `assets/` (the page, static and offline like a report), `comparison.json`
-(runs and pairs), `comparison.csv` (one row per shared image) and `per_class.csv` (classes × runs).
+(runs and pairs), `comparison.csv` (one row per shared image) and `per_class.csv` (classes × runs). Segmentation
+runs (a SegmentationComparison) get the same files with IoU in place of accuracy, and the page's segmentation
+sections.
 """
 from __future__ import annotations
 
@@ -19,11 +21,14 @@ from omegaconf import OmegaConf
 from reportgen.inputs.data import decode_image
 from reportgen.inputs.preprocess import Preprocess
 from reportgen.report import compare_plots
-from reportgen.report.compare_data import (DEFAULT_DEAD_ZERO_FRACTION, Comparison, RunResults, activation_layers,
-                                           comparison_rows, flatten_config)
+from reportgen.report.compare_data import (DEFAULT_DEAD_ZERO_FRACTION, Comparison, RunResults,
+                                           SegmentationComparison, activation_layers, comparison_rows,
+                                           flatten_config)
+from reportgen.report.compare_segmentation import METRICS, ImagePair, image_rows
 from reportgen.report.compare_stats import pareto_front
 from reportgen.report.elements import GalleryItem, ImageStrip, Table
 from reportgen.report.overlays import heat_on_thumbnail
+from reportgen.report.plots import grouped_bars
 from reportgen.report.thumbnails import thumbnail
 from reportgen.state.files import write_atomic, write_json
 
@@ -33,12 +38,17 @@ THUMBNAIL = 128  # longest side of each panel of the disagreement gallery, pixel
 GRADCAM_HINT = "add gradcam to the runs' analyses (analysis=[predictions,gradcam,...]) to see each run's map here"
 
 
-def write_comparison(comparison: Comparison, out_dir: Path) -> Path:
+def write_comparison(comparison: Comparison | SegmentationComparison, out_dir: Path) -> Path:
     """The page and the results files; returns the page's path."""
     from reportgen.report.render import render_comparison
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(comparison, SegmentationComparison):
+        write_json(out_dir / "comparison.json", segmentation_json(comparison))
+        write_atomic(out_dir / "comparison.csv", image_rows(comparison.images).to_csv(index=False))
+        write_atomic(out_dir / "per_class.csv", comparison.classes.table.to_csv())
+        return render_comparison(out_dir, segmentation_context(comparison, out_dir))
     write_json(out_dir / "comparison.json", comparison_json(comparison))
     write_atomic(out_dir / "comparison.csv", comparison_rows(comparison.joined).to_csv(index=False))
     write_atomic(out_dir / "per_class.csv", comparison.per_class.to_csv())
@@ -53,6 +63,7 @@ def comparison_json(comparison: Comparison) -> Dict[str, Any]:
     """comparison.json: `runs` (name, run dir, differing config values, top1, top1_ci, images) and `pairs`."""
     flats = {r.name: _flat(r) for r in comparison.runs}
     return {
+        "task": "classification",
         "shared_images": len(comparison.joined.paths),
         "evaluated_images": int(comparison.joined.evaluated.sum()),
         "interval": "Wilson score, 95 %",
@@ -77,23 +88,35 @@ def _flat(run: RunResults) -> Dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------- page parts
 
-def page_context(comparison: Comparison, out_dir: Path) -> Dict[str, Any]:
-    runs, joined = comparison.runs, comparison.joined
-    leaderboard = _leaderboard(comparison, out_dir)
-    shared_images = len(joined.paths)
-    sizes = sorted(set(joined.images_per_run.values()))
+def _common_context(comparison: Comparison | SegmentationComparison, images_per_run: Dict[str, int],
+                    shared_images: int) -> Dict[str, Any]:
+    """What the page shows for runs of any task: what tells them apart, what was left out, the image sets."""
+    runs = comparison.runs
+    sizes = sorted(set(images_per_run.values()))
     return {
         "title": f"Comparison of {len(runs)} runs",
         "generated": dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
-        "runs": leaderboard,
         "differing": [(key, [_flat(r).get(key, "—") for r in runs]) for key in comparison.differing],
         "shared_config": sorted(comparison.shared_config.items()),
         "not_compared": comparison.not_compared,
         "notes": comparison.notes,
-        "images": {"shared": shared_images, "evaluated": int(joined.evaluated.sum()),
-                   "per_run": joined.images_per_run, "same_set": len(sizes) == 1 and sizes[0] == shared_images,
-                   "labels_conflict": joined.labels_conflict},
+        "images": {"shared": shared_images, "per_run": images_per_run,
+                   "same_set": len(sizes) == 1 and sizes[0] == shared_images, "labels_conflict": 0},
         "folders": sorted({_folder_text(r) for r in runs}),
+        "weight_changes": _weight_parts(comparison),
+        "activation_parts": _activation_parts(comparison),
+    }
+
+
+def page_context(comparison: Comparison, out_dir: Path) -> Dict[str, Any]:
+    runs, joined = comparison.runs, comparison.joined
+    leaderboard = _leaderboard(comparison, out_dir)
+    context = _common_context(comparison, joined.images_per_run, len(joined.paths))
+    context["images"].update(evaluated=int(joined.evaluated.sum()), labels_conflict=joined.labels_conflict)
+    return {
+        **context,
+        "task": "classification",
+        "runs": leaderboard,
         "top_k": sorted({r.top_k for r in runs}),
         "cost_figures": _cost_figures(leaderboard),
         "class_figure": _class_figure(comparison),
@@ -104,8 +127,6 @@ def page_context(comparison: Comparison, out_dir: Path) -> Dict[str, Any]:
         "disagreeing": comparison.disagreeing,
         "gradcam_runs": [r.name for r in runs if (r.run_dir / "results" / "gradcam.npz").is_file()],
         "gradcam_hint": GRADCAM_HINT,
-        "weight_changes": _weight_parts(comparison),
-        "activation_parts": _activation_parts(comparison),
     }
 
 
@@ -114,19 +135,22 @@ def _folder_text(run: RunResults) -> str:
     return str(dataset.get("root") or f"built-in demo folder ({dataset.get('synthetic')})")
 
 
+def _run_row(run: RunResults, out_dir: Path) -> Dict[str, Any]:
+    """A run's leaderboard cells of any task: model, cost, failed files, its report."""
+    report = run.run_dir / "report" / "index.html"
+    flops = run.summary.get("flops_per_image")
+    return {"name": run.name, "model": run.manifest.get("model", {}).get("name", ""),
+            "params": run.summary.get("params"), "gflops": flops / 1e9 if flops is not None else None,
+            "images_per_second": run.manifest.get("images_per_second"),
+            "failed": run.manifest.get("counts", {}).get("failed"), "run_dir": run.run_dir.name,
+            "report": os.path.relpath(report, out_dir) if report.is_file() else None}
+
+
 def _leaderboard(comparison: Comparison, out_dir: Path) -> List[Dict[str, Any]]:
     rows = []
     for run, acc in zip(comparison.runs, comparison.accuracies):
-        report = run.run_dir / "report" / "index.html"
-        counts = run.manifest.get("counts", {})
-        flops = run.summary.get("flops_per_image")
-        rows.append({"name": run.name, "model": run.manifest.get("model", {}).get("name", ""),
-                     "accuracy": acc, "params": run.summary.get("params"),
-                     "gflops": flops / 1e9 if flops is not None else None,
-                     "images_per_second": run.manifest.get("images_per_second"),
-                     "images": comparison.joined.images_per_run[run.name], "failed": counts.get("failed"),
-                     "top_k": run.top_k, "run_dir": run.run_dir.name,
-                     "report": os.path.relpath(report, out_dir) if report.is_file() else None})
+        rows.append({**_run_row(run, out_dir), "accuracy": acc, "top_k": run.top_k,
+                     "images": comparison.joined.images_per_run[run.name]})
     nan = float("nan")
     gains = [r["accuracy"].top1 if r["accuracy"].top1 is not None else nan for r in rows]
     for key, sign in (("gflops", 1.0), ("images_per_second", -1.0)):
@@ -291,9 +315,114 @@ def disagreement_strips(comparison: Comparison) -> List[ImageStrip]:
     return strips
 
 
+# ---------------------------------------------------------------------------------------------------- segmentation
+
+def _none_if_nan(value: Optional[float]) -> Optional[float]:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def segmentation_json(comparison: SegmentationComparison) -> Dict[str, Any]:
+    """comparison.json of segmentation runs: `runs` (each run's segmentation.json metrics), `classes` (per-class
+    IoU on the classes every run has, and the ones each run lacks) and `pairs` (the per-image sign tests)."""
+    flats = {r.name: _flat(r) for r in comparison.runs}
+    table = comparison.classes.table
+    return {
+        "task": "segmentation",
+        "shared_images": len(comparison.shared),
+        "test": "exact two-sided sign test on the nonzero per-image IoU differences b - a (binomial, p = 0.5), over "
+                "the images labelled in both runs; sign_p_holm: Holm-adjusted over all pairs",
+        "runs": [{"name": r.name, "run_dir": str(r.run_dir),
+                  "config": {k: flats[r.name].get(k) for k in comparison.differing},
+                  **{key: r.segmentation.get(key) for key, _ in METRICS},
+                  **{key: r.segmentation.get(key) for key in ("labelled_pixels", "labelled_images", "images",
+                                                               "ignore_index")},
+                  "images_listed": len(comparison.images[r.name])} for r in comparison.runs],
+        "classes": {"compared": [str(c) for c in table.index], "missing": comparison.classes.missing,
+                    "iou": {str(c): {r.name: _none_if_nan(table.loc[c, r.name]) for r in comparison.runs}
+                            for c in table.index}},
+        "pairs": [{"a": p.a, "b": p.b, "shared": p.shared, "paired": p.paired, "mean_difference": p.mean_difference,
+                   "better": p.better, "worse": p.worse, "tied": p.tied, "sign_p": p.sign_p,
+                   "sign_p_holm": p.sign_p_holm, "winner": p.winner, "sentence": p.sentence(),
+                   "largest_gains": [{"path": x, "iou_a": ia, "iou_b": ib} for x, ia, ib in p.gains],
+                   "largest_losses": [{"path": x, "iou_a": ia, "iou_b": ib} for x, ia, ib in p.losses]}
+                  for p in comparison.pairs],
+        "notes": comparison.notes,
+        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason, "command": n.command}
+                         for n in comparison.not_compared],
+    }
+
+
+def segmentation_context(comparison: SegmentationComparison, out_dir: Path) -> Dict[str, Any]:
+    """The page's values for segmentation runs (templates/compare.html, task "segmentation")."""
+    images_per_run = {name: len(table) for name, table in comparison.images.items()}
+    return {
+        **_common_context(comparison, images_per_run, len(comparison.shared)),
+        "task": "segmentation",
+        "runs": [{**_run_row(r, out_dir), **{key: r.segmentation.get(key) for key, _ in METRICS},
+                  "labelled_images": r.segmentation.get("labelled_images"), "images": r.segmentation.get("images")}
+                 for r in comparison.runs],
+        "metrics": METRICS,
+        "class_figure": _iou_figure(comparison),
+        "class_table": _iou_table(comparison),
+        "class_notes": comparison.classes.notes(),
+        "image_pairs": [_image_pair_part(p, i) for i, p in enumerate(comparison.pairs)],
+    }
+
+
+def _iou_figure(comparison: SegmentationComparison):
+    table = comparison.classes.table
+    if table.empty:
+        return None
+    names = [r.name for r in comparison.runs]
+    if len(table) <= HEATMAP_CLASSES:
+        shown = table
+        caption = (f"Per-class IoU of each run, all {len(table)} classes every run has (no bar: the class is in no "
+                   f"mask or prediction of that run).")
+    else:
+        shown = table.sort_values("spread", ascending=False, kind="stable").head(HEATMAP_CLASSES)
+        caption = (f"Per-class IoU of the {HEATMAP_CLASSES} of {len(table)} classes where the runs differ most "
+                   f"(largest spread between the best and the worst run); every class is in the table below and in "
+                   f"per_class.csv.")
+    return grouped_bars(shown[names].to_numpy(dtype=np.float64).T, names, [str(c) for c in shown.index],
+                        name="per-class-iou", ylabel="IoU", caption=caption)
+
+
+def _iou_table(comparison: SegmentationComparison) -> Optional[Table]:
+    table = comparison.classes.table
+    if table.empty:
+        return None
+    names = [r.name for r in comparison.runs]
+    rows = [[str(cls), int(row["pixels"])] + [_none_if_nan(round(float(row[n]), 4)) for n in names]
+            + [_none_if_nan(round(float(row["spread"]), 4))] for cls, row in table.iterrows()]
+    return Table(columns=["class", "pixels"] + names + ["spread"], rows=rows, collapsed=len(rows) > 25,
+                 caption=f"Per-class IoU, {len(rows)} classes, in class order (pixels: labelled pixels of the class "
+                         f"in the first run's masks; empty: the class is in no mask or prediction of that run; click "
+                         f"a header to sort)")
+
+
+def _image_pair_part(pair: ImagePair, number: int) -> Dict[str, Any]:
+    """A pair's sentence, the per-image scatter and the images with the largest differences each way."""
+    columns = ["image", f"{pair.a} IoU", f"{pair.b} IoU", "difference"]
+
+    def listed(rows, what: str) -> Optional[Table]:
+        if not rows:
+            return None
+        return Table(columns=columns, rows=[[path, round(a, 4), round(b, 4), round(b - a, 4)] for path, a, b in rows],
+                     caption=f"{what} ({len(rows)})")
+
+    scatter = compare_plots.paired_scatter(
+        [a for _, a, _ in pair.points], [b for _, _, b in pair.points], name=f"iou-pair-{number}",
+        xlabel=f"{pair.a}: image IoU", ylabel=f"{pair.b}: image IoU",
+        caption=f"Per-image IoU on the {pair.paired} images labelled in both runs; above the diagonal (blue): "
+                f"{pair.b} is better on that image, below (red): {pair.a} is.")
+    return {"pair": pair, "sentence": pair.sentence(), "figure": scatter,
+            "gains": listed(pair.gains, f"Images where {pair.b} does best against {pair.a}"),
+            "losses": listed(pair.losses, f"Images where {pair.b} does worst against {pair.a}")}
+
+
 # ---------------------------------------------------------------------------------------------------- layers
 
-def _weight_parts(comparison: Comparison) -> List[Dict[str, Any]]:
+def _weight_parts(comparison: Comparison | SegmentationComparison) -> List[Dict[str, Any]]:
     parts = []
     for change in comparison.weight_changes:
         part: Dict[str, Any] = {"a": change.a, "b": change.b, "note": change.note, "figure": None, "table": None}
@@ -310,7 +439,7 @@ def _weight_parts(comparison: Comparison) -> List[Dict[str, Any]]:
     return parts
 
 
-def _activation_parts(comparison: Comparison) -> List[Dict[str, Any]]:
+def _activation_parts(comparison: Comparison | SegmentationComparison) -> List[Dict[str, Any]]:
     """Runs with activation statistics over the same layers (checkpoints of one architecture), side by side."""
     groups: Dict[tuple, List[tuple]] = {}
     for run in comparison.runs:

@@ -1,5 +1,6 @@
-"""The comparison page's figures: accuracy against cost with the Pareto front, the classes × runs heatmap, and
-per-layer lines for checkpoints. numpy in, report Figure out (matplotlib Figure objects, no pyplot state)."""
+"""The comparison page's figures: accuracy against cost with the Pareto front, the classes × runs heatmap,
+per-layer lines for checkpoints and the per-image scores of two runs against each other. numpy in, report Figure
+out (matplotlib Figure objects, no pyplot state)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -81,4 +82,25 @@ def layer_lines(layers: Sequence[str], series: Sequence[Tuple[str, Sequence[floa
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(frameon=False, fontsize=7)
+    return to_figure(fig, name, caption)
+
+
+def paired_scatter(x: Sequence[float], y: Sequence[float], name: str, xlabel: str, ylabel: str,
+                   caption: str) -> Optional[Figure]:
+    """One point per image, run a's score (x) against run b's (y) on [0, 1] axes with the diagonal: points above it
+    are images b does better on. None without points."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not len(x):
+        return None
+    fig = MplFigure(figsize=(4.2, 4.0))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color=GREY, linewidth=1, linestyle="--")
+    colours = np.where(y > x, BLUE, np.where(y < x, RED, GREY))
+    ax.scatter(x, y, s=10 if len(x) > 200 else 18, c=colours, alpha=0.7, linewidths=0)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel(_short(xlabel, 40))
+    ax.set_ylabel(_short(ylabel, 40))
+    ax.grid(alpha=0.3)
     return to_figure(fig, name, caption)

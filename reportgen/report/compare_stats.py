@@ -1,5 +1,6 @@
 """The statistics of a comparison of runs: confidence intervals of an accuracy, the exact McNemar test of two
-classifiers on the same images, Holm's correction over many pairs, and the Pareto front of accuracy against cost.
+classifiers on the same images, the exact sign test of paired per-image scores, Holm's correction over many pairs,
+and the Pareto front of accuracy against cost.
 
 Plain Python and numpy on counts, so every number can be checked by hand.
 """
@@ -41,6 +42,13 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
         term = term * (n - i + 1) // i  # C(n, i), exact
         tail += term
     return min(1.0, float(Fraction(2 * tail, 2 ** n)))
+
+
+def sign_test(positive: int, negative: int) -> float:
+    """Exact two-sided sign test of paired differences from the counts of positive and negative ones (zeros are
+    dropped): under "no difference" each nonzero difference is a fair coin, which is the binomial tail of
+    `mcnemar_exact`, so it is computed there. 1 when every difference is zero."""
+    return mcnemar_exact(positive, negative)
 
 
 def holm_adjusted(p_values: Sequence[float]) -> List[float]:

@@ -29,7 +29,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def confusion_matrix(counts: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str], name: str,
-                     caption: str = "", dpi: int = 110) -> Figure:
+                     caption: str = "", dpi: int = 110, ylabel: str = "true (folder)") -> Figure:
     """Heatmap of counts (rows: true class, columns: predicted), each row normalised to fractions so classes of
     different sizes compare; the count is printed in each non-empty cell when the matrix is small enough."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -43,7 +43,7 @@ def confusion_matrix(counts: np.ndarray, row_labels: Sequence[str], col_labels: 
     ax.set_xticks(range(n_cols), labels=[_short(c) for c in col_labels], rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n_rows), labels=[_short(r) for r in row_labels], fontsize=8)
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true (folder)")
+    ax.set_ylabel(ylabel)
     if n_rows * n_cols <= 400:
         for i in range(n_rows):
             for j in range(n_cols):

@@ -77,10 +77,12 @@ def run_pass(job: Job, state: RunState) -> float:
             stepper = _Stepper(job, engine, order)
             batches_done = 0
             while raw is not None:  # a fetched batch counts as done: stop only between processing and the next fetch
-                batch = to_batch(raw, job, labels_lookup)
-                state.notes.update(stepper.step(batch))
-                images = len(batch.paths)
-                batch = None  # this batch's tensors go before the next one is decoded and normalised
+                images = 0
+                for part in raw.groups():  # one forward per image size (several only with whole-image inputs)
+                    batch = to_batch(part, job, labels_lookup)
+                    state.notes.update(stepper.step(batch))
+                    images += len(batch.paths)
+                    batch = None  # this batch's tensors go before the next one is decoded and normalised
                 release_free_memory()  # see heap.py: the pass's peak stays its live memory
                 state.warnings.extend(w for w in stepper.warnings if w not in state.warnings)
                 state.processed += images
@@ -121,7 +123,7 @@ def folder_example(job: Job) -> Optional[Batch]:
                         num_workers=int(job.cfg.runtime.num_workers))  # a decoder crash costs its file only
     if raw is None:
         return None
-    return to_batch(raw, job, torch.tensor(job.scan.labels + [-1], dtype=torch.int64))
+    return to_batch(raw.groups()[0], job, torch.tensor(job.scan.labels + [-1], dtype=torch.int64))
 
 
 def begin_analyses(analyses: List[Analysis], example: Batch) -> None:
@@ -155,8 +157,9 @@ def save_checkpoint(job: Job, state: RunState) -> None:
 
 
 def to_batch(raw: RawBatch, job: Job, labels_lookup: torch.Tensor) -> Batch:
-    """A decoded CPU batch as analyses see it: normalised inputs on the run device (non-blocking from pinned
-    memory on CUDA), labels on the device, the uint8 images kept on the CPU for thumbnails."""
+    """A decoded CPU batch of one image size (see `RawBatch.groups`) as analyses see it: normalised inputs on the
+    run device (non-blocking from pinned memory on CUDA), labels on the device, the uint8 images kept on the CPU for
+    thumbnails."""
     device = job.device
     non_blocking = device.type == "cuda"
     images = raw.images.to(device, non_blocking=non_blocking)  # (B, C, H, W) uint8, C = 1 (grayscale) or 3
@@ -166,7 +169,7 @@ def to_batch(raw: RawBatch, job: Job, labels_lookup: torch.Tensor) -> Batch:
     labels = labels_lookup[raw.indices].to(device, non_blocking=non_blocking)  # (B,)
     shown = raw.images.repeat(1, 3, 1, 1) if raw.images.shape[1] == 1 else raw.images  # (B, 3, H, W) for display
     return Batch(indices=raw.indices, paths=[job.scan.paths[i] for i in raw.indices.tolist()], images=shown,
-                 inputs=inputs, labels=labels)
+                 inputs=inputs, labels=labels, sizes=raw.sizes)
 
 
 def _next_good_batch(batches, scan: ScanResult, state: RunState, progress, strict: bool) -> Optional[RawBatch]:
@@ -254,4 +257,5 @@ def _slice(batch: Batch, start: int, end: int) -> Batch:
     if start == 0 and end >= len(batch.paths):
         return batch
     return Batch(indices=batch.indices[start:end], paths=batch.paths[start:end], images=batch.images[start:end],
-                 inputs=batch.inputs[start:end], labels=batch.labels[start:end])
+                 inputs=batch.inputs[start:end], labels=batch.labels[start:end],
+                 sizes=None if batch.sizes is None else batch.sizes[start:end])

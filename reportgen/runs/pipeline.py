@@ -98,12 +98,14 @@ def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timin
         blank = torch.zeros(2, loaded.preprocess.channels, loaded.preprocess.crop, loaded.preprocess.crop,
                             device=device)  # (2, C, H, W): two images, so the batch dimension shows
         loaded.task, loaded.task_reason = decide_task(cfg.model.task, loaded, model, blank)
+        if loaded.task == "segmentation":  # every labelled pixel is scored: never a crop (preprocess.py)
+            loaded.preprocess = loaded.preprocess.for_segmentation(cfg.model.preprocess)
     log.info("model: %s (%s)", loaded.name, loaded.weights)
     log.info("task: %s (%s)", loaded.task, loaded.task_reason)
     start, end = shard_bounds(len(scan.paths), shard)
     ctx = RunContext(model=model, loaded=loaded, dataset_classes=scan.class_names, num_images=len(scan.paths),
                      device=device, results_dir=results_dir, report=cfg.report, stream_rows=end - start,
-                     dataset_root=root)
+                     dataset_root=root, dataset=cfg.dataset)
     analyses = [build_analysis(name, acfg, ctx) for name, acfg in analysis_cfgs.items()]
     return Job(cfg=cfg, out_dir=out_dir, root=root, scan=scan, loaded=loaded, model=model, device=device,
                analyses=analyses, shard=shard, start=start, end=end)

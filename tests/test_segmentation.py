@@ -1,0 +1,289 @@
+"""Segmentation models end to end: the numbers equal a plain loop with the library's own preprocessing and model,
+shards merge to the single run, SegFormer and a segmentation_models_pytorch U-Net report, and the class Grad-CAM
+agrees with pytorch-grad-cam's semantic segmentation target."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from reportgen.runs.merge import main as merge_main
+from reportgen.runs.pipeline import run
+from tests.helpers import compose_config
+
+FAST = ["runtime.num_workers=0", "runtime.progress=false", "report.gallery_size=4",
+        "analysis=[summary,segmentation]", "analysis.segmentation.spread=3", "analysis.segmentation.worst=3"]
+CLASSES = 4
+# (relative path, (height, width), mask: "L" | "P" | None (no mask file) | "small" (wrong size) | "out" (value 9))
+IMAGES = [("a.jpg", (60, 80), "L"), ("b.png", (60, 80), "P"), ("nested/c d é.jpg", (80, 60), "L"),
+          ("nested/e.jpg", (50, 50), None), ("f.jpg", (60, 80), "small"), ("g.jpg", (45, 70), "out"),
+          ("h.jpg", (45, 70), "L")]
+PALETTE = [128, 128, 128, 220, 30, 30, 30, 200, 40, 20, 40, 230] + [255, 255, 255] * 252
+
+
+def scene(size, seed):
+    """A grey image with a red, a green and a blue rectangle, and its class mask (0 grey, 1 red, 2 green, 3 blue,
+    a 255 (ignored) border on the rectangles' edges)."""
+    rng = np.random.default_rng(seed)
+    height, width = size
+    image = np.full((height, width, 3), 128, dtype=np.uint8)
+    mask = np.zeros((height, width), dtype=np.uint8)
+    for cls, colour in enumerate([(220, 30, 30), (30, 200, 40), (20, 40, 230)], start=1):
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        bottom, right = top + rng.integers(8, height // 2), left + rng.integers(8, width // 2)
+        image[top:bottom, left:right] = colour
+        mask[top:bottom, left:right] = cls
+        mask[top, left:right] = 255
+    noise = rng.integers(-20, 20, image.shape)
+    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), mask
+
+
+@pytest.fixture(scope="module")
+def seg_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seg")
+    for seed, (name, size, kind) in enumerate(IMAGES):
+        image, mask = scene(size, seed)
+        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "images" / name, quality=95)
+        target = (root / "masks" / name).with_suffix(".png")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if kind == "L":
+            Image.fromarray(mask, mode="L").save(target)
+        elif kind == "P":
+            indexed = Image.fromarray(mask, mode="P")
+            indexed.putpalette(PALETTE)
+            indexed.save(target)
+        elif kind == "small":
+            Image.fromarray(mask[:-4], mode="L").save(target)
+        elif kind == "out":
+            mask[0, 0] = 9
+            Image.fromarray(mask, mode="L").save(target)
+    return root
+
+
+@pytest.fixture(scope="module")
+def lraspp_checkpoint(tmp_path_factory):
+    """A 4-class LR-ASPP with random weights whose BN statistics are those of the scenes and whose head is spread
+    out, so its predictions vary over the image (a freshly built one predicts one class everywhere)."""
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=CLASSES)
+    scenes = torch.stack([torch.from_numpy(scene((120, 160), seed)[0]).permute(2, 0, 1) for seed in range(8)])
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a cumulative average over the calibration forward
+            module.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        model((scenes.float() / 255 - 0.45) / 0.225)
+        for head in (model.classifier.low_classifier, model.classifier.high_classifier):
+            head.weight.normal_(0, 1.0)
+    path = tmp_path_factory.mktemp("ckpt") / "lraspp.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def plain_lraspp(checkpoint):
+    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+
+    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=CLASSES)
+    model.load_state_dict(torch.load(checkpoint, weights_only=True))
+    return model.eval()
+
+
+def plain_confusion(folder: Path, predict) -> tuple:
+    """The folder's confusion matrix and per-image predicted classes, by plain code at each image's size."""
+    conf = np.zeros((CLASSES, CLASSES), dtype=np.int64)
+    predicted = {}
+    for name, _, _ in sorted(IMAGES):
+        with Image.open(folder / "images" / name) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+        with torch.no_grad():
+            logits = predict(image)  # (1, K, h, w)
+            up = F.interpolate(logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
+        pred = up.argmax(1)[0].numpy()
+        predicted[name] = sorted(set(pred.ravel().tolist()))
+        mask_file = (folder / "masks" / name).with_suffix(".png")
+        if not mask_file.exists():
+            continue
+        truth = np.asarray(Image.open(mask_file)).astype(np.int64)
+        if truth.shape != pred.shape:
+            continue
+        for t, p in zip(truth.ravel(), pred.ravel()):  # brute force, pixel by pixel
+            if 0 <= t < CLASSES:
+                conf[t, p] += 1
+    return conf, predicted
+
+
+def expected_metrics(conf):
+    diag = np.diag(conf).astype(float)
+    rows, cols = conf.sum(1), conf.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = diag / (rows + cols - diag)
+    present = (rows + cols) > 0
+    return {"pixel_accuracy": diag.sum() / conf.sum(), "miou": float(np.mean(iou[present])),
+            "fw_iou": float(sum(rows[c] / conf.sum() * iou[c] for c in range(len(rows)) if rows[c]))}
+
+
+def seg_run(folder, checkpoint, out, extra=()):
+    cfg = compose_config(["model=checkpoint", "model.arch=lraspp_mobilenet_v3_large", f"model.path={checkpoint}",
+                          f"dataset.root={folder / 'images'}", f"dataset.masks={folder / 'masks'}",
+                          "runtime.batch_size=3", *FAST, *extra])
+    return run(cfg, out_dir=out)
+
+
+def test_torchvision_segmentation_equals_a_plain_loop(seg_folder, lraspp_checkpoint, tmp_path):
+    from torchvision.models.segmentation import LRASPP_MobileNet_V3_Large_Weights
+
+    seg_run(seg_folder, lraspp_checkpoint, tmp_path / "run")
+    results = tmp_path / "run" / "results"
+    transform = LRASPP_MobileNet_V3_Large_Weights.DEFAULT.transforms()  # shorter side 520, no crop
+    model = plain_lraspp(lraspp_checkpoint)
+    conf, predicted = plain_confusion(seg_folder, lambda image: model(transform(image)[None])["out"])
+    assert (conf.sum(1) > 0).sum() >= 3 and len({c for v in predicted.values() for c in v}) >= 2  # not trivial
+    np.testing.assert_array_equal(np.load(results / "confusion_pixels.npy"), conf)
+    data = json.loads((results / "segmentation.json").read_text())
+    expected = expected_metrics(conf)
+    for key, value in expected.items():
+        assert data[key] == pytest.approx(value, abs=1e-12), key
+    assert [c["pixels"] for c in data["per_class"]] == conf.sum(1).tolist()
+    assert data["labelled_images"] == 5 and data["images"] == len(IMAGES)
+    problems = {p["path"]: p["reason"] for p in data["problems"]}
+    assert "56x80" in problems["f.jpg"] and "60x80" in problems["f.jpg"]  # wrong size: listed, never resized
+    assert "9" in problems["g.jpg"]  # an out-of-range value: ignored, and said
+    rows = {r["path"]: r for r in csv.DictReader((results / "segmentation_images.csv").open(encoding="utf-8"))}
+    assert set(rows) == {name for name, _, _ in IMAGES}
+    assert rows["nested/e.jpg"]["labelled"] == "0" and rows["nested/e.jpg"]["iou"] == ""
+    for name, classes in predicted.items():
+        assert rows[name]["classes_predicted"].split() == [str(c) for c in classes] or rows[name]["labelled"] == "1"
+    html = (tmp_path / "run" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "Worst images" in html and "IoU over the classes present" in html and "Grad-CAM" in html
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert manifest["model"]["task"] == "segmentation"
+
+
+def test_segmentation_shards_merge_to_the_single_run(seg_folder, lraspp_checkpoint, tmp_path):
+    seg_run(seg_folder, lraspp_checkpoint, tmp_path / "whole", ["model.preprocess.resize=96"])
+    for shard in range(2):
+        seg_run(seg_folder, lraspp_checkpoint, tmp_path / "sweep" / str(shard),
+                [f"runtime.shard={shard}/2", "model.preprocess.resize=96"])
+    assert merge_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "merged")]) == 0
+    whole, merged = tmp_path / "whole" / "results", tmp_path / "merged" / "results"
+    np.testing.assert_array_equal(np.load(whole / "confusion_pixels.npy"), np.load(merged / "confusion_pixels.npy"))
+    assert json.loads((whole / "segmentation.json").read_text()) == json.loads((merged / "segmentation.json").read_text())
+    assert (whole / "segmentation_images.csv").read_text() == (merged / "segmentation_images.csv").read_text()
+
+
+def test_segformer_report_equals_its_processor(tmp_path, seg_folder):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
+                                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
+                                          mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=CLASSES,
+                                          id2label={i: n for i, n in enumerate(["bg", "red", "green", "blue"])},
+                                          architectures=["SegformerForSemanticSegmentation"])
+    torch.manual_seed(0)
+    model = transformers.SegformerForSemanticSegmentation(config).eval()
+    processor = transformers.SegformerImageProcessor(size={"height": 64, "width": 64})
+    folder = tmp_path / "segformer"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    cfg = compose_config(["model=hf", f"model.path={folder}", f"dataset.root={seg_folder / 'images'}",
+                          f"dataset.masks={seg_folder / 'masks'}", "runtime.batch_size=4", *FAST])
+    run(cfg, out_dir=tmp_path / "run")
+    # the PIL backend resizes as reportgen does (transformers' default torchvision backend rounds differently: up to
+    # 2 grey levels, see test_model_sources); post-processing: logits resized to the image, then argmax
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+
+    def predict(image):
+        inputs = processor(images=image, return_tensors="pt")
+        return model(**inputs).logits
+
+    conf, _ = plain_confusion(seg_folder, predict)
+    # the processor's own post-processing gives the same maps as the plain loop's upsampling
+    with Image.open(seg_folder / "images" / "a.jpg") as image:
+        image = image.convert("RGB")
+        outputs = model(**processor(images=image, return_tensors="pt"))
+        post = processor.post_process_semantic_segmentation(outputs, target_sizes=[(image.height, image.width)])[0]
+        up = F.interpolate(outputs.logits, size=(image.height, image.width), mode="bilinear", align_corners=False)
+        assert torch.equal(post, up.argmax(1)[0])
+    results = tmp_path / "run" / "results"
+    np.testing.assert_array_equal(np.load(results / "confusion_pixels.npy"), conf)
+    data = json.loads((results / "segmentation.json").read_text())
+    assert data["class_names"] == ["bg", "red", "green", "blue"]
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert manifest["model"]["task"] == "segmentation"
+    assert manifest["model"]["preprocess"]["crop_mode"] == "squash"  # the processor's {height, width}: no crop
+
+
+def test_smp_unet_report_without_masks(tmp_path, seg_folder):
+    pytest.importorskip("segmentation_models_pytorch")
+    cfg = compose_config(["model=target", "+model.target._target_=segmentation_models_pytorch.Unet",
+                          "+model.target.encoder_name=resnet18", "+model.target.encoder_weights=null",
+                          "+model.target.encoder_depth=3", "+model.target.decoder_channels=[32,16,8]",
+                          f"+model.target.classes={CLASSES}", "model.preprocess.resize=64",
+                          "model.preprocess.size_divisor=32", f"dataset.root={seg_folder / 'images'}", *FAST])
+    run(cfg, out_dir=tmp_path / "run")
+    results = tmp_path / "run" / "results"
+    data = json.loads((results / "segmentation.json").read_text())
+    manifest = json.loads((results / "manifest.json").read_text())
+    assert manifest["model"]["task"] == "segmentation"
+    assert manifest["model"]["preprocess"]["crop_mode"] == "whole"  # never a centre crop for segmentation
+    assert data["miou"] is None and data["labelled_images"] == 0 and data["images"] == len(IMAGES)
+    assert sum(c["predicted_pixels_all"] for c in data["per_class"]) == sum(h * w for _, (h, w), _ in IMAGES)
+    assert data["cam_layer"] and data["cam_layer"].startswith("decoder")
+    html = (tmp_path / "run" / "report" / "index.html").read_text(encoding="utf-8")
+    assert "no masks" in html and "Predicted classes over every pixel" in html
+
+
+def test_segmentation_gradcam_agrees_with_pytorch_grad_cam(lraspp_checkpoint):
+    """The class Grad-CAM the gallery shows, through the pass's own leaf mechanism and default layer, against
+    pytorch-grad-cam's SemanticSegmentationTarget on the same layer."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import SemanticSegmentationTarget
+
+    from reportgen.analyses._segmentation_cam import class_cams, default_cam_layer
+    from reportgen.engine.capture import CaptureEngine
+
+    model = plain_lraspp(lraspp_checkpoint)
+    image, _ = scene((96, 128), 3)
+    x = ((torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.45) / 0.225)[None]  # (1, 3, 96, 128)
+    layer = default_cam_layer(model, x, CLASSES)
+    assert layer == "classifier.cbr"  # LR-ASPP's high-resolution branch: the last feature map before the logits
+    with CaptureEngine(model, gradients=[layer]) as engine:
+        captures = engine.start_batch()
+        with engine.forward_mode():
+            logits = model(x)["out"]  # (1, K, 96, 128)
+            predicted = logits.detach().argmax(1)[0]
+            classes = sorted(set(predicted.unique().tolist()))[:2]
+            ours = class_cams(logits, captures[layer], lambda t: t, "gradcam", [classes])[0]
+
+    class Out(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs):
+            return self.inner(inputs)["out"]
+
+    modules = dict(model.named_modules())
+    for cls, cam in zip(classes, ours):
+        mask = (predicted == cls).float().numpy()
+        with GradCAM(model=Out(model), target_layers=[modules[layer]]) as oracle:
+            theirs = oracle(input_tensor=x, targets=[SemanticSegmentationTarget(cls, mask)])[0]  # (96, 128)
+        up = F.interpolate(cam[None, None], size=theirs.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+        up = (up - up.min()) / max(up.max() - up.min(), 1e-12)
+        assert np.corrcoef(up.ravel(), theirs.ravel())[0, 1] >= 0.999, cls
+
+
+def test_masks_folder_that_does_not_exist_is_a_config_error(tmp_path, seg_folder):
+    from reportgen.errors import ConfigError
+
+    cfg = compose_config(["model=lraspp_mobilenet_v3_large", "model.weights=null",
+                          f"dataset.root={seg_folder / 'images'}", f"dataset.masks={tmp_path / 'nope'}", *FAST])
+    with pytest.raises(ConfigError, match="dataset.masks"):
+        run(cfg, out_dir=tmp_path / "run")
