@@ -14,80 +14,20 @@ from PIL import Image, ImageOps
 from reportgen.runs.merge import main as merge_main
 from reportgen.runs.pipeline import run
 from tests.helpers import compose_config
-
-FAST = ["runtime.num_workers=0", "runtime.progress=false", "report.gallery_size=4",
-        "analysis=[summary,segmentation]", "analysis.segmentation.spread=3", "analysis.segmentation.worst=3"]
-CLASSES = 4
-# (relative path, (height, width), mask: "L" | "P" | None (no mask file) | "small" (wrong size) | "out" (value 9))
-IMAGES = [("a.jpg", (60, 80), "L"), ("b.png", (60, 80), "P"), ("nested/c d é.jpg", (80, 60), "L"),
-          ("nested/e.jpg", (50, 50), None), ("f.jpg", (60, 80), "small"), ("g.jpg", (45, 70), "out"),
-          ("h.jpg", (45, 70), "L")]
-PALETTE = [128, 128, 128, 220, 30, 30, 30, 200, 40, 20, 40, 230] + [255, 255, 255] * 252
-
-
-def scene(size, seed):
-    """A grey image with a red, a green and a blue rectangle, and its class mask (0 grey, 1 red, 2 green, 3 blue,
-    a 255 (ignored) border on the rectangles' edges)."""
-    rng = np.random.default_rng(seed)
-    height, width = size
-    image = np.full((height, width, 3), 128, dtype=np.uint8)
-    mask = np.zeros((height, width), dtype=np.uint8)
-    for cls, colour in enumerate([(220, 30, 30), (30, 200, 40), (20, 40, 230)], start=1):
-        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        bottom, right = top + rng.integers(8, height // 2), left + rng.integers(8, width // 2)
-        image[top:bottom, left:right] = colour
-        mask[top:bottom, left:right] = cls
-        mask[top, left:right] = 255
-    noise = rng.integers(-20, 20, image.shape)
-    return np.clip(image.astype(int) + noise, 0, 255).astype(np.uint8), mask
+from tests.seg_scenes import CLASSES, IMAGES, make_seg_folder, save_calibrated_lraspp, save_tiny_segformer, scene
 
 
 @pytest.fixture(scope="module")
 def seg_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seg")
-    for seed, (name, size, kind) in enumerate(IMAGES):
-        image, mask = scene(size, seed)
-        (root / "images" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(root / "images" / name, quality=95)
-        target = (root / "masks" / name).with_suffix(".png")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if kind == "L":
-            Image.fromarray(mask, mode="L").save(target)
-        elif kind == "P":
-            indexed = Image.fromarray(mask, mode="P")
-            indexed.putpalette(PALETTE)
-            indexed.save(target)
-        elif kind == "small":
-            Image.fromarray(mask[:-4], mode="L").save(target)
-        elif kind == "out":
-            mask[0, 0] = 9
-            Image.fromarray(mask, mode="L").save(target)
-    return root
+    return make_seg_folder(tmp_path_factory.mktemp("seg"))
 
 
 @pytest.fixture(scope="module")
 def lraspp_checkpoint(tmp_path_factory):
-    """A 4-class LR-ASPP with random weights whose BN statistics are those of the scenes and whose head is spread
-    out, so its predictions vary over the image (a freshly built one predicts one class everywhere)."""
-    from torchvision.models.segmentation import lraspp_mobilenet_v3_large
+    return save_calibrated_lraspp(tmp_path_factory.mktemp("ckpt") / "lraspp.pt")
 
-    torch.manual_seed(0)
-    model = lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=CLASSES)
-    scenes = torch.stack([torch.from_numpy(scene((120, 160), seed)[0]).permute(2, 0, 1) for seed in range(8)])
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.momentum = None  # a cumulative average over the calibration forward
-            module.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        model((scenes.float() / 255 - 0.45) / 0.225)
-        for head in (model.classifier.low_classifier, model.classifier.high_classifier):
-            head.weight.normal_(0, 1.0)
-    path = tmp_path_factory.mktemp("ckpt") / "lraspp.pt"
-    torch.save(model.state_dict(), path)
-    return path
-
-
+FAST = ["runtime.num_workers=0", "runtime.progress=false", "report.gallery_size=4",
+        "analysis=[summary,segmentation]", "analysis.segmentation.spread=3", "analysis.segmentation.worst=3"]
 def plain_lraspp(checkpoint):
     from torchvision.models.segmentation import lraspp_mobilenet_v3_large
 
@@ -181,17 +121,8 @@ def test_segmentation_shards_merge_to_the_single_run(seg_folder, lraspp_checkpoi
 
 def test_segformer_report_equals_its_processor(tmp_path, seg_folder):
     transformers = pytest.importorskip("transformers")
-    config = transformers.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[8, 16],
-                                          patch_sizes=[7, 3], strides=[4, 2], num_attention_heads=[1, 2],
-                                          mlp_ratios=[2, 2], decoder_hidden_size=16, num_labels=CLASSES,
-                                          id2label={i: n for i, n in enumerate(["bg", "red", "green", "blue"])},
-                                          architectures=["SegformerForSemanticSegmentation"])
-    torch.manual_seed(0)
-    model = transformers.SegformerForSemanticSegmentation(config).eval()
-    processor = transformers.SegformerImageProcessor(size={"height": 64, "width": 64})
     folder = tmp_path / "segformer"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    model = save_tiny_segformer(folder)
     cfg = compose_config(["model=hf", f"model.path={folder}", f"dataset.root={seg_folder / 'images'}",
                           f"dataset.masks={seg_folder / 'masks'}", "runtime.batch_size=4", *FAST])
     run(cfg, out_dir=tmp_path / "run")
@@ -287,3 +218,60 @@ def test_masks_folder_that_does_not_exist_is_a_config_error(tmp_path, seg_folder
                           f"dataset.root={seg_folder / 'images'}", f"dataset.masks={tmp_path / 'nope'}", *FAST])
     with pytest.raises(ConfigError, match="dataset.masks"):
         run(cfg, out_dir=tmp_path / "run")
+
+
+SEG_REPORTS = {
+    "deeplabv3": ["model=deeplabv3_mobilenet_v3_large", "model.weights=null", "model.preprocess.resize=96"],
+    "segformer": ["model=hf"],  # model.path: the tiny SegFormer folder, added in the test
+    "unet": ["model=target", "+model.target._target_=segmentation_models_pytorch.Unet",
+             "+model.target.encoder_name=resnet18", "+model.target.encoder_weights=null",
+             "+model.target.encoder_depth=3", "+model.target.decoder_channels=[32,16,8]",
+             f"+model.target.classes={CLASSES}", "model.preprocess.resize=64", "model.preprocess.size_divisor=32"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SEG_REPORTS))
+def test_segmentation_reports_open_clean_with_overlays_in_the_legends_colours(kind, seg_folder, tmp_path):
+    """DeepLabV3, SegFormer and a U-Net report open in Chromium without an error, a broken image or an axe
+    violation, and every overlay pixel is its picture blended with the colour of a class the image's row lists."""
+    import re
+
+    from reportgen.report.segmentation_overlays import class_colours
+    from tests.browser import CHROMIUM, open_page
+    from tests.test_browser import assert_clean
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Chromium is not installed (make system-deps / apt-get install chromium)")
+    overrides = list(SEG_REPORTS[kind])
+    if kind == "segformer":
+        pytest.importorskip("transformers")
+        save_tiny_segformer(tmp_path / "segformer")
+        overrides.append(f"model.path={tmp_path / 'segformer'}")
+    if kind == "unet":
+        pytest.importorskip("segmentation_models_pytorch")
+    index = run(compose_config(overrides + [f"dataset.root={seg_folder / 'images'}",
+                                            f"dataset.masks={seg_folder / 'masks'}", "report.image_format=png",
+                                            *FAST]), out_dir=tmp_path / "run")
+    assert_clean(open_page(index))
+    html = index.read_text(encoding="utf-8")
+    rows = {r["path"]: r for r in csv.DictReader((tmp_path / "run" / "results" /
+                                                   "segmentation_images.csv").open(encoding="utf-8"))}
+    classes = json.loads((tmp_path / "run" / "results" / "segmentation.json").read_text())["class_names"]
+    colours = class_colours(len(classes)).astype(float)  # (K, 3)
+    alpha = 0.55
+    panels = re.findall(r'<img src="([^"]+)" alt="([^"]+): (image|mask|prediction)"', html)
+    by_path = {}
+    for src, path, title in panels:
+        by_path.setdefault(path, {})[title] = np.asarray(Image.open(index.parent / src).convert("RGB"), dtype=float)
+    checked = 0
+    for path, shown in by_path.items():
+        if "prediction" not in shown:
+            continue
+        recovered = (shown["prediction"] - (1 - alpha) * shown["image"]) / alpha  # (h, w, 3): the class colours
+        distance = np.abs(recovered[:, :, None, :] - colours[None, None]).max(-1)  # (h, w, K)
+        nearest = distance.argmin(-1)
+        assert distance.min(-1).max() <= 3.0, path  # every pixel is a class colour (rounding aside)
+        listed = {int(c) for c in rows[path]["classes_predicted"].split()}
+        assert set(np.unique(nearest).tolist()) <= listed, path  # and the colour of a class it predicts
+        checked += 1
+    assert checked >= 3

@@ -108,6 +108,8 @@ class DatasetConfig:
     ignore_index: int = 255  # mask value of pixels that are not scored (borders, void)
     mask_mapping: Optional[Dict[int, int]] = None  # mask value -> model class index (e.g. Cityscapes ids -> train
     #   ids); values not in the mapping become ignore_index. null: mask values are the model's class indices
+    annotations: Optional[str] = None  # detection ground truth: a COCO instances .json file, a YOLO labels folder
+    #   (<stem>.txt with data.yaml or classes.txt beside it) or a Pascal VOC Annotations folder (<stem>.xml)
 
 
 @dataclass
