@@ -221,7 +221,9 @@ def test_masks_folder_that_does_not_exist_is_a_config_error(tmp_path, seg_folder
 
 
 SEG_REPORTS = {
-    "deeplabv3": ["model=deeplabv3_mobilenet_v3_large", "model.weights=null", "model.preprocess.resize=96"],
+    "deeplabv3": ["model=deeplabv3_mobilenet_v3_large", "model.weights=null", "model.preprocess.resize=96",
+                  # the task-independent sections too, over images of several sizes
+                  "analysis=[summary,activations,weights,graph,segmentation,predictions,gradcam]"],
     "segformer": ["model=hf"],  # model.path: the tiny SegFormer folder, added in the test
     "unet": ["model=target", "+model.target._target_=segmentation_models_pytorch.Unet",
              "+model.target.encoder_name=resnet18", "+model.target.encoder_weights=null",
@@ -249,11 +251,15 @@ def test_segmentation_reports_open_clean_with_overlays_in_the_legends_colours(ki
         overrides.append(f"model.path={tmp_path / 'segformer'}")
     if kind == "unet":
         pytest.importorskip("segmentation_models_pytorch")
+    fast = [o for o in FAST if not (o.startswith("analysis=") and any(x.startswith("analysis=") for x in overrides))]
     index = run(compose_config(overrides + [f"dataset.root={seg_folder / 'images'}",
                                             f"dataset.masks={seg_folder / 'masks'}", "report.image_format=png",
-                                            *FAST]), out_dir=tmp_path / "run")
+                                            *fast]), out_dir=tmp_path / "run")
     assert_clean(open_page(index))
     html = index.read_text(encoding="utf-8")
+    if kind == "deeplabv3":
+        assert "Some selected layers could not be analysed" not in html and "FLOP count is low" not in html
+        assert "not applicable to segmentation models because" in html  # predictions and gradcam: a line each
     rows = {r["path"]: r for r in csv.DictReader((tmp_path / "run" / "results" /
                                                    "segmentation_images.csv").open(encoding="utf-8"))}
     classes = json.loads((tmp_path / "run" / "results" / "segmentation.json").read_text())["class_names"]

@@ -51,7 +51,7 @@ SDPA_KERNELS = {aten._scaled_dot_product_flash_attention_for_cpu: sdpa_flops,
                 aten._scaled_dot_product_attention_math_for_mps: sdpa_flops}
 
 # op names that do multiply-adds worth counting: seen without a formula, the count is low
-_HEAVY = re.compile(r"attention|multi_head|transformer|conv|mm|matmul|linear|einsum|lstm|gru|rnn")
+_HEAVY = re.compile(r"attention|multi_head|transformer|conv|mm|matmul|(?<!bi)(?<!tri)linear|einsum|lstm|gru|rnn")  # not upsample_(bi|tri)linear
 
 
 class _Uncounted(TorchDispatchMode):

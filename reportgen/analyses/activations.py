@@ -427,6 +427,8 @@ class Activations(Analysis):
             self.embed_key, self.embed_recipe = name, "pool"
             return
         if head is None:
+            if getattr(self.ctx.loaded, "task", None) in ("segmentation", "detection"):
+                return  # per-pixel or per-box outputs: no per-image embedding to map unless embedding_layer names one
             self.notes.append("embedding: no module output feeds the last nn.Linear (set embedding_layer)")
             return
         self.embed_key, self.embed_recipe = head
