@@ -44,3 +44,15 @@ def make_colour_folder(root: Path, per_class: int, noise: float, seed: int) -> P
             pixels = np.clip(np.array(rgb) + rng.normal(0, noise, (20, 24, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
     return root
+
+
+def binomial_p(better: int, worse: int) -> float:
+    """Two-sided exact binomial test at p = 1/2 (the sign test), brute force: the probability of every count no
+    more likely than the one observed (scipy's definition), by math.comb."""
+    import math
+
+    n = better + worse
+    if n == 0:
+        return 1.0
+    observed = math.comb(n, better)
+    return min(1.0, sum(math.comb(n, k) for k in range(n + 1) if math.comb(n, k) <= observed) / 2 ** n)

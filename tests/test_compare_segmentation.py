@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import random
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -18,6 +17,7 @@ from reportgen.errors import RunError
 from reportgen.report.compare_stats import sign_test
 from reportgen.runs.compare import compare_runs, main
 from tests.browser import AXE, CHROMIUM, open_page
+from tests.helpers import binomial_p
 
 CLASSES = ["background", "road", "sky", "car", "person"]
 
@@ -73,16 +73,6 @@ def read_images(run: Path) -> Dict[str, Optional[float]]:
     with open(run / "results" / "segmentation_images.csv", newline="", encoding="utf-8") as handle:
         return {row["path"]: float(row["iou"]) if row["labelled"] == "1" and row["iou"] else None
                 for row in csv.DictReader(handle)}
-
-
-def binomial_p(better: int, worse: int) -> float:
-    """Two-sided exact binomial test at p = 1/2, brute force: the probability of every count no more likely than
-    the one observed (scipy's definition), by math.comb."""
-    n = better + worse
-    if n == 0:
-        return 1.0
-    observed = math.comb(n, better)
-    return min(1.0, sum(math.comb(n, k) for k in range(n + 1) if math.comb(n, k) <= observed) / 2 ** n)
 
 
 def recount(a: Path, b: Path) -> dict:

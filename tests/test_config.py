@@ -19,8 +19,8 @@ def test_default_config_validates_with_the_demo_analyses():
     cfg = compose_config([])
     typed = validate(cfg)
     assert list(typed) == ["summary", "predictions", "gradcam", "activations", "weights", "graph", "knn",
-                           "embedding_maps", "segmentation"]  # knn, embedding_maps: backbones only; segmentation:
-    # segmentation models only (each a line on a classifier's page)
+                           "embedding_maps", "segmentation", "detection"]  # knn, embedding_maps: backbones only;
+    # segmentation, detection: those models only (each a line on a classifier's page)
     assert typed["predictions"].top_k == 5
     assert cfg.model.source.name == "target" and cfg.dataset.synthetic == "shapes"
 

@@ -87,6 +87,8 @@ class RunContext:
     dataset_root: Optional[Path] = None  # the scanned folder (batch paths are relative to it), to decode an image
     #   again at finalize (e.g. the nearest neighbours found only once every image is seen)
     dataset: Any = None  # the DatasetConfig node (segmentation reads its masks, ignore_index and mask_mapping)
+    paths: Sequence[str] = ()  # every scanned image (escaped relative paths, sorted): detection matches its
+    #   annotations to them before the pass
 
     @property
     def row_capacity(self) -> int:

@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
+import yaml  # PyYAML, a dependency of hydra-core
 
 from reportgen.errors import ConfigError
 from reportgen.inputs.paths import escape_name, os_name
@@ -145,7 +146,7 @@ def read_annotations(path: Path, image_paths: Sequence[str],
     """
     path = Path(path)
     if format is not None and format not in FORMATS:
-        raise ConfigError(f"{KEY} format", format, "one of the annotation formats", list(FORMATS))
+        raise ValueError(f"format must be one of {', '.join(FORMATS)} or None (detect), got {format!r}")
     if not os.path.lexists(path):
         raise ConfigError(KEY, str(path), f"an existing file or folder: {_EXPECTED}")
     images = [str(p) for p in image_paths]
@@ -153,8 +154,7 @@ def read_annotations(path: Path, image_paths: Sequence[str],
         format = _detect(path)
     if format == "coco":
         if names is not None:
-            raise ConfigError(f"{KEY} names", list(names), "no names for a COCO file: its categories[] name the "
-                                                            "classes")
+            raise ValueError("names cannot be given for a COCO file: its categories[] name the classes")
         truth = _read_coco(path, images)
     else:
         if not path.is_dir():
@@ -361,8 +361,6 @@ def _read_yolo(root: Path, images: List[str], names: Optional[Sequence[str]]) ->
 def _yolo_names(root: Path, problems: List[Tuple[str, str]]) -> Tuple[Optional[Dict[int, str]], str]:
     """Class id -> name from the first data.yaml / data.yml / classes.txt in the labels folder, its parent or the
     parent's parent; (None, "") when there is none."""
-    import yaml  # PyYAML, a dependency of hydra-core
-
     for up, folder in enumerate((root, root.parent, root.parent.parent)):
         for file_name in ("data.yaml", "data.yml", "classes.txt"):
             candidate = folder / file_name

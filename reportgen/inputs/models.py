@@ -157,7 +157,8 @@ def offline_backbone(arch: str, weights: Any, kwargs: Dict[str, Any]) -> Dict[st
 def torchvision_preprocess(arch: str, module: torch.nn.Module, weights: Any) -> Preprocess:
     """The input recipe of a torchvision architecture. Classifiers: the weights' transforms (resize, centre crop).
     Segmentation: the weights' transforms (shorter side 520, no crop: the whole image). Detection: the model
-    normalises and resizes inside (GeneralizedRCNNTransform), so images go in as [0, 1] at its own min_size, square."""
+    normalises and resizes inside (GeneralizedRCNNTransform), so images go in as decoded, in [0, 1] (mean 0, std 1);
+    its min_size sizes only the blank probe."""
     task = torchvision_task(arch)
     transform = weights.transforms()
     if task == "classification":
@@ -166,7 +167,7 @@ def torchvision_preprocess(arch: str, module: torch.nn.Module, weights: Any) -> 
         return Preprocess.from_torchvision_segmentation(transform)
     min_size = getattr(getattr(module, "transform", None), "min_size", (800,))
     side = int(min_size[0] if isinstance(min_size, (list, tuple)) else min_size)
-    return Preprocess(resize=side, crop=side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    return Preprocess(resize=side, crop=side, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), crop_mode="none")
 
 
 def torchvision_task_of(arch: str, module: torch.nn.Module) -> Tuple[Optional[str], str]:

@@ -13,6 +13,8 @@ Four geometries cover the libraries' evaluation recipes (`crop_mode`):
 - whole: shorter side to `resize`, no crop, each side rounded to a multiple of `size_divisor` when set
   (torchvision's segmentation weights: every labelled pixel is seen; images keep their own aspect ratio, so a batch
   holds images of several sizes: see loader.py's `RawBatch.groups`)
+- none: the image as decoded, at its own size (torchvision's detectors resize and normalise inside the model, so
+  their boxes come back in the image's own pixels); `resize`/`crop` only size the blank probe
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ INTERPOLATIONS = {
     "box": InterpolationMode.BOX,
     "hamming": InterpolationMode.HAMMING,
 }
-CROP_MODES = ("center", "squash", "border", "whole")
+CROP_MODES = ("center", "squash", "border", "whole", "none")
 CHANNELS = (1, 3)  # grayscale or RGB decode
 
 
@@ -122,6 +124,17 @@ class Preprocess:
             return self
         return dataclasses.replace(self, crop_mode="whole", crop=self.resize)
 
+    def for_detection(self, cfg: Any, resizes_inside: bool) -> "Preprocess":
+        """A detector's boxes are in the pixels of what it got, so it gets the whole image as decoded (`none`: a
+        crop would lose objects) unless `model.preprocess.crop_mode` names a geometry; one that resizes and
+        normalises inside (torchvision's) also gets [0, 1] values (mean 0, std 1) unless the config sets them."""
+        get = (lambda key: None) if cfg is None else (lambda key: cfg.get(key))
+        plain = resizes_inside
+        return dataclasses.replace(
+            self, crop_mode=get("crop_mode") or "none",
+            mean=(0.0,) * self.channels if plain and get("mean") is None else self.mean,
+            std=(1.0,) * self.channels if plain and get("std") is None else self.std)
+
     def describe(self) -> Dict[str, Any]:
         """The effective numbers, as the manifest records them."""
         return {"resize": self.resize, "crop": self.crop, "crop_mode": self.crop_mode,
@@ -134,6 +147,7 @@ class Preprocess:
                     "squash": f"stretch to {self.resize}x{self.resize}"
                               + (f", centre crop {self.crop}" if self.crop != self.resize else ""),
                     "border": f"longer side {self.resize}, crop/pad to {self.crop}",
+                    "none": "the image as decoded (the model resizes inside)",
                     "whole": f"shorter side {self.resize}, whole image (no crop)"
                              + (f", sides multiples of {self.size_divisor}" if self.size_divisor > 1 else "")
                     }[self.crop_mode]
@@ -145,6 +159,8 @@ class Preprocess:
         h, w) with the shorter side `resize`."""
         image = image.convert("L" if self.channels == 1 else "RGB")
         mode = INTERPOLATIONS[self.interpolation]
+        if self.crop_mode == "none":
+            return TF.pil_to_tensor(image)  # (C, H, W) uint8, as decoded
         if self.crop_mode == "whole":
             return TF.pil_to_tensor(TF.resize(image, self.whole_size(image.height, image.width), interpolation=mode,
                                               antialias=True))  # (C, h, w) uint8

@@ -18,7 +18,6 @@ from reportgen.errors import RunError
 
 TASKS = [t.value for t in ModelTask if t is not ModelTask.auto]
 DETECTION_KEYS = {"boxes", "labels", "scores"}
-TASK_ANALYSES_NOT_BUILT = frozenset({"detection"})  # tasks whose own analyses do not exist yet
 
 
 @dataclass
@@ -133,6 +132,12 @@ def _field(raw: Any, key: str) -> Any:
         except (KeyError, TypeError):
             return None
     return getattr(raw, key, None) if not isinstance(raw, (torch.Tensor, list, tuple)) else None
+
+
+def resizes_inside(model: torch.nn.Module) -> bool:
+    """Whether the model resizes and normalises its input itself (torchvision's detectors: a `transform` that is a
+    GeneralizedRCNNTransform), so it must get the image as decoded."""
+    return type(getattr(model, "transform", None)).__name__ == "GeneralizedRCNNTransform"
 
 
 def identity_head_task(module: torch.nn.Module) -> Tuple[Optional[str], str]:

@@ -8,8 +8,9 @@ from `activation_stats.csv`; the weight change of checkpoints of one architectur
 themselves (`relative_weight_change`), since `weights.csv` holds per-tensor statistics, not the tensors.
 
 Runs are compared only with runs of the same task: segmentation runs get their own comparison
-(`SegmentationComparison`, numbers from reportgen/report/compare_segmentation.py); backbone runs are refused with
-the reason.
+(`SegmentationComparison`, numbers from reportgen/report/compare_segmentation.py), so do detection runs
+(`DetectionComparison`, numbers from reportgen/report/compare_detection.py); backbone runs are refused with the
+reason.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ import pandas as pd
 
 from reportgen.errors import RunError
 from reportgen.inputs.labels import normalise_class_name
+from reportgen.report.compare_detection import IMAGES_FILE as DETECTION_IMAGES_FILE
+from reportgen.report.compare_detection import METRICS_FILE as DETECTION_METRICS_FILE
+from reportgen.report.compare_detection import ClassAP, ErrorPair, class_ap, error_pairs, read_detection_images
 from reportgen.report.compare_segmentation import (IMAGES_FILE, TOTALS_FILE, ClassIoU, ImagePair, class_iou,
                                                    image_pairs, read_segmentation_images, shared_images)
 from reportgen.report.compare_stats import holm_adjusted, mcnemar_exact, p_value_text, wilson_interval
@@ -45,6 +49,8 @@ class RunResults:
     name: str = ""  # set once all runs are known: what tells it apart from the others
     segmentation: Dict[str, Any] = field(default_factory=dict)  # results/segmentation.json (segmentation runs)
     segmentation_images: Optional[pd.DataFrame] = None  # results/segmentation_images.csv, indexed by path
+    detection: Dict[str, Any] = field(default_factory=dict)  # results/detection_metrics.json (detection runs)
+    detection_images: Optional[pd.DataFrame] = None  # results/detection_images.csv, indexed by path
 
     @property
     def config(self) -> Dict[str, Any]:
@@ -115,11 +121,17 @@ def load_run(run_dir: Path) -> RunResults:
         raise RunError(f"{run_dir}: status {manifest.get('status')!r}, not a finished run "
                        f"({manifest.get('error', 'see its run.log')})")
     summary = _read_json(results / "summary.json")
-    if (manifest.get("model") or {}).get("task") == "segmentation":
+    task = (manifest.get("model") or {}).get("task")
+    if task == "segmentation":
         images = results / IMAGES_FILE
         return RunResults(run_dir=Path(run_dir), manifest=manifest, predictions=None, totals={}, summary=summary,
                           segmentation=_read_json(results / TOTALS_FILE),
                           segmentation_images=read_segmentation_images(images) if images.is_file() else None)
+    if task == "detection":
+        images = results / DETECTION_IMAGES_FILE
+        return RunResults(run_dir=Path(run_dir), manifest=manifest, predictions=None, totals={}, summary=summary,
+                          detection=_read_json(results / DETECTION_METRICS_FILE),
+                          detection_images=read_detection_images(images) if images.is_file() else None)
     totals = _read_json(results / "predictions.json")
     csv_path = results / "predictions.csv"
     predictions = read_predictions(csv_path, list(totals.get("per_class_accuracy") or {})) if csv_path.is_file() \
@@ -442,14 +454,19 @@ class SegmentationComparison:
     notes: List[str] = field(default_factory=list)
 
 
+OWN_COMPARISON = ("segmentation", "detection")  # tasks with a comparison of their own: compared only among themselves
+
+
 def check_one_task(runs: Sequence[RunResults]) -> str:
-    """The task every run shares. Mixing segmentation runs with runs of another task is a RunError naming each
-    run's task; other mixes are left to the classifier comparison, which refuses backbones with its reason."""
+    """The task every run shares. Mixing segmentation or detection runs with runs of another task is a RunError
+    naming each run's task; other mixes are left to the classifier comparison, which refuses backbones with its
+    reason."""
     tasks = [r.task for r in runs]
-    if "segmentation" in tasks and len(set(tasks)) > 1:
+    own = [task for task in dict.fromkeys(tasks) if task in OWN_COMPARISON]
+    if own and len(set(tasks)) > 1:
         raise RunError("runs of different tasks cannot be compared: "
                        + ", ".join(f"{r.name} is {task} ({r.run_dir})" for r, task in zip(runs, tasks))
-                       + "; compare segmentation runs only with segmentation runs")
+                       + "; " + ", ".join(f"compare {task} runs only with {task} runs" for task in own))
     return tasks[0]
 
 
@@ -486,17 +503,76 @@ def compare_segmentation(runs: List[RunResults], not_compared: Sequence[NotCompa
                                   pairs=image_pairs(tables), notes=segmentation_notes(runs, shared))
 
 
+# ---------------------------------------------------------------------------------------------------- detection
+
+@dataclass
+class DetectionComparison:
+    """Everything the comparison page and its results files show for object detection runs."""
+
+    runs: List[RunResults]  # compared, named, in the order given
+    not_compared: List[NotCompared]
+    differing: List[str]  # config keys that differ between runs
+    shared_config: Dict[str, str]  # what every run has in common, once
+    images: Dict[str, pd.DataFrame]  # run name -> its detection_images.csv
+    shared: pd.Index  # the images every run processed
+    classes: ClassAP
+    pairs: List[ErrorPair]
+    weight_changes: List[WeightChange] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+
+def detection_notes(runs: Sequence[RunResults], shared: pd.Index) -> List[str]:
+    """Warnings for the page: runs without annotations, different drawing score thresholds (the per-image errors are
+    counted at each run's own), no shared image (class lists that differ are said in the per-class section)."""
+    notes = []
+    for run in runs:
+        if not run.detection.get("labelled_images"):
+            notes.append(f"{run.name} had no annotations (0 labelled images): it has no mAP or per-image errors to "
+                         f"compare")
+    thresholds = {r.name: r.detection.get("score_threshold") for r in runs}
+    if len(set(thresholds.values())) > 1:
+        notes.append("the runs count per-image errors at different score thresholds ("
+                     + ", ".join(f"{n}: {v}" for n, v in thresholds.items())
+                     + "): a lower threshold keeps more detections (fewer missed objects, more false positives), so "
+                       "the per-image comparison weighs the models and the thresholds together; mAP does not depend "
+                       "on the threshold")
+    if shared.empty:
+        notes.append("the runs share no image (matched by path inside the folder): there is nothing to compare "
+                     "image by image; compare runs over the same folder")
+    return notes
+
+
+def compare_detection(runs: List[RunResults], not_compared: Sequence[NotCompared], differing: List[str],
+                      shared_config: Dict[str, str]) -> DetectionComparison:
+    """Per-class AP side by side and the per-image paired tests of named detection runs."""
+    lacking = [f"{r.name} ({r.run_dir})" for r in runs if not r.detection or r.detection_images is None]
+    if lacking:
+        raise RunError(f"detection runs need results/{DETECTION_METRICS_FILE} and results/{DETECTION_IMAGES_FILE}; "
+                       f"missing in {', '.join(lacking)} (the detection analysis writes them; rerun those runs)")
+    names = [r.name for r in runs]
+    tables = {r.name: r.detection_images for r in runs}
+    shared = shared_images(tables)
+    return DetectionComparison(runs=list(runs), not_compared=list(not_compared), differing=differing,
+                               shared_config=shared_config, images=tables, shared=shared,
+                               classes=class_ap(names, [r.detection for r in runs]), pairs=error_pairs(tables),
+                               notes=detection_notes(runs, shared))
+
+
 def compare(runs: List[RunResults], not_compared: Sequence[NotCompared] = (),
-            gallery_size: int = 24) -> Comparison | SegmentationComparison:
+            gallery_size: int = 24) -> Comparison | SegmentationComparison | DetectionComparison:
     """Name the runs, check they share a task and compute every table of the page: a SegmentationComparison for
-    segmentation runs, a Comparison (joined on the shared images) for classifiers."""
+    segmentation runs, a DetectionComparison for detection runs, a Comparison (joined on the shared images) for
+    classifiers."""
     if len(runs) < 2:
         raise RunError(f"a comparison needs at least two finished runs, got {len(runs)}"
                        + "".join(f"; {n.run_dir}: {n.reason}" for n in not_compared))
     differing, shared = config_differences(runs)
     name_runs(runs, differing)
-    if check_one_task(runs) == "segmentation":
+    task = check_one_task(runs)
+    if task == "segmentation":
         return compare_segmentation(runs, not_compared, differing, shared)
+    if task == "detection":
+        return compare_detection(runs, not_compared, differing, shared)
     joined = join_predictions(runs)
     names = [r.name for r in runs]
     return Comparison(runs=list(runs), not_compared=list(not_compared), differing=differing, shared_config=shared,

@@ -3,7 +3,8 @@
 Writes into one folder: `index.html` + `assets/` (the page, static and offline like a report), `comparison.json`
 (runs and pairs), `comparison.csv` (one row per shared image) and `per_class.csv` (classes × runs). Segmentation
 runs (a SegmentationComparison) get the same files with IoU in place of accuracy, and the page's segmentation
-sections.
+sections; detection runs (a DetectionComparison) get them with AP and per-image errors (missed objects + false
+positives), and the page's detection sections.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from omegaconf import OmegaConf
 from reportgen.inputs.data import decode_image
 from reportgen.inputs.preprocess import Preprocess
 from reportgen.report import compare_plots
-from reportgen.report.compare_data import (DEFAULT_DEAD_ZERO_FRACTION, Comparison, RunResults,
+from reportgen.report import compare_detection
+from reportgen.report.compare_data import (DEFAULT_DEAD_ZERO_FRACTION, Comparison, DetectionComparison, RunResults,
                                            SegmentationComparison, activation_layers, comparison_rows,
                                            flatten_config)
+from reportgen.report.compare_detection import ErrorPair, ImageErrors
 from reportgen.report.compare_segmentation import METRICS, ImagePair, image_rows
 from reportgen.report.compare_stats import pareto_front
 from reportgen.report.elements import GalleryItem, ImageStrip, Table
@@ -35,10 +38,11 @@ from reportgen.state.files import write_atomic, write_json
 log = logging.getLogger("reportgen")
 HEATMAP_CLASSES = 40  # classes drawn in the heatmap; past this, the ones where the runs differ most
 THUMBNAIL = 128  # longest side of each panel of the disagreement gallery, pixels
+AnyComparison = Comparison | SegmentationComparison | DetectionComparison
 GRADCAM_HINT = "add gradcam to the runs' analyses (analysis=[predictions,gradcam,...]) to see each run's map here"
 
 
-def write_comparison(comparison: Comparison | SegmentationComparison, out_dir: Path) -> Path:
+def write_comparison(comparison: AnyComparison, out_dir: Path) -> Path:
     """The page and the results files; returns the page's path."""
     from reportgen.report.render import render_comparison
 
@@ -49,6 +53,12 @@ def write_comparison(comparison: Comparison | SegmentationComparison, out_dir: P
         write_atomic(out_dir / "comparison.csv", image_rows(comparison.images).to_csv(index=False))
         write_atomic(out_dir / "per_class.csv", comparison.classes.table.to_csv())
         return render_comparison(out_dir, segmentation_context(comparison, out_dir))
+    if isinstance(comparison, DetectionComparison):
+        write_json(out_dir / "comparison.json", detection_json(comparison))
+        write_atomic(out_dir / "comparison.csv",
+                     compare_detection.image_rows(comparison.images, comparison.shared).to_csv(index=False))
+        write_atomic(out_dir / "per_class.csv", comparison.classes.rows().to_csv())
+        return render_comparison(out_dir, detection_context(comparison, out_dir))
     write_json(out_dir / "comparison.json", comparison_json(comparison))
     write_atomic(out_dir / "comparison.csv", comparison_rows(comparison.joined).to_csv(index=False))
     write_atomic(out_dir / "per_class.csv", comparison.per_class.to_csv())
@@ -88,7 +98,7 @@ def _flat(run: RunResults) -> Dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------- page parts
 
-def _common_context(comparison: Comparison | SegmentationComparison, images_per_run: Dict[str, int],
+def _common_context(comparison: AnyComparison, images_per_run: Dict[str, int],
                     shared_images: int) -> Dict[str, Any]:
     """What the page shows for runs of any task: what tells them apart, what was left out, the image sets."""
     runs = comparison.runs
@@ -362,29 +372,31 @@ def segmentation_context(comparison: SegmentationComparison, out_dir: Path) -> D
                   "labelled_images": r.segmentation.get("labelled_images"), "images": r.segmentation.get("images")}
                  for r in comparison.runs],
         "metrics": METRICS,
-        "class_figure": _iou_figure(comparison),
+        "class_figure": _class_bars(comparison, "IoU", "per-class-iou",
+                                    "the class is in no mask or prediction of that run"),
         "class_table": _iou_table(comparison),
         "class_notes": comparison.classes.notes(),
         "image_pairs": [_image_pair_part(p, i) for i, p in enumerate(comparison.pairs)],
     }
 
 
-def _iou_figure(comparison: SegmentationComparison):
+def _class_bars(comparison: Any, metric: str, name: str, missing: str):
+    """Grouped bars of a per-class metric (IoU, AP) of each run: every class when few, else the HEATMAP_CLASSES
+    where the runs differ most. `missing` says what a run without a bar lacks."""
     table = comparison.classes.table
     if table.empty:
         return None
     names = [r.name for r in comparison.runs]
     if len(table) <= HEATMAP_CLASSES:
         shown = table
-        caption = (f"Per-class IoU of each run, all {len(table)} classes every run has (no bar: the class is in no "
-                   f"mask or prediction of that run).")
+        caption = f"Per-class {metric} of each run, all {len(table)} classes every run has (no bar: {missing})."
     else:
         shown = table.sort_values("spread", ascending=False, kind="stable").head(HEATMAP_CLASSES)
-        caption = (f"Per-class IoU of the {HEATMAP_CLASSES} of {len(table)} classes where the runs differ most "
+        caption = (f"Per-class {metric} of the {HEATMAP_CLASSES} of {len(table)} classes where the runs differ most "
                    f"(largest spread between the best and the worst run); every class is in the table below and in "
                    f"per_class.csv.")
     return grouped_bars(shown[names].to_numpy(dtype=np.float64).T, names, [str(c) for c in shown.index],
-                        name="per-class-iou", ylabel="IoU", caption=caption)
+                        name=name, ylabel=metric.split(" ")[0], caption=caption)
 
 
 def _iou_table(comparison: SegmentationComparison) -> Optional[Table]:
@@ -420,9 +432,119 @@ def _image_pair_part(pair: ImagePair, number: int) -> Dict[str, Any]:
             "losses": listed(pair.losses, f"Images where {pair.b} does worst against {pair.a}")}
 
 
+# ---------------------------------------------------------------------------------------------------- detection
+
+def _errors_json(image: ImageErrors) -> Dict[str, Any]:
+    return {"path": image.path, "objects": image.objects, "errors_a": image.errors_a, "errors_b": image.errors_b,
+            "missed_a": image.missed_a, "false_positives_a": image.false_positives_a, "missed_b": image.missed_b,
+            "false_positives_b": image.false_positives_b}
+
+
+def detection_json(comparison: DetectionComparison) -> Dict[str, Any]:
+    """comparison.json of detection runs: `runs` (each run's detection_metrics.json metrics), `classes` (per-class
+    AP and AP50 on the classes every run has, and the ones each run lacks) and `pairs` (the per-image sign tests of
+    the errors, missed objects + false positives)."""
+    flats = {r.name: _flat(r) for r in comparison.runs}
+    classes = comparison.classes
+    return {
+        "task": "detection",
+        "shared_images": len(comparison.shared),
+        "errors": "per image: missed objects + false positives, at IoU 0.5 and each run's drawing score threshold "
+                  "(the run's detection_images.csv)",
+        "test": "exact two-sided sign test on the nonzero per-image error differences b - a (binomial, p = 0.5), "
+                "over the images labelled in both runs; sign_p_holm: Holm-adjusted over all pairs",
+        "runs": [{"name": r.name, "run_dir": str(r.run_dir),
+                  "config": {k: flats[r.name].get(k) for k in comparison.differing},
+                  **{key: r.detection.get(key) for key, _ in compare_detection.METRICS},
+                  **{key: r.detection.get(key) for key in ("mar_1", "mar_10", "labelled_images", "images",
+                                                           "score_threshold")},
+                  "images_listed": len(comparison.images[r.name])} for r in comparison.runs],
+        "classes": {"compared": [str(c) for c in classes.table.index], "missing": classes.missing,
+                    "objects": {str(c): int(classes.table.loc[c, "objects"]) for c in classes.table.index},
+                    "ap": {str(c): {r.name: _none_if_nan(classes.table.loc[c, r.name]) for r in comparison.runs}
+                           for c in classes.table.index},
+                    "ap50": {str(c): {r.name: _none_if_nan(classes.ap50.loc[c, r.name]) for r in comparison.runs}
+                             for c in classes.table.index}},
+        "pairs": [{"a": p.a, "b": p.b, "shared": p.shared, "paired": p.paired, "mean_difference": p.mean_difference,
+                   "fewer": p.fewer, "more": p.more, "tied": p.tied, "errors_a": p.errors_a, "errors_b": p.errors_b,
+                   "missed_a": p.missed_a, "missed_b": p.missed_b, "false_positives_a": p.false_positives_a,
+                   "false_positives_b": p.false_positives_b, "objects_differ": p.objects_differ,
+                   "sign_p": p.sign_p, "sign_p_holm": p.sign_p_holm, "winner": p.winner, "sentence": p.sentence(),
+                   "largest_gains": [_errors_json(i) for i in p.gains],
+                   "largest_losses": [_errors_json(i) for i in p.losses]}
+                  for p in comparison.pairs],
+        "notes": comparison.notes,
+        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason, "command": n.command}
+                         for n in comparison.not_compared],
+    }
+
+
+def detection_context(comparison: DetectionComparison, out_dir: Path) -> Dict[str, Any]:
+    """The page's values for detection runs (templates/compare.html, task "detection")."""
+    images_per_run = {name: len(table) for name, table in comparison.images.items()}
+    return {
+        **_common_context(comparison, images_per_run, len(comparison.shared)),
+        "task": "detection",
+        "runs": [{**_run_row(r, out_dir), **{key: r.detection.get(key) for key, _ in compare_detection.METRICS},
+                  "labelled_images": r.detection.get("labelled_images"), "images": r.detection.get("images"),
+                  "score_threshold": r.detection.get("score_threshold")}
+                 for r in comparison.runs],
+        "metrics": compare_detection.METRICS,
+        "class_figure": _class_bars(comparison, "AP (IoU 0.5:0.95)", "per-class-ap",
+                                    "the run has no AP for the class, e.g. no object of it is annotated"),
+        "class_table": _ap_table(comparison),
+        "class_notes": comparison.classes.notes(),
+        "image_pairs": [_error_pair_part(p, i) for i, p in enumerate(comparison.pairs)],
+    }
+
+
+def _ap_table(comparison: DetectionComparison) -> Optional[Table]:
+    classes = comparison.classes
+    if classes.table.empty:
+        return None
+    names = [r.name for r in comparison.runs]
+
+    def cell(value) -> Optional[float]:
+        return _none_if_nan(round(float(value), 4))
+
+    rows = [[str(cls), int(row["objects"])] + [v for n in names for v in (cell(row[n]), cell(classes.ap50.loc[cls, n]))]
+            + [cell(row["spread"])] for cls, row in classes.table.iterrows()]
+    columns = ["class", "objects"] + [c for n in names for c in (f"{n} AP", f"{n} AP50")] + ["AP spread"]
+    return Table(columns=columns, rows=rows, collapsed=len(rows) > 25,
+                 caption=f"Per-class AP (IoU 0.5:0.95) and AP50, {len(rows)} classes, in class order (objects: "
+                         f"annotated objects of the class in the first run; empty: the run has no AP for the class; "
+                         f"click a header to sort)")
+
+
+def _error_pair_part(pair: ErrorPair, number: int) -> Dict[str, Any]:
+    """A pair's sentence, the histogram of per-image error differences and the images with the largest differences
+    each way."""
+    columns = ["image", "objects", f"{pair.a} missed", f"{pair.a} false positives", f"{pair.b} missed",
+               f"{pair.b} false positives", "difference"]
+
+    def listed(rows: List[ImageErrors], what: str) -> Optional[Table]:
+        if not rows:
+            return None
+        return Table(columns=columns, rows=[[i.path, i.objects, i.missed_a, i.false_positives_a, i.missed_b,
+                                             i.false_positives_b, i.difference] for i in rows],
+                     caption=f"{what} ({len(rows)}; difference: {pair.b}'s errors − {pair.a}'s)")
+
+    figure = compare_plots.difference_histogram(
+        pair.differences, name=f"errors-pair-{number}", xlabel=f"errors per image: {pair.b} − {pair.a}",
+        caption=f"Per-image difference of the errors (missed objects + false positives) on the {pair.paired} images "
+                f"labelled in both runs; left of zero (blue): {pair.b} makes fewer errors on that image, right "
+                f"(red): {pair.a} does.")
+    note = (f"{pair.objects_differ} of the {pair.paired} paired images have a different number of annotated objects "
+            f"in the two runs (other annotation files?): their errors are counted against different objects."
+            if pair.objects_differ else "")
+    return {"pair": pair, "sentence": pair.sentence(), "figure": figure, "note": note,
+            "gains": listed(pair.gains, f"Images where {pair.b} does best against {pair.a}"),
+            "losses": listed(pair.losses, f"Images where {pair.b} does worst against {pair.a}")}
+
+
 # ---------------------------------------------------------------------------------------------------- layers
 
-def _weight_parts(comparison: Comparison | SegmentationComparison) -> List[Dict[str, Any]]:
+def _weight_parts(comparison: AnyComparison) -> List[Dict[str, Any]]:
     parts = []
     for change in comparison.weight_changes:
         part: Dict[str, Any] = {"a": change.a, "b": change.b, "note": change.note, "figure": None, "table": None}
@@ -439,7 +561,7 @@ def _weight_parts(comparison: Comparison | SegmentationComparison) -> List[Dict[
     return parts
 
 
-def _activation_parts(comparison: Comparison | SegmentationComparison) -> List[Dict[str, Any]]:
+def _activation_parts(comparison: AnyComparison) -> List[Dict[str, Any]]:
     """Runs with activation statistics over the same layers (checkpoints of one architecture), side by side."""
     groups: Dict[tuple, List[tuple]] = {}
     for run in comparison.runs:

@@ -1,6 +1,6 @@
 """The comparison page's figures: accuracy against cost with the Pareto front, the classes × runs heatmap,
-per-layer lines for checkpoints and the per-image scores of two runs against each other. numpy in, report Figure
-out (matplotlib Figure objects, no pyplot state)."""
+per-layer lines for checkpoints, the per-image scores of two runs against each other and the histogram of per-image
+count differences. numpy in, report Figure out (matplotlib Figure objects, no pyplot state)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -103,4 +103,24 @@ def paired_scatter(x: Sequence[float], y: Sequence[float], name: str, xlabel: st
     ax.set_xlabel(_short(xlabel, 40))
     ax.set_ylabel(_short(ylabel, 40))
     ax.grid(alpha=0.3)
+    return to_figure(fig, name, caption)
+
+
+def difference_histogram(differences: Sequence[int], name: str, xlabel: str, caption: str) -> Optional[Figure]:
+    """One bar per integer difference b − a (images with that difference): below zero (blue) the images where b
+    has the lower count (does better), above (red) where a does, zero grey. None without differences."""
+    values = np.asarray(differences, dtype=np.int64)
+    if not len(values):
+        return None
+    low, high = int(min(values.min(), 0)), int(max(values.max(), 0))
+    bins = np.arange(low, high + 1)
+    counts = np.bincount(values - low, minlength=len(bins))
+    fig = MplFigure(figsize=(float(np.clip(0.25 * len(bins) + 3.0, 4.5, 9.0)), 3.0))
+    ax = fig.add_subplot()
+    ax.bar(bins, counts, width=0.8, color=[BLUE if b < 0 else RED if b > 0 else GREY for b in bins])
+    if len(bins) <= 25:
+        ax.set_xticks(bins)
+    ax.set_xlabel(_short(xlabel, 60))
+    ax.set_ylabel("images")
+    ax.grid(axis="y", alpha=0.3)
     return to_figure(fig, name, caption)

@@ -16,7 +16,6 @@ from omegaconf import DictConfig
 from reportgen.inputs.data import ScanResult
 from reportgen.inputs.labels import folder_display_names
 from reportgen.inputs.models import LoadedModel
-from reportgen.inputs.tasks import TASK_ANALYSES_NOT_BUILT
 from reportgen.report.elements import Alert, KeyValues, Page, Section
 from reportgen.report.manifest import command_line, library_versions, reportgen_version
 
@@ -57,10 +56,6 @@ def build_page(cfg: DictConfig, loaded: LoadedModel, scan: ScanResult, root: Pat
         alerts.append(Alert("warning", warning))
     for note in loaded.notes:
         alerts.append(Alert("info", note))
-    if loaded.task in TASK_ANALYSES_NOT_BUILT:
-        alerts.append(Alert("info", f"This is a {loaded.task} model: the report has the sections every model gets "
-                                    f"(architecture, graphs, weights, activations, attention); the {loaded.task} "
-                                    f"analyses themselves are not built yet in reportgen {reportgen_version()}."))
     if capture_notes:
         alerts.append(Alert("info", "Some layer outputs were not plain tensors; what was captured:",
                             details=[f"{k}: {v}" for k, v in sorted(capture_notes.items())]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from typing import List, Optional, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure as MplFigure
@@ -593,6 +594,28 @@ def fraction_lines(labels: Sequence[str], series: Sequence[tuple], name: str, yl
     ax.set_ylim(-3, 103)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(frameon=False, fontsize=7)
+    return to_figure(fig, name, caption, dpi)
+
+
+def line_series(series: Sequence[tuple], name: str, xlabel: str, ylabel: str, caption: str = "", dpi: int = 110,
+                marker: Optional[tuple] = None) -> Figure:
+    """Lines of (label, x, y) on [0, 1] axes (precision-recall curves, metrics against a threshold), at most 12
+    labelled in the legend; `marker` (x, y) is drawn as a red point (e.g. the best F1)."""
+    fig = MplFigure(figsize=(5.6, 3.6))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["tab10"]
+    for i, (label, x, y) in enumerate(series):
+        ax.plot(np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64), linewidth=1.3,
+                color=cmap(i % 10), label=_short(str(label), 24) if i < 12 else None)
+    if marker is not None:
+        ax.plot([marker[0]], [marker[1]], marker="o", markersize=7, color=RED, zorder=5)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(frameon=False, fontsize=7, loc="best")
     return to_figure(fig, name, caption, dpi)
 
 

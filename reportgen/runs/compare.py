@@ -1,6 +1,7 @@
 """Comparing finished runs over one image folder: which model is better and is it real, where they disagree, what
 changed between two checkpoints. Classifier runs are compared with classifier runs, segmentation runs with
-segmentation runs (per-class IoU and a per-image sign test); mixing them is an error naming each run's task.
+segmentation runs (per-class IoU and a per-image sign test), detection runs with detection runs (COCO metrics,
+per-class AP and a per-image sign test of the errors); mixing them is an error naming each run's task.
 Built at the end of every multirun (runs/hydra_callback.py) and by
 
     python -m reportgen.compare RUN_DIR... --out DIR
@@ -137,7 +138,7 @@ def weight_changes(runs: Sequence[RunResults]) -> List[WeightChange]:
 def compare_loaded(runs: List[RunResults], left_out: Sequence[NotCompared], out_dir: Path,
                    gallery_size: int = 24) -> Path:
     """Compare loaded runs and write the page and files into `out_dir`; returns the page's path."""
-    comparison = compare(runs, left_out, gallery_size=gallery_size)  # a Comparison or a SegmentationComparison
+    comparison = compare(runs, left_out, gallery_size=gallery_size)  # Comparison, Segmentation- or DetectionComparison
     comparison.weight_changes = weight_changes(comparison.runs)
     return write_comparison(comparison, out_dir)
 

@@ -28,7 +28,7 @@ from reportgen.errors import RunError
 from reportgen.inputs.data import scan_folder
 from reportgen.inputs.models import load_model
 from reportgen.inputs.shards import runtime_shard, shard_bounds
-from reportgen.inputs.tasks import decide_task
+from reportgen.inputs.tasks import decide_task, resizes_inside
 from reportgen.report.manifest import write_manifest
 from reportgen.report.page import PassOutcome, build_page, enum_name
 from reportgen.report.render import render_report
@@ -100,12 +100,14 @@ def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timin
         loaded.task, loaded.task_reason = decide_task(cfg.model.task, loaded, model, blank)
         if loaded.task == "segmentation":  # every labelled pixel is scored: never a crop (preprocess.py)
             loaded.preprocess = loaded.preprocess.for_segmentation(cfg.model.preprocess)
+        if loaded.task == "detection":  # boxes in the pixels of the whole image (preprocess.py)
+            loaded.preprocess = loaded.preprocess.for_detection(cfg.model.preprocess, resizes_inside(model))
     log.info("model: %s (%s)", loaded.name, loaded.weights)
     log.info("task: %s (%s)", loaded.task, loaded.task_reason)
     start, end = shard_bounds(len(scan.paths), shard)
     ctx = RunContext(model=model, loaded=loaded, dataset_classes=scan.class_names, num_images=len(scan.paths),
                      device=device, results_dir=results_dir, report=cfg.report, stream_rows=end - start,
-                     dataset_root=root, dataset=cfg.dataset)
+                     dataset_root=root, dataset=cfg.dataset, paths=scan.paths)
     analyses = [build_analysis(name, acfg, ctx) for name, acfg in analysis_cfgs.items()]
     return Job(cfg=cfg, out_dir=out_dir, root=root, scan=scan, loaded=loaded, model=model, device=device,
                analyses=analyses, shard=shard, start=start, end=end)
