@@ -22,7 +22,8 @@ from tests.helpers import compose_config
 pytest.importorskip("pycocotools")
 FAST = ["runtime.num_workers=0", "runtime.progress=false", "analysis=[summary,detection]",
         "analysis.detection.metrics_threshold=0.0", "analysis.detection.score_threshold=0.2",
-        "analysis.detection.gallery=3", "report.image_format=png"]
+        "analysis.detection.gallery=3", "analysis.detection.cam_images=2", "analysis.detection.cam_boxes=2",
+        "report.image_format=png"]
 KWARGS = [f"+model.kwargs.{k}={v}" for k, v in DETECTOR_KWARGS.items()]
 
 
@@ -195,13 +196,14 @@ def test_detector_reports_open_clean_with_boxes_where_the_results_put_them(kind,
     index = run(compose_config([*DETECTORS[kind], f"dataset.root={det_folder / 'images'}", "runtime.batch_size=3",
                                 *FAST, "analysis.detection.score_threshold=0.0"]), out_dir=tmp_path / "run")
     assert_clean(open_page(index))
+    html = index.read_text(encoding="utf-8")
+    assert "What the detector looked at" in html and "Grad-CAM: " in html and "EigenCAM" in html  # second pass
     results = tmp_path / "run" / "results"
     paths = {e["id"]: e["path"] for e in json.loads((results / "images.json").read_text())}
     best = {}
     for row in json.loads((results / "detections.json").read_text()):
         if row["image_id"] not in best or row["score"] > best[row["image_id"]]["score"]:
             best[row["image_id"]] = row
-    html = index.read_text(encoding="utf-8")
     shown = re.findall(r'<a class="zoom" href="([^"]+)"[^>]*><img src="[^"]+" alt="([^"]+)"', html)
     assert shown
     blue = np.array(KIND_COLOURS["unscored"])

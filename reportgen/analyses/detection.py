@@ -27,13 +27,17 @@ import torch
 from reportgen.analyses._detection_math import (BELOW, STAT_NAMES, DetectionStore, ImagePredictions,
                                                PycocotoolsMissing, coco_evaluate, confusion_matrix, image_errors,
                                                pr_curves, prediction_stats)
+from reportgen.analyses._detection_cam import (SecondPassCost, box_score_cams, default_detection_layer, eigen_cams,
+                                              renormalise_in_box)
 from reportgen.analyses._redecode import decode_model_input
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
+from reportgen.engine.layers import select_layers
 from reportgen.errors import ConfigError
 from reportgen.inputs.annotations import GroundTruth, ImageBoxes, match_categories, read_annotations
 from reportgen.report import plots
 from reportgen.report.detection_drawing import KIND_COLOURS, draw_boxes, thumbnail_of
-from reportgen.report.elements import Alert, Gallery, GalleryItem, KeyValues, Section, Table, Text
+from reportgen.report.elements import Alert, Gallery, GalleryItem, ImageStrip, KeyValues, Section, Table, Text
+from reportgen.report.overlays import heat_on_thumbnail, overlay
 
 CSV_HEADER = ["path", "labelled", "objects", "detections", "true_positives", "false_positives", "missed"]
 METRIC_KEYS = {"AP": "map", "AP50": "map_50", "AP75": "map_75", "AP_small": "map_small", "AP_medium": "map_medium",
@@ -88,7 +92,6 @@ class Detection(Analysis):
         self.store = DetectionStore()
         self.sizes: Dict[str, Tuple[int, int]] = {}  # path -> (height, width) as decoded
         self.images = 0
-        self.cam_seconds = 0.0
 
     def update(self, batch: Batch, outputs: Any, captures: Any) -> None:
         in_height, in_width = (int(v) for v in batch.inputs.shape[-2:])
@@ -186,6 +189,7 @@ class Detection(Analysis):
         self._write_images_csv({}, {})
         shown = self._spread(sorted(self.store))
         self._gallery(section, "A spread of the folder", shown, names, None, None)
+        self._explanations(section, shown, names)
 
     def _with_truth(self, section: Section, names: List[str], order: List[str], dpi: int) -> None:
         truth = self.truth.resolved(self.sizes)  # YOLO's normalised boxes to pixels, at each decoded size
@@ -350,6 +354,60 @@ class Detection(Analysis):
                 caption=f"Precision, recall and F1 of every class together against the score threshold at IoU "
                         f"{self.cfg.iou_threshold}; the best F1 marked"))
 
+    # --- what the detector looked at: a bounded second pass -----------------------------------------------------
+
+    def _explanations(self, section: Section, paths: Sequence[str], names: List[str]) -> None:
+        """Grad-CAM of each of the `cam_boxes` highest-scoring drawn detections (its score's gradient, as
+        pytorch-grad-cam's FasterRCNNBoxScoreTarget, renormalised inside its box) and the image's EigenCAM, for the
+        first `cam_images` gallery images, computed now (one forward per image, one backward per box)."""
+        paths = _unique(paths)[: int(self.cfg.cam_images)]
+        if not self.cfg.cam or not paths or not int(self.cfg.cam_boxes):
+            return
+        model = self.ctx.model
+        layer, reason = ((select_layers(model, [self.cfg.cam_layer], "analysis.detection.cam_layer")[-1], "chosen")
+                         if self.cfg.cam_layer else default_detection_layer(model))
+        if layer is None:
+            section.elements.append(Text(f"No detection CAMs: {reason}; choose a layer with "
+                                         f"analysis.detection.cam_layer=<module name>."))
+            return
+        threshold, size = float(self.cfg.score_threshold), int(self.ctx.report.thumbnail_size) * 2
+        images, wanted, kept = [], [], []
+        for path in paths:
+            pixels = decode_model_input(self.ctx, path)
+            if pixels is None:
+                continue
+            raw = self.store[path]
+            top = [i for i in np.argsort(-raw.scores, kind="stable") if raw.scores[i] >= threshold]
+            top = top[: int(self.cfg.cam_boxes)]
+            images.append(self.ctx.loaded.preprocess.normalize(pixels[None].to(self.ctx.device))[0])  # (C, H, W)
+            wanted.append({"boxes": torch.as_tensor(raw.boxes[top]), "labels": torch.as_tensor(raw.labels[top])})
+            kept.append((path, pixels, [(raw.boxes[i], int(raw.labels[i]), float(raw.scores[i])) for i in top]))
+        if not images:
+            return
+        cost = SecondPassCost()
+        grads = box_score_cams(model, images, wanted, layer, max_side=size, cost=cost)
+        eigens = eigen_cams(model, images, layer, max_side=size, cost=cost)
+        strips = []
+        for (path, pixels, boxes), maps, eigen in zip(kept, grads, eigens):
+            image = (pixels.repeat(3, 1, 1) if pixels.shape[0] == 1 else pixels).permute(1, 2, 0).numpy()
+            thumb, scale = thumbnail_of(image, size)
+            height, width = image.shape[:2]
+            panels = [GalleryItem(image=draw_boxes(thumb, scale, [(b, f"{self._name(names, l)} {s:.2f}", "unscored")
+                                                                  for b, l, s in boxes[::-1]]), title="detections")]
+            for (box, label, score), cam in zip(boxes, maps):
+                heat = renormalise_in_box(cam, box, (height, width), thumb.shape[:2])
+                panels.append(GalleryItem(image=draw_boxes(overlay(thumb, heat), scale, [(box, "", "unscored")]),
+                                          title=f"Grad-CAM: {self._name(names, label)} {score:.2f}",
+                                          lines=[] if heat.any() else ["all zero (see the cost line)"]))
+            panels.append(GalleryItem(image=heat_on_thumbnail(thumb, torch.from_numpy(eigen)), title="EigenCAM",
+                                      lines=["first principal component of the layer"]))
+            strips.append(ImageStrip(title=path, lines=[f"{len(boxes)} detections explained"], panels=panels))
+        section.elements.append(Text(
+            f"What the detector looked at, for the first {len(strips)} gallery images: Grad-CAM of each box's score "
+            f"on {layer} ({reason}), renormalised inside the box, and EigenCAM of the whole image (gradient-free). "
+            f"Computed after the pass, for these images only: {cost.text()}."))
+        section.elements.extend(strips)
+
     # --- galleries ---------------------------------------------------------------------------------------------
 
     def _error_galleries(self, section: Section, labelled: Dict[str, ImageBoxes],
@@ -380,6 +438,7 @@ class Detection(Analysis):
         for title, shown in galleries:
             if shown:
                 self._gallery(section, title, shown, names, (labelled, mapped, errors, dataset_names), match)
+        self._explanations(section, [p for _, shown in galleries for p in shown], names)
 
     def _spread(self, paths: List[str]) -> List[str]:
         count = min(int(self.cfg.gallery), len(paths))
@@ -427,6 +486,10 @@ class Detection(Analysis):
             section.elements.append(Gallery(title=title, items=items, note=(
                 "Frames: " + ", ".join(COLOUR_WORDS[k] for k in KIND_COLOURS) + "; dashed: ground truth (white and "
                 "thicker: missed). Click an image for its full size.")))
+
+
+def _unique(paths: Sequence[str]) -> List[str]:
+    return list(dict.fromkeys(paths))
 
 
 def _pct(value: Optional[float]) -> str:
