@@ -367,8 +367,8 @@ class Detection(Analysis):
         layer, reason = ((select_layers(model, [self.cfg.cam_layer], "analysis.detection.cam_layer")[-1], "chosen")
                          if self.cfg.cam_layer else default_detection_layer(model))
         if layer is None:
-            section.elements.append(Text(f"No detection CAMs: {reason}; choose a layer with "
-                                         f"analysis.detection.cam_layer=<module name>."))
+            section.elements.append(Text(f"No detection CAMs: {reason} (analysis.detection.cam_layer=<module name> "
+                                         f"sets the layer)."))
             return
         threshold, size = float(self.cfg.score_threshold), int(self.ctx.report.thumbnail_size) * 2
         images, wanted, kept = [], [], []
