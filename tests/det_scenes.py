@@ -142,3 +142,25 @@ class ColourBoxDetector(torch.nn.Module):
 
 def colour_box_detector() -> ColourBoxDetector:
     return ColourBoxDetector()
+
+
+def save_tiny_detr(folder: Path):
+    """A random DETR (ResNet backbone built from its config, nothing fetched) with 10 queries and a 64 / 96 px
+    processor, whose labels are COCO's ids of CATEGORIES; returns the model."""
+    import transformers
+
+    id2label = {i: "N/A" for i in range(19)}
+    id2label.update({c: n for c, n in CATEGORIES})
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, num_queries=10, d_model=16, encoder_layers=1,
+        decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+        decoder_ffn_dim=16, id2label=id2label, architectures=["DetrForObjectDetection"],
+        backbone_config=transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 16], depths=[1, 1, 1, 1],
+                                                  out_features=["stage4"]))
+    torch.manual_seed(0)
+    model = transformers.DetrForObjectDetection(config).eval()
+    with torch.no_grad():
+        model.class_labels_classifier.bias[[c for c, _ in CATEGORIES]] += 3.0  # mostly the scenes' classes
+    model.save_pretrained(folder)
+    transformers.DetrImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}).save_pretrained(folder)
+    return model

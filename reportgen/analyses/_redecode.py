@@ -27,6 +27,17 @@ def decode_thumbnail(ctx: Any, path: str, size: Optional[int] = None) -> Optiona
     return thumbnail(pixels, int(size if size is not None else ctx.report.thumbnail_size))
 
 
+def decode_original(ctx: Any, path: str) -> Optional[np.ndarray]:
+    """The image at `path` as decoded, before any resize: (H, W, 3) uint8 RGB (what boxes in the image's own pixels
+    are drawn on); None when it cannot be read now."""
+    if ctx.dataset_root is None:
+        return None
+    try:
+        return np.asarray(decode_image(Path(ctx.dataset_root) / os_name(path), REDECODE_PIXELS).convert("RGB"))
+    except Exception:
+        return None
+
+
 def decode_model_input(ctx: Any, path: str) -> Optional[torch.Tensor]:
     """The image at `path` as the model got it: (C, H, W) uint8, resized and cropped by the run's preprocessing
     (a detector's: as decoded); None when it cannot be read now."""

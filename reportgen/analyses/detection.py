@@ -29,7 +29,7 @@ from reportgen.analyses._detection_math import (BELOW, STAT_NAMES, DetectionStor
                                                pr_curves, prediction_stats)
 from reportgen.analyses._detection_cam import (SecondPassCost, box_score_cams, default_detection_layer, eigen_cams,
                                               renormalise_in_box)
-from reportgen.analyses._redecode import decode_model_input
+from reportgen.analyses._redecode import decode_model_input, decode_original
 from reportgen.analyses.base import Analysis, Batch, RunContext, register
 from reportgen.engine.layers import select_layers
 from reportgen.errors import ConfigError
@@ -364,6 +364,11 @@ class Detection(Analysis):
         if not self.cfg.cam or not paths or not int(self.cfg.cam_boxes):
             return
         model = self.ctx.model
+        if self.ctx.loaded.preprocess.crop_mode != "none":
+            section.elements.append(Text("No detection CAMs: they are computed for detectors that take the image as "
+                                         "decoded and resize inside (torchvision's); this one's input is resized "
+                                         "before the model."))
+            return
         layer, reason = ((select_layers(model, [self.cfg.cam_layer], "analysis.detection.cam_layer")[-1], "chosen")
                          if self.cfg.cam_layer else default_detection_layer(model))
         if layer is None:
@@ -453,10 +458,9 @@ class Detection(Analysis):
         threshold = float(self.cfg.score_threshold)
         items = []
         for path in paths:
-            pixels = decode_model_input(self.ctx, path)
-            if pixels is None:
+            image = decode_original(self.ctx, path)  # (H, W, 3): the boxes are in its pixels
+            if image is None:
                 continue  # changed or removed since the pass: left out of the gallery
-            image = (pixels.repeat(3, 1, 1) if pixels.shape[0] == 1 else pixels).permute(1, 2, 0).numpy()
             thumb, scale = thumbnail_of(image, int(self.ctx.report.thumbnail_size) * 2)
             raw = self.store[path]
             lines = [f"{int((raw.scores >= threshold).sum())} detections with score >= {threshold}"]

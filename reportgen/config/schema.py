@@ -62,6 +62,7 @@ class PreprocessConfig:
     #   | border (longer side to resize, pad to crop) | whole (shorter side to resize, no crop: segmentation);
     #   null: the model's (timm's crop_mode, whole for segmentation models), else center
     size_divisor: Optional[int] = None  # whole: each side rounded to a multiple of this (a U-Net's stride, e.g. 32)
+    max_size: Optional[int] = None  # whole: the longer side at most this (DETR's longest_edge 1333); 0: no cap
     channels: Optional[int] = None  # 1 (grayscale decode) or 3 (RGB); null: the model's first conv's in_channels
 
 

@@ -8,6 +8,7 @@ attribute, so its layers keep their own names under `model.` (e.g. `model.vit.la
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -72,6 +73,24 @@ class HFSegmenter(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits  # (B, K, h, w)
 
 
+class HFDetector(torch.nn.Module):
+    """Calls a transformers object detector (DETR, Conditional / Deformable DETR, RT-DETR, ...) with
+    `pixel_values` and returns torchvision's output, one dict of `boxes` (xyxy in the input's pixels), `scores` and
+    `labels` per image, from the processor's own `post_process_object_detection` (threshold 0: the analyses choose
+    what to keep). The analyses bring the boxes to each image's own size."""
+
+    def __init__(self, model: torch.nn.Module, post_process: Any):
+        super().__init__()
+        self.model = model
+        self.post_process = post_process  # the image processor's post_process_object_detection
+
+    def forward(self, pixel_values: torch.Tensor) -> List[Dict[str, torch.Tensor]]:
+        out = self.model(pixel_values=pixel_values)
+        height, width = pixel_values.shape[-2:]
+        found = self.post_process(out, threshold=0.0, target_sizes=[(height, width)] * pixel_values.shape[0])
+        return [{"boxes": f["boxes"], "scores": f["scores"], "labels": f["labels"]} for f in found]
+
+
 ZERO_SHOT_TYPES = {"clip", "siglip", "siglip2"}  # image-text models: zero-shot classifiers of the folder's classes
 
 
@@ -85,6 +104,8 @@ def model_kind(config: Any) -> str:
         return "segmenter"
     if any(a.endswith(("ForUniversalSegmentation", "ForInstanceSegmentation")) for a in architectures):
         return "universal"
+    if any(a.endswith("ForObjectDetection") for a in architectures):
+        return "detector"
     if any(a.endswith("ForImageClassification") for a in architectures):  # fine-tuned, CLIP's and SigLIP's too
         return "classifier"
     if model_type in ZERO_SHOT_TYPES:
@@ -123,6 +144,8 @@ def load_hf(cfg: DictConfig) -> LoadedModel:
                              f"DPT, UperNet, BEiT)")
     if kind == "segmenter":
         return _load_segmenter(transformers, cfg, folder, label, weights_file, kwargs)
+    if kind == "detector":
+        return _load_detector(transformers, cfg, folder, label, weights_file, kwargs)
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs) if weights_file is None else None
         module = build_eager(transformers.AutoModelForImageClassification, config, folder, weights_file, kwargs)
@@ -213,6 +236,52 @@ def _load_segmenter(transformers: Any, cfg: DictConfig, folder: Path, label: str
         class_names=[] if names and all(GENERIC_LABEL.match(n) for n in names) else names, notes=notes,
         task="segmentation",
         task_reason=f"transformers {type(module).__name__} (a semantic segmentation head)")
+
+
+def _load_detector(transformers: Any, cfg: DictConfig, folder: Path, label: str, weights_file: Optional[Path],
+                   kwargs: Dict[str, Any]) -> LoadedModel:
+    """A transformers object detector (task detection), built with AutoModelForObjectDetection; its processor gives
+    the preprocessing (DETR's shortest_edge / longest_edge resize, without the crop: `whole` with `max_size`) and
+    the post-processing; class names from `id2label` ('N/A' for the ids it skips, as COCO's 91 do)."""
+    if not (folder / "preprocessor_config.json").is_file():
+        raise ModelLoadError(f"{label} has no preprocessor_config.json: a transformers detector needs its image "
+                             f"processor (its resize and its post-processing); save it with the model")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs) if weights_file is None else None
+        module = build_eager(transformers.AutoModelForObjectDetection, config, folder, weights_file, kwargs)
+        processor = transformers.AutoImageProcessor.from_pretrained(str(folder))
+    except (OSError, TypeError, ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"transformers could not load the detector {label}: {type(exc).__name__}: "
+                             f"{exc}") from exc
+    config = module.config
+    channels = int(getattr(config, "num_channels", 3) or 3)
+    size = _size(getattr(processor, "size", None))
+    interpolation = PIL_RESAMPLE.get(int(getattr(processor, "resample", 2) or 2), "bilinear")
+    mean, std = _per_channel(processor.image_mean, channels), _per_channel(processor.image_std, channels)
+    if size.get("shortest_edge"):
+        base = Preprocess(resize=int(size["shortest_edge"]), crop=int(size["shortest_edge"]), crop_mode="whole",
+                          max_size=int(size.get("longest_edge") or 0), interpolation=interpolation, mean=mean, std=std,
+                          channels=channels)
+    elif size.get("height") and size.get("width") and size["height"] == size["width"]:
+        base = Preprocess(resize=int(size["height"]), crop=int(size["height"]), crop_mode="squash",
+                          interpolation=interpolation, mean=mean, std=std, channels=channels)
+    else:
+        raise ModelLoadError(f"the image processor of {label} resizes to {size}: not supported for detectors yet "
+                             f"(supported: shortest_edge / longest_edge, or a square height and width)")
+    if not getattr(processor, "do_normalize", True):
+        base = dataclasses.replace(base, mean=(0.0,) * channels, std=(1.0,) * channels)
+    ids = sorted(int(i) for i in (config.id2label or {}))
+    names = ["N/A"] * (ids[-1] + 1 if ids else 0)
+    for i in ids:
+        names[i] = str(config.id2label[i])
+    return LoadedModel(
+        module=HFDetector(module, processor.post_process_object_detection), name=label, source="hf",
+        library="transformers",
+        weights=f"pretrained {weights_file.name}" if weights_file is not None else "random initialisation",
+        weights_file=str(weights_file) if weights_file is not None else None, random_init=weights_file is None,
+        preprocess=Preprocess.resolve(cfg.preprocess, base, source="the image processor config"),
+        class_names=[] if names and all(GENERIC_LABEL.match(n) for n in names if n != "N/A") else names,
+        task="detection", task_reason=f"transformers {type(module).__name__} (an object detection head)")
 
 
 def _architectures(folder: Path, transformers: Any) -> List[str]:

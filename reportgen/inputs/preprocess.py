@@ -55,6 +55,7 @@ class Preprocess:
     crop_offset: str = "round"  # centre crop's top/left: round((size - crop) / 2) as torchvision and timm do, or
     #   "floor" as transformers' image processors do (the two differ by a pixel when size - crop is odd)
     size_divisor: int = 1  # whole: each resized side rounded to a multiple of this (a U-Net's total stride)
+    max_size: int = 0  # whole: the longer side at most this (a transformers detector's longest_edge); 0: no cap
 
     @classmethod
     def from_torchvision(cls, transform: Any, channels: int = 3) -> "Preprocess":
@@ -92,10 +93,11 @@ class Preprocess:
             raise ConfigError("model.preprocess.channels", channels, "1 (grayscale) or 3 (RGB) input channels",
                               [str(c) for c in CHANNELS])
         divisor = int(get("size_divisor")) if get("size_divisor") is not None else base.size_divisor
+        max_size = int(get("max_size")) if get("max_size") is not None else base.max_size
         if divisor < 1:
             raise ConfigError("model.preprocess.size_divisor", divisor, "a positive number of pixels (1: any size)")
         resolved = dataclasses.replace(
-            base, size_divisor=divisor,
+            base, size_divisor=divisor, max_size=max_size,
             resize=int(get("resize")) if get("resize") is not None else base.resize,
             crop=int(get("crop")) if get("crop") is not None else base.crop,
             mean=tuple(float(m) for m in get("mean")) if get("mean") is not None else base.mean,
@@ -130,8 +132,9 @@ class Preprocess:
         normalises inside (torchvision's) also gets [0, 1] values (mean 0, std 1) unless the config sets them."""
         get = (lambda key: None) if cfg is None else (lambda key: cfg.get(key))
         plain = resizes_inside
+        keeps_all = self.crop_mode in ("whole", "none") or (self.crop_mode == "squash" and self.crop >= self.resize)
         return dataclasses.replace(
-            self, crop_mode=get("crop_mode") or "none",
+            self, crop_mode=get("crop_mode") or (self.crop_mode if keeps_all else "none"),
             mean=(0.0,) * self.channels if plain and get("mean") is None else self.mean,
             std=(1.0,) * self.channels if plain and get("std") is None else self.std)
 
@@ -139,7 +142,8 @@ class Preprocess:
         """The effective numbers, as the manifest records them."""
         return {"resize": self.resize, "crop": self.crop, "crop_mode": self.crop_mode,
                 "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
-                "channels": self.channels, "crop_offset": self.crop_offset, "size_divisor": self.size_divisor}
+                "channels": self.channels, "crop_offset": self.crop_offset, "size_divisor": self.size_divisor,
+                "max_size": self.max_size}
 
     def summary(self) -> str:
         """One line for the report's overview."""
@@ -149,6 +153,7 @@ class Preprocess:
                     "border": f"longer side {self.resize}, crop/pad to {self.crop}",
                     "none": "the image as decoded (the model resizes inside)",
                     "whole": f"shorter side {self.resize}, whole image (no crop)"
+                             + (f", longer side at most {self.max_size}" if self.max_size else "")
                              + (f", sides multiples of {self.size_divisor}" if self.size_divisor > 1 else "")
                     }[self.crop_mode]
         return (f"{geometry}, {self.interpolation}, {'grayscale' if self.channels == 1 else 'RGB'}, "
@@ -181,11 +186,20 @@ class Preprocess:
         return TF.pil_to_tensor(image)  # (C, crop, crop) uint8
 
     def whole_size(self, height: int, width: int) -> List[int]:
-        """[h, w] of an image after the `whole` resize: shorter side `resize` (torchvision's rule for the longer one:
-        int(resize * long / short)), then each side rounded to the nearest multiple of `size_divisor`."""
+        """[h, w] of an image after the `whole` resize: shorter side `resize`, the longer int(resize * long / short)
+        (torchvision's rule); with `max_size`, the shorter side is lowered so the longer one stays within it, by the
+        rule of transformers' shortest_edge/longest_edge processors (DETR's); then each side rounded to the nearest
+        multiple of `size_divisor`."""
         short, long = min(height, width), max(height, width)
-        sides = (self.resize, int(self.resize * long / short))
-        h, w = sides if height <= width else sides[::-1]
+        size, exact = self.resize, None
+        if self.max_size and long / short * size > self.max_size:
+            exact = self.max_size * short / long  # the shorter side that puts the longer one at max_size
+            size = int(round(exact))
+        if short == size:
+            h, w = height, width
+        else:
+            sides = (size, int((exact if exact is not None else size) * long / short))
+            h, w = sides if height <= width else sides[::-1]
         if self.size_divisor > 1:
             h, w = (max(self.size_divisor, round(side / self.size_divisor) * self.size_divisor) for side in (h, w))
         return [h, w]
