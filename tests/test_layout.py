@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "reportgen"
 HOOK_CALLS = {"register_forward_hook", "register_forward_pre_hook", "register_full_backward_hook",
               "register_backward_hook", "register_full_backward_pre_hook", "register_hook"}
 PRESENTATION = ("reportgen.report.elements", "reportgen.report.plots", "reportgen.report.overlays",
-                "reportgen.report.thumbnails")
+                "reportgen.report.thumbnails", "reportgen.report.segmentation_overlays",
+                "reportgen.report.detection_drawing")
 LOWER = ("reportgen.errors", "reportgen.config.schema")
 # module prefix -> the reportgen modules (prefixes) it may import; the first matching prefix decides
 ALLOWED = [
