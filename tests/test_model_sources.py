@@ -155,7 +155,7 @@ def test_timm_state_dict_run_matches_timm_loop(tmp_path):
     assert model["preprocess"] == {"resize": 35, "crop": 32, "crop_mode": "center", "interpolation": "bicubic",
                                    "mean": list(timm.data.IMAGENET_DEFAULT_MEAN),
                                    "std": list(timm.data.IMAGENET_DEFAULT_STD), "channels": 3, "crop_offset": "round",
-                                   "size_divisor": 1}
+                                   "size_divisor": 1, "max_size": 0}
     page = (out / "report" / "index.html").read_text()
     assert "num_classes=3 inferred from the checkpoint" in page
     assert "shorter side 35, centre crop 32, bicubic, RGB" in page
