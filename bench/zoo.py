@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -401,7 +402,8 @@ def _num(value: Any) -> Optional[float]:
 def run_one(model: ZooModel, images: Path, work: Path, timeout: float) -> Dict[str, Any]:
     """The model's process with its time limit; the row it wrote, or why there is none."""
     run_dir = work / model.library / re.sub(r"[^A-Za-z0-9_.-]+", "_", model.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a run left by an earlier, interrupted benchmark is not resumed
+    run_dir.mkdir(parents=True)
     spec = {"model": model.__dict__, "run_dir": str(run_dir), "images": str(images)}
     base = {"library": model.library, "model": model.name, "family": model.family}
     start = time.perf_counter()
@@ -448,8 +450,11 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{number:.{digits}f}" if isinstance(value, float) or "." in str(value) else f"{int(number):,}"
 
 
-def write_tables(rows: Dict[tuple, Dict[str, Any]], csv_path: Path, md_path: Path, order: List[tuple]) -> None:
-    rank = {key: i for i, key in enumerate(order)}
+def write_tables(rows: Dict[tuple, Dict[str, Any]], csv_path: Path, md_path: Path, zoo: List[ZooModel]) -> None:
+    rank = {(m.library, m.name): i for i, m in enumerate(zoo)}
+    family = {(m.library, m.name): m.family for m in zoo}
+    for key, row in rows.items():
+        row["family"] = family.get(key, row.get("family", ""))
     ordered = sorted(rows.values(), key=lambda r: (LIBRARIES.index(r["library"]),
                                                    rank.get((r["library"], r["model"]), 10 ** 6), r["model"]))
     with open(csv_path, "w", newline="") as f:
@@ -520,7 +525,6 @@ def main(argv: List[str]) -> None:
     out = Path(args.out)
     csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
     rows = {} if args.fresh else load_rows(csv_path)
-    order = [(m.library, m.name) for m in zoo]
     lock = threading.Lock()
 
     with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
@@ -533,7 +537,7 @@ def main(argv: List[str]) -> None:
             row = run_one(model, images, work, args.timeout)
             with lock:
                 rows[(model.library, model.name)] = row
-                write_tables(rows, csv_path, md_path, order)
+                write_tables(rows, csv_path, md_path, zoo)
                 print(f"[{time.strftime('%H:%M:%S')}] {model.library:11s} {model.name:36s} {row['status']:7s} "
                       f"{_fmt(row.get('seconds'), 1):>6s} s  {row.get('error') or row.get('flags') or ''}"[:300],
                       flush=True)

@@ -8,6 +8,7 @@ MaxViT's partitions) keep it.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -40,7 +41,7 @@ def torchvision_models() -> List[ZooModel]:
 
     entries = []
     for name in torchvision.models.list_models(module=torchvision.models):
-        family = name.rstrip("0123456789_").split("_")[0]
+        family = re.match(r"(wide_)?[a-z]+", name).group(0)
         if name in TORCHVISION_VIT_SIZE:  # the position table is made for image_size: ask for a smaller one
             size = TORCHVISION_VIT_SIZE[name]
             entries.append(ZooModel("torchvision", name, family, {"image_size": size}, size))
