@@ -4,7 +4,7 @@ and transformers classifiers built offline from small configs, each report check
     python bench/zoo.py                                   # all three lists (bench/zoo_models.py), random weights
     python bench/zoo.py --only torchvision                # one library (torchvision | timm | hf, or a comma list)
     python bench/zoo.py --only timm --models resnet18,vit_tiny_patch16_224 --timeout 300
-    python bench/zoo.py --keep /tmp/zoo_runs               # keep every run folder (report, results, log)
+    python bench/zoo.py --keep outputs/zoo                # keep every run folder (report, results, log)
 
 Each model runs in its own process (`--jobs` at a time, default 1), so a crash, a hang or a memory blow-up costs
 that model only: the report (`reportgen.runs.pipeline.run`, the config's default analyses plus `attention`, on 4
@@ -51,8 +51,9 @@ from bench.zoo_models import HF_SIZE, ZooModel, all_models, build_hf_folder  # n
 LIBRARIES = ("torchvision", "timm", "hf")
 FLOPS_TOLERANCE = 0.02  # |report / oracle - 1| above this is flagged
 BENIGN_ALERTS = ("random (untrained) weights", "No folder name matches", "top-1 probability under")
-FIELDS = ["library", "model", "family", "status", "error", "seconds", "input", "params_report", "params_library",
-          "gflops_report", "gflops_library", "flops_diff_pct", "gradcam_layer", "cam_shape", "deepest_grid",
+FIELDS = ["library", "model", "family", "status", "error", "seconds", "task", "input", "params_report",
+          "params_library", "gflops_report", "gflops_library", "flops_diff_pct", "gradcam_layer", "cam_shape",
+          "deepest_grid",
           "cams", "cams_zero", "cams_nonfinite", "attention_report", "attention_layers", "attention_ops",
           "timings", "slowest_finalize", "alerts", "flags"]
 
@@ -228,7 +229,9 @@ def read_report(run_dir: Path) -> Dict[str, Any]:
         row["input_shape"] = summary.get("input_shape")
     manifest = results / "manifest.json"
     if manifest.exists():
-        timings = json.loads(manifest.read_text()).get("timings_s", {})
+        facts = json.loads(manifest.read_text())
+        row["task"] = facts.get("model", {}).get("task", "")
+        timings = facts.get("timings_s", {})
         row["timings"] = ", ".join(f"{k} {timings[k]:.1f}" for k in ("model", "probes", "pass", "finalize")
                                    if k in timings)
     if (results / "gradcam.npz").exists():
@@ -364,7 +367,8 @@ def flags_of(row: Dict[str, Any]) -> List[str]:
         flags.append("library counts 0 FLOPs")
     shape = row.get("cam_shape") or ""
     if not shape:
-        flags.append("no Grad-CAM maps")
+        if row.get("task", "classification") == "classification":  # Grad-CAM applies to classifiers only
+            flags.append("no Grad-CAM maps")
     else:
         sides = [int(v) for v in shape.split("x")]
         if len(sides) != 2:
@@ -385,8 +389,12 @@ def flags_of(row: Dict[str, Any]) -> List[str]:
         if _num(row.get("cams_nonfinite")):
             flags.append(f"non-finite maps {row['cams_nonfinite']}/{row.get('cams')}")
     report = str(row.get("attention_report") or "")
-    if row.get("attention_ops") and not re.match(r"\d+ attention layers", report):
+    shown = re.match(r"(\d+) attention layers", report)
+    calls = sum(int(n) for n in re.findall(r"(\d+) ", str(row.get("attention_ops") or "") + " "))
+    if row.get("attention_ops") and not shown:
         flags.append(f"attention: '{report}' but the forward calls {row['attention_ops']}")
+    elif shown and int(shown.group(1)) < calls:
+        flags.append(f"attention: {shown.group(1)} layers shown, the forward calls {row['attention_ops']}")
     return flags
 
 
@@ -472,27 +480,43 @@ def write_tables(rows: Dict[tuple, Dict[str, Any]], csv_path: Path, md_path: Pat
             flagged = sum(r["status"] == "ok" and bool(r.get("flags")) for r in mine)
             lines.append(f"| {library} | {len(mine)} | {count['ok']} | {count['failed']} | {count['timeout']} | "
                          f"{flagged} |")
-    lines += ["", "| library | model | family | status | s | input | params (report) | params = library | "
+    lines += ["", "| library | model | family | status | s | task | input | params (report) | params = library | "
                   "GFLOPs report | GFLOPs library | diff % | Grad-CAM layer | map | deepest grid | all-zero maps | "
                   "attention (report) | attention ops (library) | flags / error |",
-              "| " + " | ".join(["---"] * 18) + " |"]
+              "| " + " | ".join(["---"] * 19) + " |"]
     for r in ordered:
         same = ""
         if _num(r.get("params_report")) is not None and _num(r.get("params_library")) is not None:
             same = "yes" if _num(r["params_report"]) == _num(r["params_library"]) else "**no**"
         zero = f"{r.get('cams_zero')}/{r.get('cams')}" if r.get("cams") not in (None, "") else ""
         note = r.get("error") if r["status"] != "ok" else r.get("flags", "")
+        layer = f"`{r['gradcam_layer']}`" if r.get("gradcam_layer") else ""
         cells = [r["library"], f"`{r['model']}`", r.get("family", ""), r["status"], _fmt(r.get("seconds"), 1),
-                 r.get("input", ""), _fmt(r.get("params_report")), same, _fmt(r.get("gflops_report"), 3),
-                 _fmt(r.get("gflops_library"), 3), _fmt(r.get("flops_diff_pct"), 2), f"`{r.get('gradcam_layer', '')}`"
-                 if r.get("gradcam_layer") else "", r.get("cam_shape", ""), r.get("deepest_grid", ""), zero,
-                 r.get("attention_report", ""), r.get("attention_ops", ""), note or ""]
+                 r.get("task", ""), r.get("input", ""), _fmt(r.get("params_report")), same,
+                 _fmt(r.get("gflops_report"), 3), _fmt(r.get("gflops_library"), 3), _fmt(r.get("flops_diff_pct"), 2),
+                 layer, r.get("cam_shape", ""), r.get("deepest_grid", ""), zero, r.get("attention_report", ""),
+                 r.get("attention_ops", ""), note or ""]
         lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
     bad = [r for r in ordered if r["status"] != "ok" or r.get("flags")]
     lines += ["", f"## Failed or flagged ({len(bad)})", ""]
     lines += [f"- {r['library']} `{r['model']}`: {r['status']}: {r.get('error') or r.get('flags')}"
               + (f" (alerts: {r['alerts']})" if r.get("alerts") else "") for r in bad]
     md_path.write_text("\n".join(lines) + "\n")
+
+
+def refresh(kept: Path, out: Path) -> None:
+    """Re-read each row's kept report (the oracle's numbers stay) and recompute the flags, then the tables."""
+    csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
+    rows = load_rows(csv_path)
+    for (library, name), row in rows.items():
+        run_dir = kept / library / re.sub(r"[^A-Za-z0-9_.-]+", "_", name) / "run"
+        if row["status"] == "ok" and run_dir.exists():
+            fresh = read_report(run_dir)
+            fresh.pop("input_shape", None)
+            row.update(fresh)
+        row["flags"] = "; ".join(flags_of(row))
+    write_tables(rows, csv_path, md_path, all_models())
+    print(f"refreshed {len(rows)} rows from {kept}: {md_path}, {csv_path}")
 
 
 def main(argv: List[str]) -> None:
@@ -508,7 +532,12 @@ def main(argv: List[str]) -> None:
                         help="the tables' path without extension (.csv and .md are written)")
     parser.add_argument("--keep", default="", help="a folder to keep every run (report, results, log) in")
     parser.add_argument("--fresh", action="store_true", help="drop rows of models not run this time")
+    parser.add_argument("--refresh", default="", help="run nothing: re-read the reports kept in this --keep folder "
+                                                      "for the rows of the CSV and recompute their flags")
     args = parser.parse_args(argv)
+    if args.refresh:
+        refresh(Path(args.refresh), Path(args.out))
+        return
 
     libraries = [s.strip() for s in args.only.split(",") if s.strip()] or list(LIBRARIES)
     unknown = [s for s in libraries if s not in LIBRARIES]
