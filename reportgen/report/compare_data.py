@@ -438,6 +438,10 @@ def recount_notes(runs: Sequence[RunResults]) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------------- segmentation
 
+NO_SHARED_IMAGE = ("the runs share no image (matched by path inside the folder): there is nothing to compare image by "
+                   "image; compare runs over the same folder")  # a note of the task pages
+
+
 @dataclass
 class SegmentationComparison:
     """Everything the comparison page and its results files show for segmentation runs."""
@@ -482,8 +486,7 @@ def segmentation_notes(runs: Sequence[RunResults], shared: pd.Index) -> List[str
         notes.append("the runs ignore different mask values ("
                      + ", ".join(f"{n}: {v}" for n, v in ignore.items()) + "): their metrics count other pixels")
     if shared.empty:
-        notes.append("the runs share no image (matched by path inside the folder): there is nothing to compare "
-                     "image by image; compare runs over the same folder")
+        notes.append(NO_SHARED_IMAGE)
     return notes
 
 
@@ -537,8 +540,7 @@ def detection_notes(runs: Sequence[RunResults], shared: pd.Index) -> List[str]:
                        "the per-image comparison weighs the models and the thresholds together; mAP does not depend "
                        "on the threshold")
     if shared.empty:
-        notes.append("the runs share no image (matched by path inside the folder): there is nothing to compare "
-                     "image by image; compare runs over the same folder")
+        notes.append(NO_SHARED_IMAGE)
     return notes
 
 

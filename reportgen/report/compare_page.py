@@ -87,8 +87,7 @@ def comparison_json(comparison: Comparison) -> Dict[str, Any]:
                    "both_right": p.both_right, "a_only": p.a_only, "b_only": p.b_only, "both_wrong": p.both_wrong,
                    "mcnemar_p": p.mcnemar_p, "mcnemar_p_holm": p.mcnemar_p_holm} for p in comparison.pairs],
         "notes": comparison.notes,
-        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason, "command": n.command}
-                         for n in comparison.not_compared],
+        "not_compared": _not_compared_json(comparison),
     }
 
 
@@ -357,8 +356,7 @@ def segmentation_json(comparison: SegmentationComparison) -> Dict[str, Any]:
                    "largest_losses": [{"path": x, "iou_a": ia, "iou_b": ib} for x, ia, ib in p.losses]}
                   for p in comparison.pairs],
         "notes": comparison.notes,
-        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason, "command": n.command}
-                         for n in comparison.not_compared],
+        "not_compared": _not_compared_json(comparison),
     }
 
 
@@ -474,8 +472,7 @@ def detection_json(comparison: DetectionComparison) -> Dict[str, Any]:
                    "largest_losses": [_errors_json(i) for i in p.losses]}
                   for p in comparison.pairs],
         "notes": comparison.notes,
-        "not_compared": [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason, "command": n.command}
-                         for n in comparison.not_compared],
+        "not_compared": _not_compared_json(comparison),
     }
 
 
@@ -588,3 +585,9 @@ def _activation_parts(comparison: AnyComparison) -> List[Dict[str, Any]]:
         parts.append({"runs": [n for n, _ in members], "figures": [dead, scale],
                       "table": Table(columns=columns, rows=rows, collapsed=True, caption="Per-layer numbers")})
     return parts
+
+
+def _not_compared_json(comparison: Any) -> List[Dict[str, Any]]:
+    """The runs left out of a comparison, with why, as comparison.json lists them (every task)."""
+    return [{"run_dir": str(n.run_dir), "status": n.status, "reason": n.reason, "command": n.command}
+            for n in comparison.not_compared]
