@@ -73,9 +73,9 @@ FAMILIES = {  # builder: (input size, expected default layer, reshape transform 
     "timm_swin_tiny": ((40, 40), "layers", channels_last_to_first, (5, 5)),
     "hf_vit_tiny": ((32, 32), "model.vit.layers.1.layernorm_before", tokens_to_grid(1, 4, 4), (4, 4)),
     "hf_convnext_tiny": ((64, 64), "model.convnext.encoder.stages.1", None, (8, 8)),
-    # stage outputs are token sequences: 40 px / 4 px patches = 10x10, halved by patch merging to 5x5, no prefix
-    "hf_swin_tiny": ((40, 40), "model.swin.encoder.layers.1.blocks.1.layernorm_before", tokens_to_grid(0, 5, 5),
-                     (5, 5)),
+    # stage outputs are token sequences: 40 px / 4 px patches = 10x10, halved by patch merging to 5x5, no prefix;
+    # the final layernorm is the first module output holding the last block's residual sum (stages return tuples)
+    "hf_swin_tiny": ((40, 40), "model.swin.layernorm", tokens_to_grid(0, 5, 5), (5, 5)),
 }
 
 

@@ -60,7 +60,8 @@ from torch import nn
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
 from reportgen.engine.capture import CaptureEngine, primary_tensor, probe_forward
 from reportgen.engine.layers import named_modules, select_layers, stage_outputs
-from reportgen.engine.tensors import TokenLayout, channel_view, channels_last_output, token_layout_of
+from reportgen.engine.grids import spatial_layout
+from reportgen.engine.tensors import TokenLayout, channel_view, token_layout_of
 from reportgen.errors import ConfigError
 from reportgen.inputs.labels import display_names
 from reportgen.report import plots
@@ -359,7 +360,7 @@ class Activations(Analysis):
         for call in calls:
             seen.add(call.name)
             module = modules[call.name]
-            last = channels_last_output(module) and call.output.dim() == 4
+            last = spatial_layout(tuple(call.output.shape), module, *one.shape[-2:]) == "nhwc"  # from the image
             tokens = (token_layout_of(model, call.output.shape[1], *one.shape[-2:]) if call.output.dim() == 3
                       else None)
             try:

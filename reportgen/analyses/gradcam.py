@@ -9,14 +9,14 @@ second forward. Methods (Selvaraju et al. 2017; Chattopadhay et al. 2018; Jiang 
 - layercam:  relu(sum_c relu(dS/dA)_c * A_c)          (element-wise weights, sharper maps)
 - hirescam:  relu(sum_c (dS/dA)_c * A_c)              (element-wise, faithful to the score)
 
-Default target layer, per family (`default_target_layer`):
-- vision transformers (torchvision, timm ViT/DeiT/EVA..., transformers ViT/DeiT): the last encoder block's first
-  norm (`ln_1`, `norm1`, `layernorm_before`). The block's output only reaches the head through the class token, so
-  its patch gradients are zero. Its tokens (B, prefix + rows * columns, C) are laid out on the model's own patch
-  grid, the prefix tokens (class, distillation, registers) dropped;
-- CNNs and hierarchical models: the last plain-tensor spatial output, read channels-last (B, h, w, C) where the
-  module works that way (timm Swin's last stage), the final Identity / LayerNorm passed over (timm ConvNeXt ->
-  `stages`, timm Swin -> `layers`, transformers ConvNeXt -> `...encoder.stages.3`).
+Default target layer (`reportgen.analyses._cam_layer`): the last layer whose output is a grid of the image that the
+predicted class's score depends on (nonzero gradient on a one-image probe), never inside an attention module, never
+a first axis that is not the images, the trailing identity / LayerNorm / upsampling pool passed over. Channels first
+or last is decided by the image (`reportgen.engine.grids`). This gives a CNN's last stage, timm Swin's `layers`, a
+ViT's last block's first norm (`ln_1`, `norm1`, `layernorm_before`: the block's output reaches a class-token head
+only through the class token, so its patch gradients are zero), the last token stage of Mixer and LeViT. Tokens
+(B, prefix + rows * columns, C) are laid out on the model's own patch grid, the prefix tokens (class, distillation,
+registers) dropped.
 A layer whose output is not a grid is never used: chosen by `layer`, it is a config error; when the model has no
 spatial layer to default to, the section says so and names `analysis.gradcam.layer`.
 
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
-from reportgen.engine.layers import (last_spatial_layer, named_modules, probe_calls, select_layers, spatial_size,
-                                    transformer_blocks)
-from reportgen.engine.tensors import TokenLayout, channels_last_output, guess_token_layout, to_grid, token_layout_of
+from reportgen.analyses._cam_layer import default_cam_layer, grid_calls
+from reportgen.engine.layers import probe_calls, select_layers
+from reportgen.engine.tensors import TokenLayout, to_grid
 from reportgen.errors import ConfigError
 from reportgen.inputs.labels import display_names, match_labels, output_synsets
 from reportgen.report import plots
@@ -83,44 +83,22 @@ def cam_from(method: str, activations: torch.Tensor, grads: torch.Tensor) -> tor
 
 
 def default_target_layer(model: nn.Module, example: torch.Tensor) -> Optional[str]:
-    """The last transformer block's first norm when its output is patch tokens (see the module docstring);
-    otherwise the module of the last spatial output; None when the model has neither."""
-    blocks = transformer_blocks(model)
-    if blocks:
-        modules = named_modules(model)
-        norms = [n for n, m in modules.items() if n.startswith(blocks[-1] + ".") and isinstance(m, nn.LayerNorm)]
-        layout = grid_layout(model, norms[0], example) if norms else None
-        if layout is not None and layout[0] == "tokens":
-            return norms[0]
-    return last_spatial_layer(model, example)
+    """The default target layer's call key (`reportgen.analyses._cam_layer`); None when no layer is a grid."""
+    return default_cam_layer(model, example)
 
 
 def grid_layout(model: nn.Module, layer: str, example: torch.Tensor) -> Optional[Tuple[str, Any]]:
-    """How `layer`'s output (on a probe of `example`) lies on a spatial grid: ("nchw", None), ("nhwc", None) or
-    ("tokens", TokenLayout); None when it does not (a vector, a 1x1 map, a token sequence without a patch grid, an
-    output that is not a plain tensor)."""
-    calls = [call for call in probe_calls(model, example) if call.name == layer]
-    if not calls or not calls[0].plain:  # not called, or a tuple / output object (no gradient leaf possible)
-        return None
-    shape = calls[0].shape
-    if len(shape) == 4:
-        channels_last = channels_last_output(named_modules(model)[layer])
-        height, width = spatial_size(shape, channels_last)
-        return ("nhwc" if channels_last else "nchw", None) if height * width > 1 else None
-    if len(shape) == 3:
-        height, width = example.shape[-2:]
-        layout = token_layout_of(model, shape[1], height, width) or guess_token_layout(shape[1])
-        return ("tokens", layout) if layout is not None else None
-    return None
+    """How `layer`'s output (a call key, on a probe of `example`) lies on a grid of the image: ("nchw", None),
+    ("nhwc", None) or ("tokens", TokenLayout); None when it does not (a vector, a 1x1 map, tokens without the
+    model's grid, a first axis that is not the images, a tensor inside an attention module, an output that is not a
+    plain tensor or does not depend on the input)."""
+    found = [call.layout for call in grid_calls(model, example) if call.key == layer]
+    return (found[0].kind, found[0].tokens) if found else None
 
 
 def _grid_layers(model: nn.Module, example: torch.Tensor) -> list:
-    """Names of the modules whose output lies on a grid (the valid choices for `layer`), last ones first."""
-    names = []
-    for call in reversed(probe_calls(model, example)):
-        if call.name not in names and grid_layout(model, call.name, example) is not None:
-            names.append(call.name)
-    return names[:12]
+    """Call keys of the layers whose output lies on a grid (the valid choices for `layer`), last ones first."""
+    return [call.key for call in reversed(grid_calls(model, example))][:12]
 
 
 @register("gradcam")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from reportgen.engine.capture import primary_tensor, probe_forward
-from reportgen.engine.tensors import channels_last_output
+from reportgen.engine.grids import spatial_layout
 from reportgen.errors import ConfigError
 
 
@@ -143,14 +143,19 @@ def stage_outputs(model: nn.Module, example: torch.Tensor, max_depth: int = 2) -
     blocks = transformer_blocks(model)
     if blocks:
         return blocks
-    calls = [(n, s) for n, s in probe_output_shapes(model, example) if depth_of(n) <= max_depth]
-    # one row per image: a detector's per-proposal features (R, C, 7, 7) are no stage of the image
-    spatial = [(n, s) for n, s in calls if len(s) == 4 and s[-1] > 1 and s[-2] > 1 and s[0] == example.shape[0]]
+    modules = named_modules(model)
+    height, width = example.shape[-2:]
     stages: List[str] = []
     groups: Dict[Tuple[int, int], List[str]] = {}
     order: List[Tuple[int, int]] = []
-    for name, shape in spatial:
-        size = (shape[-2], shape[-1])
+    for name, shape in probe_output_shapes(model, example):
+        # one row per image (a detector's per-proposal features (R, C, 7, 7) are no stage of the image), on a grid
+        # read channels first or last as the image says (timm MambaOut's and Sequencer's stages are channels-last)
+        layout = (spatial_layout(shape, modules[name], height, width)
+                  if depth_of(name) <= max_depth and shape[0] == example.shape[0] else None)
+        if layout is None:
+            continue
+        size = (shape[2], shape[3]) if layout == "nchw" else (shape[1], shape[2])
         if size not in groups:
             groups[size] = []
             order.append(size)
@@ -180,26 +185,3 @@ def transformer_blocks(model: nn.Module, every: int = 0) -> List[str]:
 
 def _block_names(model: nn.Module) -> Iterable[str]:
     return [n for n, m in named_modules(model).items() if re.search(r"(Block|Layer)$", type(m).__name__)]
-
-
-def spatial_size(shape: Tuple[int, ...], channels_last: bool) -> Optional[Tuple[int, int]]:
-    """(h, w) of a 4-D output, (B, C, h, w) or channels-last (B, h, w, C); None for other ranks."""
-    if len(shape) != 4:
-        return None
-    return (shape[1], shape[2]) if channels_last else (shape[2], shape[3])
-
-
-def last_spatial_layer(model: nn.Module, example: torch.Tensor) -> Optional[str]:
-    """Grad-CAM's usual target: the module of the last plain-tensor spatial output (h, w > 1), read channels-last
-    where the module works that way (Swin stages). Identities and a LayerNorm that end the feature part (timm
-    Swin's final `norm`) are passed over: they keep the grid of the stage before them, which is the target."""
-    modules = named_modules(model)
-    spatial = []
-    for call in probe_calls(model, example):
-        size = spatial_size(call.shape, channels_last_output(modules[call.name]))
-        if call.plain and size is not None and min(size) > 1:
-            spatial.append(call)
-    while len(spatial) > 1 and (spatial[-1].passthrough or (isinstance(modules[spatial[-1].name], nn.LayerNorm)
-                                                            and spatial[-1].input_shape == spatial[-1].shape)):
-        spatial.pop()
-    return spatial[-1].name if spatial else None

@@ -10,6 +10,7 @@ grid, with or without one class token).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -39,7 +40,9 @@ def patch_grid_of(model: nn.Module, height: int, width: int) -> Optional[Tuple[i
     PatchEmbed (`dynamic_img_pad` rounds up), else the first convolution whose stride equals its kernel (> 1), the
     patch projection of transformers' and torchvision's ViTs. None when the model has neither."""
     for module in model.modules():
-        if type(module).__name__ == "PatchEmbed" and hasattr(module, "patch_size") and hasattr(module, "proj"):
+        declares_grid = hasattr(module, "grid_size") or hasattr(module, "proj")  # timm PatchEmbed, TNT PixelEmbed
+        if type(module).__name__.endswith(("PatchEmbed", "PixelEmbed")) and hasattr(module, "patch_size") \
+                and declares_grid:
             ph, pw = _pair(module.patch_size)
             if getattr(module, "dynamic_img_pad", False):
                 return -(-height // ph), -(-width // pw)
@@ -64,8 +67,9 @@ def token_layout_of(model: nn.Module, tokens: int, height: int, width: int) -> O
     if prefix < 0:  # a hierarchical model's later stage: patch merging halved the grid's sides (rounding up)
         for merges in range(1, 6):
             merged = (-(-grid[0] // 2 ** merges), -(-grid[1] // 2 ** merges))
-            if merged[0] * merged[1] == tokens:
-                return TokenLayout(0, merged, False)
+            for prefix in sorted({0, class_tokens(model)}):  # CoaT keeps a class token per stage
+                if merged[0] * merged[1] == tokens - prefix:
+                    return TokenLayout(prefix, merged, prefix > 0)
         return None
     timm_vit = next((m for m in model.modules() if isinstance(getattr(m, "num_prefix_tokens", None), int)), None)
     if timm_vit is not None and prefix != timm_vit.num_prefix_tokens:
@@ -75,6 +79,14 @@ def token_layout_of(model: nn.Module, tokens: int, height: int, width: int) -> O
         pool = getattr(timm_vit, "global_pool", "token")
         class_token = bool(getattr(timm_vit, "has_class_token", prefix > 0)) and pool in ("token", None)
     return TokenLayout(prefix, grid, class_token)
+
+
+def class_tokens(model: nn.Module) -> int:
+    """How many class tokens the model declares as parameters (`cls_token`, CoaT's per-stage `cls_token4`), read
+    by their (1, tokens, C) shape; 0 when it declares none."""
+    counts = [int(p.shape[1]) for n, p in model.named_parameters()
+              if re.search(r"(^|\.)(cls|class)_tokens?\d*$", n) and p.dim() == 3]
+    return max(counts, default=0)
 
 
 def guess_token_layout(tokens: int) -> Optional[TokenLayout]:
