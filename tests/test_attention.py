@@ -276,11 +276,12 @@ def test_a_cnn_gets_one_not_applicable_line(colour_folder, tmp_path):
 
 
 def test_a_layer_pattern_without_attention_is_a_config_error():
+    """Attention is found by behaviour on the probe, so the patterns are checked in `begin`."""
     cfg = OmegaConf.merge(OmegaConf.structured(AttentionConfig), {"layers": ["conv"]})
     ctx = RunContext(model=TinyNet(), loaded=SimpleNamespace(class_names=[], synsets=[]), dataset_classes=[], num_images=1,
                      device=torch.device("cpu"), results_dir=None, report=None)
     with pytest.raises(ConfigError, match="analysis.attention.layers"):
-        Attention(cfg, ctx)
+        Attention(cfg, ctx).begin(make_batches(torch.rand(1, 3, 8, 8), [1])[0])
 
 
 class PatchMHA(nn.Module):

@@ -1,5 +1,5 @@
 """Attention arithmetic on whole batches, on the device: attention rollout, per-query entropy, mean attention
-distance, the token -> patch-grid layout, torchvision Swin's window attention probabilities recomputed from the
+distance between query and key grids, torchvision Swin's window attention probabilities recomputed from the
 attention module's input (Swin never materialises them outside `shifted_window_attention`), and the window layouts
 that put per-window values (torchvision, timm and transformers Swin) back on the token grid.
 
@@ -66,25 +66,18 @@ def patch_grid(patches: int, height: int, width: int) -> Optional[Tuple[int, int
     return best
 
 
-def token_layout(tokens: int, height: int, width: int) -> Optional[Tuple[int, int, int]]:
-    """(first patch token, grid rows, grid columns) for a sequence of `tokens` over an image of height x width:
-    a leading class token when the other tokens fill a patch grid (ViT convention), else patches only; None when
-    neither fits."""
-    for first in (1, 0):
-        if tokens - first > 0:
-            grid = patch_grid(tokens - first, height, width)
-            if grid is not None:
-                return first, grid[0], grid[1]
-    return None
-
-
-def grid_distances(rows: int, columns: int, cell: Tuple[float, float] = (1.0, 1.0),
+def grid_distances(queries: Tuple[int, int], keys: Tuple[int, int], extent: Tuple[float, float],
                    device: Optional[torch.device] = None) -> torch.Tensor:
-    """(P, P) Euclidean distance between the centres of a rows x columns grid's cells (row-major), each cell
-    `cell` = (height, width) in the unit wanted (e.g. input pixels per patch)."""
-    ys, xs = torch.meshgrid(torch.arange(rows, device=device), torch.arange(columns, device=device), indexing="ij")
-    coords = torch.stack([ys.flatten() * cell[0], xs.flatten() * cell[1]], dim=1).double()  # (P, 2)
-    return torch.cdist(coords, coords).float()  # (P, P)
+    """(Q, P) Euclidean distances between the cell centres of a query grid and a key grid (rows, columns; cells
+    row-major) laid over the same extent (height, width, e.g. in input pixels): the same grid for self-attention,
+    a coarser key grid for spatial-reduction attention."""
+    def centres(rows: int, columns: int) -> torch.Tensor:  # (rows * columns, 2)
+        ys, xs = torch.meshgrid(torch.arange(rows, device=device), torch.arange(columns, device=device),
+                                indexing="ij")
+        return torch.stack([(ys.flatten() + 0.5) * (extent[0] / rows),
+                            (xs.flatten() + 0.5) * (extent[1] / columns)], dim=1).double()
+
+    return torch.cdist(centres(*queries), centres(*keys)).float()  # (Q, P)
 
 
 def mean_distance(weights: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:

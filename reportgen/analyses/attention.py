@@ -1,29 +1,47 @@
 """`attention`: where a transformer's attention goes, for every image of the folder, inside the one pass.
 
-Kinds of attention layers:
-- global self-attention, captured by the engine as (B, heads, N, N) softmax weights: `nn.MultiheadAttention`
-  (torchvision's ViT and any model using it; per-head weights forced on), timm's `Attention` (ViT, DeiT, EVA...;
-  the fused path turned off for the pass) and transformers' (ViTAttention...; eager attention). The tokens are laid
-  out by the model's own patch embedding and prefix-token count (class, distillation, register tokens;
-  `reportgen.engine.tensors.token_layout_of`), guessed only for a model that declares neither. With a class token
-  a layer's map is the class token's attention to each patch; without one, the attention each patch receives
-  (summed over the patch queries: 1 is its fair share under uniform attention). Attention rollout (Abnar & Zuidema
-  2020) runs over every self-attention layer of the model in call order (all captured, even those not shown),
-  batched with bmm, over all tokens (prefix tokens included: they carry attention between layers); the map is the
-  class token's row over the patches, or the mean patch row.
-- timm's and transformers' Swin window attention, captured the same way as (B * windows, heads, T, T) and put back
-  on the token grid with the block's window, shift and padding (`WindowLayout`; timm shifts before padding,
-  transformers after). Maps as for torchvision Swin below.
+Which modules have attention is found by behaviour on a one-image probe (`reportgen.engine.capture.find_attention`):
+a module whose own forward calls softmax over an axis of >= 4 entries of a >= 3-D tensor, or
+scaled_dot_product_attention (not the 2-way softmax of SK / ResNeSt branches, not a classifier's (B, K)), plus the
+modules the engine knows by type. The section says "no attention layers" only when there is none; every attention
+module is either shown or named in one "Not supported: <type> (<reason>)" line per module type.
+
+How the weights are read:
+- captured by the engine as (B, heads, N, M): `nn.MultiheadAttention` (per-head weights forced on), timm attention
+  with `fused_attn` (non-fused path), transformers attention (eager), and any other module found on the probe: the
+  output of its one softmax over (B, heads, N, M) (LeViT, EfficientFormer, CaiT's talking heads...), the weights
+  recomputed exactly from the arguments of its scaled_dot_product_attention call (the fused call still computes the
+  output), or its `attn_drop` input where several softmaxes are combined (ConViT's gated GPSA). Tokens are laid out
+  on the grid of the module's own call (a (B, C, h, w) or (B, h, w, C) input, or the (h, w) it is given), else by
+  the model's own patch embedding and prefix-token count (`reportgen.engine.tensors.token_layout_of`), else on a
+  grid of the image's aspect ratio without prefix tokens (a class token is never guessed). Keys fewer than the
+  queries (spatial reduction: PVT, Twins GSA, NextViT) lie on their own coarser grid, queries fewer than the keys
+  (LeViT's subsampling) on theirs. With a class token a layer's map is the class token's attention to each patch;
+  a layer with one query (class attention: CaiT, XCiT, VOLO, CrossViT) maps that row (it has no query position, so
+  no attention distance); otherwise the attention each key patch receives, summed over the patch queries (1 is its
+  fair share under uniform attention). Attention rollout (Abnar & Zuidema 2020) runs over every captured
+  self-attention layer of the model with the first layer's token count, in call order (all captured, even those
+  not shown), batched with bmm, over all tokens (prefix tokens included: they carry attention between layers); the
+  map is the class token's row over the patches, or the mean patch row.
+- Swin window attention of timm (v1, v2, v2-cr) and transformers, captured the same way as (B * windows, heads, T,
+  T) and put back on the token grid with the block's window, shift and padding (`WindowLayout`; timm shifts before
+  padding, transformers after). Maps as for torchvision Swin below.
 - torchvision Swin's `ShiftedWindowAttention` (v1, v2): its probabilities never leave `shifted_window_attention`, so
   the block's `norm1` output (the attention's input, found and checked on a one-image probe) is captured and the
-  probabilities are recomputed exactly (`reportgen.analyses._attention_math.swin_window_attention`). Its map is the attention
-  each patch receives from the queries of its own (shifted) window, summed over them (1 = its fair share, whatever
-  the size of the region the shift mask leaves it) and averaged over heads.
+  probabilities are recomputed exactly (`reportgen.analyses._attention_math.swin_window_attention`). Its map is the
+  attention each patch receives from the queries of its own (shifted) window, summed over them (1 = its fair share,
+  whatever the size of the region the shift mask leaves it) and averaged over heads.
   There is no class token and no rollout (windows and patch merging change the token grid between stages).
+- not supported, with the reason: weights whose first axis is not the images (windows outside a Swin block, blocks,
+  MobileViT's patches folded into the batch axis), attention over channels ((B, heads, d, d) with heads * d the
+  input's channels: XCiT's XCA, EdgeNeXt, DaViT), 3-D or 5-D scores (heads folded into the batch axis, NesT's
+  blocks, VOLO's outlook attention), softmax over another axis than the keys (CoaT's factorized, lambda and linear
+  attention), and tokens that form no patch grid of the input.
 
 Dataset statistics stream and merge exactly: per layer and head, the mean entropy of the query rows (nats, ln S for
-a uniform row over S keys) and the mean attention distance (input pixels between query and key patches, weighted
-by attention renormalised over patch keys), both averaged over queries and images.
+a uniform row over S keys) and the mean attention distance (input pixels between the centres of query and key
+patches, each on its own grid, weighted by attention renormalised over patch keys), both averaged over queries and
+images.
 
 `results/attention.npz` (raw values, not normalised): `paths` (N,); `rollout` (N, gh, gw) when rollout ran; per
 shown layer `cls_<layer>` (N, gh, gw) head-averaged class-token maps, or `received_<layer>` for layers without a
@@ -44,9 +62,9 @@ from torch import nn
 
 from reportgen.analyses._attention_math import (WindowLayout, centre_window, grid_distances, is_swin_attention,
                                                 mean_distance, patch_grid, rollout, row_entropy,
-                                                swin_window_attention, token_layout, window_layout, windows_to_grid)
+                                                swin_window_attention, window_layout, windows_to_grid)
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
-from reportgen.engine.capture import attention_kind, probe_forward
+from reportgen.engine.capture import ProbedAttention, attention_kind, find_attention, probe_forward
 from reportgen.engine.layers import named_modules, select_layers
 from reportgen.engine.tensors import TokenLayout, token_layout_of
 from reportgen.errors import ConfigError
@@ -64,8 +82,8 @@ DEFAULT_MAX_HEADS = 16  # heads drawn per layer when `heads` is null, so 24-head
 
 @dataclass
 class AttentionConfig:
-    layers: Optional[List[str]] = None  # attention modules shown (name, glob, re:, type:, depth: patterns); null:
-    # every nn.MultiheadAttention and Swin window attention of the model
+    layers: Optional[List[str]] = None  # attention modules shown (name, glob, re:, type:, depth: patterns, checked
+    # against the attention found on the probe); null: every attention module of the model
     n_images: int = 8  # first images of the folder drawn with their maps (the npz has every image)
     heads: Optional[List[int]] = None  # head indices drawn in the per-head figures (null: the first 16; []: none)
     rollout: bool = True  # attention rollout over every self-attention layer (all captured, even those not shown)
@@ -85,6 +103,8 @@ class LayerInfo:
     grid: Optional[Tuple[int, int]]  # (gh, gw) of the map, None when the tokens form no patch grid
     class_token: bool  # map is the class token's row (else attention received, summed over queries)
     prefix: int = 0  # class, distillation and register tokens before the patches (left out of every map)
+    queries: Optional[Tuple[int, int]] = None  # the queries' patch grid where it differs from the keys' (`grid`):
+    # spatial-reduction attention (PVT, Twins GSA) puts its keys on a coarser grid
 
     @property
     def field(self) -> str:
@@ -95,9 +115,19 @@ class LayerInfo:
 allow_in_state(LayerInfo)  # part of the saved state (checkpoints, shards)
 
 
-def is_attention(name: str, module: nn.Module) -> bool:
-    """The layer filter for `layers`: modules whose attention this analysis can read (a `select_layers` where)."""
-    return attention_kind(module) is not None or is_swin_attention(module)
+def unsupported_reason(record: ProbedAttention) -> str:
+    """Why the engine cannot capture a module's attention, from what its forward did on the probe."""
+    if record.sdpa:
+        return (f"scaled_dot_product_attention on {len(record.sdpa[0])}-D queries {record.sdpa[0]}, not "
+                f"(images, heads, tokens, channels)")
+    shapes = sorted({shape for shape, _ in record.softmax})
+    if len(record.softmax) > record.calls:
+        return f"{len(record.softmax) // max(record.calls, 1)} softmaxes per call ({shapes}): no single weight matrix"
+    shape, axis = record.softmax[0]
+    if axis != len(shape) - 1:
+        return (f"softmax over axis {axis} of {shape}, not over the keys of each query (keys normalised over "
+                f"tokens: factorized or linear attention)")
+    return f"softmax over {len(shape)}-D scores {shape}, not (images, heads, queries, keys)"
 
 
 def is_windowed(name: str, modules: Dict[str, nn.Module]) -> bool:
@@ -154,18 +184,13 @@ class Attention(Analysis):
             raise ConfigError("analysis.attention.discard_ratio", cfg.discard_ratio, "a fraction in [0, 1)")
         if cfg.heads is not None and any(int(h) < 0 for h in cfg.heads):
             raise ConfigError("analysis.attention.heads", list(cfg.heads), "head indices >= 0")
-        modules = named_modules(ctx.model)
-        if cfg.layers is None:
-            shown = [n for n, m in modules.items() if is_attention(n, m)]
-        else:
-            shown = select_layers(ctx.model, list(cfg.layers), "analysis.attention.layers", where=is_attention)
-        self.modules = modules
-        captured = [n for n in shown if attention_kind(modules[n]) is not None]
-        self.shown_mha = [n for n in captured if not is_windowed(n, modules)]  # global self-attention
-        self.shown_windows = [n for n in captured if is_windowed(n, modules)]  # timm / transformers Swin
-        self.shown_swin = [n for n in shown if is_swin_attention(modules[n])]  # torchvision Swin (recomputed)
-        self.rollout_mha = ([n for n, m in modules.items() if attention_kind(m) is not None
-                             and not is_windowed(n, modules)] if cfg.rollout else [])
+        self.modules = named_modules(ctx.model)
+        self.probed: Dict[str, ProbedAttention] = {}  # what each attention module did on the probe (`begin`)
+        self.shown_mha: List[str] = []  # captured per image: global, spatial-reduction and class attention
+        self.shown_windows: List[str] = []  # timm / transformers Swin (captured per window)
+        self.shown_swin: List[str] = []  # torchvision Swin (recomputed)
+        self.rollout_mha: List[str] = []
+        self.unsupported: Dict[str, Dict[str, Any]] = {}  # module type -> {reason, modules} (one line per type)
         self.window_layouts: Dict[str, WindowLayout] = {}  # windowed module -> its layout (from a probe)
         self.swin_inputs: Dict[str, str] = {}  # Swin attention module -> module whose output is its input
         self.layers: Dict[str, LayerInfo] = {}  # call key -> info, in call order (fixed on the first batch)
@@ -185,14 +210,46 @@ class Attention(Analysis):
         return bool(self.shown_mha or self.shown_swin or self.shown_windows)
 
     def begin(self, example: Batch) -> None:
+        self._select(example.inputs[:1])
         if self.shown_windows:
             self.window_layouts = self._find_window_layouts(example.inputs[:1])
         if self.shown_swin:
             self.swin_inputs = self._find_swin_inputs(example.inputs[:1])
             for name in self.shown_swin:
                 if name not in self.swin_inputs:
-                    self.notes.append(f"{name}: its input is not the output of any module, so its attention "
-                                      f"could not be recomputed")
+                    self._unsupported(name, "its input is not the output of any module, so its attention could "
+                                            "not be recomputed")
+
+    def _select(self, example: torch.Tensor) -> None:
+        """Find the attention modules by behaviour on a one-image probe (`find_attention`), plus the ones the
+        engine knows by type, then sort the shown ones by how their weights are read; the rest are named with a
+        reason (`unsupported`)."""
+        self.probed = find_attention(self.ctx.model, example)
+        modules = self.modules
+        attention = [n for n, m in modules.items()
+                     if n in self.probed or attention_kind(m) is not None or is_swin_attention(m)]
+        if self.cfg.layers is None:
+            shown = attention
+        else:
+            found = set(attention)
+            shown = select_layers(self.ctx.model, list(self.cfg.layers), "analysis.attention.layers",
+                                  where=lambda name, module: name in found)
+        self.shown_swin = [n for n in shown if is_swin_attention(modules[n])]
+        captured = [n for n in shown if attention_kind(modules[n]) is not None and n not in self.shown_swin]
+        self.shown_mha = [n for n in captured if not is_windowed(n, modules)]
+        self.shown_windows = [n for n in captured if is_windowed(n, modules)]
+        for name in shown:
+            if name not in captured and name not in self.shown_swin:
+                self._unsupported(name, unsupported_reason(self.probed[name]))
+        self.rollout_mha = ([n for n in attention if attention_kind(modules[n]) is not None
+                             and not is_windowed(n, modules) and n not in self.shown_swin]
+                            if self.cfg.rollout else [])
+
+    def _unsupported(self, name: str, reason: str) -> None:
+        """Name a module whose attention is not shown, under its type's first reason (one report line per type)."""
+        entry = self.unsupported.setdefault(type(self.modules[name]).__name__, {"reason": reason, "modules": []})
+        if name not in entry["modules"]:
+            entry["modules"].append(name)
 
     def _find_swin_inputs(self, example: torch.Tensor) -> Dict[str, str]:
         """For each shown Swin attention module, a module whose output object is the attention's input, found on a
@@ -242,8 +299,8 @@ class Attention(Analysis):
         for parent, name in parents.items():
             block = self.modules[parent]
             if grids.get(parent) is None:
-                self.notes.append(f"{name}: the token grid of its block's input could not be read, so its windows "
-                                  f"cannot be placed on the image; left out")
+                self._unsupported(name, "the token grid of its block's input could not be read, so its windows "
+                                        "cannot be placed on the image")
                 continue
             window, shift = block.window_size, block.shift_size
             window = tuple(int(w) for w in (window if isinstance(window, (tuple, list)) else (window, window)))
@@ -252,14 +309,87 @@ class Attention(Analysis):
                                           shift_first=type(block).__module__.startswith("timm."))
         return layouts
 
-    def _layout(self, tokens: int, height: int, width: int) -> Optional[TokenLayout]:
-        """Prefix tokens and patch grid of a `tokens`-long sequence: the model's own (`token_layout_of`), else
-        guessed (a leading class token when the rest fills a grid of the image's aspect ratio)."""
+    def _layout(self, name: str, tokens: int, height: int, width: int) -> Optional[TokenLayout]:
+        """Prefix tokens and patch grid of a `tokens`-long sequence in module `name`: the grid of its own call on
+        the probe (a (B, C, h, w) or (B, h, w, C) input, or an (h, w) it is given), else the model's own layout
+        (`token_layout_of`), else a grid of the image's aspect ratio without prefix tokens (a class token is never
+        guessed)."""
+        record = self.probed.get(name)
+        if record is not None:
+            shape = record.input_shape
+            sides = [(shape[2], shape[3]), (shape[1], shape[2])] if len(shape) == 4 else []
+            for rows, columns in sides + record.sizes:
+                if rows * columns == tokens:
+                    return TokenLayout(0, (rows, columns), False)
         known = token_layout_of(self.ctx.model, tokens, height, width)
         if known is not None:
             return known
-        guess = token_layout(tokens, height, width)
-        return None if guess is None else TokenLayout(guess[0], guess[1:], guess[0] == 1)
+        grid = patch_grid(tokens, height, width)
+        return None if grid is None else TokenLayout(0, grid, False)
+
+    def _key_layout(self, name: str, queries: Optional[TokenLayout], keys: int, height: int,
+                    width: int) -> Optional[TokenLayout]:
+        """The keys' layout: the queries' when they are the same tokens; for one query (class attention: CaiT,
+        XCiT, CrossViT; the query is token 0 of the keys) the keys' own, else the query token then a patch grid;
+        for spatial reduction (or the reverse, LeViT's subsampled queries) the same prefix tokens, then a grid of
+        the queries' aspect ratio."""
+        if queries is None:
+            layout = self._layout(name, keys, height, width)
+            grid = patch_grid(keys - 1, height, width) if layout is None and keys > 1 else None
+            return layout if grid is None else TokenLayout(1, grid, True)
+        if queries.prefix + queries.patches == keys:
+            return queries
+        grid = patch_grid(keys - queries.prefix, *queries.grid) if keys > queries.prefix else None
+        return None if grid is None else TokenLayout(queries.prefix, grid, False)
+
+    def _channel_attention(self, name: str, weights: torch.Tensor) -> bool:
+        """Whether (B, heads, d, d) weights are over the channels of each head (XCiT's XCA, EdgeNeXt, DaViT's
+        channel attention): heads * d is the module input's channel count."""
+        record = self.probed.get(name)
+        queries, keys = weights.shape[-2:]
+        channels = record.input_shape[-1:] + record.input_shape[1:2] if record and record.input_shape else ()
+        return queries == keys and weights.shape[1] * queries in channels
+
+    def _read_tokens(self, key: str, weights: torch.Tensor, size: int, height: int, width: int) -> Optional[Any]:
+        """(query layout or None, key layout) of one call's (B, heads, N, M) weights, or the reason they cannot be
+        laid out on the image (a string)."""
+        name = key.split("#")[0]
+        if weights.dim() != 4:
+            return f"{weights.dim()}-D weights {tuple(weights.shape)}, not (images, heads, queries, keys)"
+        if weights.shape[0] != size:
+            return (f"the first axis of its weights {tuple(weights.shape)} is not the {size} images (windows, "
+                    f"blocks or patches folded into the batch axis)")
+        if self._channel_attention(name, weights):
+            return f"attention over channels, {tuple(weights.shape[1:])}: no token map"
+        tokens, keys = weights.shape[-2:]
+        queries = self._layout(name, tokens, height, width) if tokens > 1 else None
+        if tokens > 1 and queries is None:
+            return f"{tokens} query tokens form no patch grid of the {height}x{width} input"
+        layout = self._key_layout(name, queries, keys, height, width)
+        if layout is None:
+            return f"{keys} keys form no patch grid of the {height}x{width} input"
+        return queries, layout
+
+    def _layer_maps(self, weights: torch.Tensor, queries: Optional[TokenLayout], keys: TokenLayout, height: int,
+                    width: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(entropy, distance) (B, heads) means over the query rows, and (B, heads, kh, kw) maps on the keys' grid:
+        the class token's row (global attention with a class token, or class attention with one query), else the
+        attention each key patch receives summed over the patch queries, scaled so 1 is its fair share. Distance
+        is between query and key patch centres in input pixels (each on its own grid), NaN for a class query."""
+        size, heads = weights.shape[:2]
+        entropy = row_entropy(weights).mean(dim=-1)  # (B, heads)
+        first = keys.prefix
+        if queries is None or (queries is keys and keys.class_token):
+            rows = weights[:, :, 0, first:]  # (B, heads, P)
+        else:
+            patches = weights[:, :, queries.prefix:, first:]  # (B, heads, Q, P)
+            rows = patches.sum(dim=-2) * (keys.patches / queries.patches)  # (B, heads, P)
+        if queries is None:
+            distance = torch.full_like(entropy, float("nan"))
+        else:
+            cells = self._distances(queries.grid, keys.grid, height, width, weights.device)  # (Q, P)
+            distance = mean_distance(weights[:, :, queries.prefix:, first:], cells).mean(dim=-1)  # (B, heads)
+        return entropy, distance, rows.reshape(size, heads, *keys.grid)
 
     def requires(self) -> Requirements:
         return Requirements(attention=sorted(set(self.shown_mha + self.rollout_mha + list(self.window_layouts))),
@@ -278,40 +408,30 @@ class Attention(Analysis):
         matrices: Dict[str, torch.Tensor] = {}  # call key -> (B, T, T) head-averaged token x token attention
         first_batch = self.images == 0  # layers, fields and notes are fixed on the first batch
         if first_batch:  # modules that gave no weights (e.g. transformers < 5 returns none unless asked)
-            self.notes.extend(f"{key.split(':', 1)[1]}: {note}" for key, note in captures.notes.items()
-                              if key.startswith("attention:"))
+            for key, note in captures.notes.items():
+                if key.startswith("attention:"):
+                    self._unsupported(key.split(":", 1)[1], note)
         for key, weights in captures.attention.items():  # call order
             if key.split("#")[0] not in self.shown_mha or (not first_batch and key not in self.layers):
                 continue
-            if weights.dim() != 4 or weights.shape[0] != size:
+            found = self._read_tokens(key, weights, size, height, width)
+            if isinstance(found, str):
                 if first_batch:
-                    self.notes.append(f"{key}: attention of shape {tuple(weights.shape)} is not per image "
-                                      f"(batch {size}), left out")
+                    self._unsupported(key.split("#")[0], found)
                 continue
-            weights = weights.float()  # (B, heads, N, S)
-            layout = self._layout(weights.shape[-1], height, width) if weights.shape[-2] == weights.shape[-1] else None
-            entropy = row_entropy(weights).mean(dim=-1)  # (B, heads)
-            distance = torch.full_like(entropy, float("nan"))
-            if layout is not None:
-                first, (gh, gw) = layout.prefix, layout.grid
-                patches = weights[:, :, first:, first:]  # (B, heads, P, P)
-                cells = self._distances(gh, gw, (height / gh, width / gw), weights.device)  # (P, P)
-                distance = mean_distance(patches, cells).mean(dim=-1)  # (B, heads)
-                rows = (weights[:, :, 0, first:] if layout.class_token
-                        else weights[:, :, first:, first:].sum(dim=-2))  # (B, heads, P)
-                per_head[key] = rows.reshape(size, -1, gh, gw)  # (B, heads, gh, gw)
-                matrices[key] = weights.mean(dim=1)  # (B, N, N), reused by the rollout
-            elif first_batch:
-                self.notes.append(f"{key}: {weights.shape[-2]} queries x {weights.shape[-1]} keys do not form a "
-                                  f"patch grid of the {height}x{width} input; statistics only")
+            queries, layout = found
+            weights = weights.float()  # (B, heads, N, M)
+            entropy, distance, per_head[key] = self._layer_maps(weights, queries, layout, height, width)
+            matrices[key] = weights.mean(dim=1)  # (B, N, M), reused by the rollout
             if first_batch:
-                self.layers[key] = LayerInfo(key, "mha", weights.shape[1], weights.shape[-1],
-                                             layout.grid if layout else None, bool(layout and layout.class_token),
-                                             layout.prefix if layout else 0)
+                self.layers[key] = LayerInfo(key, "mha", weights.shape[1], weights.shape[-1], layout.grid,
+                                             queries is None or (queries is layout and layout.class_token),
+                                             layout.prefix, None if queries is layout or queries is None
+                                             else queries.grid)
             self._add_stats(key, entropy, distance)
         for key, probs, layout in self._window_attention(captures, size, first_batch):
-            cells = self._distances(*layout.window, (height / layout.height, width / layout.width),
-                                    probs.device)  # (T, T)
+            cells = self._distances(layout.window, layout.window, layout.window[0] * height / layout.height,
+                                    layout.window[1] * width / layout.width, probs.device)  # (T, T)
             entropy = windows_to_grid(row_entropy(probs), layout).mean(dim=(-2, -1))  # (B, heads)
             distance = windows_to_grid(mean_distance(probs, cells), layout).mean(dim=(-2, -1))  # (B, heads)
             per_head[key] = windows_to_grid(probs.sum(dim=-2), layout)  # (B, heads, h, w) received
@@ -346,17 +466,20 @@ class Attention(Analysis):
             tokens = layout.window[0] * layout.window[1]
             if weights.dim() != 4 or weights.shape[0] != size * windows or weights.shape[-1] != tokens:
                 if first_batch:
-                    self.notes.append(f"{key}: window attention of shape {tuple(weights.shape)} does not match "
-                                      f"{size} images x {windows} windows of {tokens} tokens; left out")
+                    self._unsupported(key.split("#")[0], f"window attention of shape {tuple(weights.shape)} does "
+                                                         f"not match {size} images x {windows} windows of {tokens} "
+                                                         f"tokens")
                 continue
             found.append((key, weights.float().reshape(size, windows, *weights.shape[1:]), layout))  # (B, nW, h, T, T)
         return found
 
-    def _distances(self, rows: int, columns: int, cell: Tuple[float, float], device: torch.device) -> torch.Tensor:
-        """(P, P) grid distances in input pixels, computed once per grid and device."""
-        key = (rows, columns, cell, str(device))
+    def _distances(self, queries: Tuple[int, int], keys: Tuple[int, int], height: float, width: float,
+                   device: torch.device) -> torch.Tensor:
+        """(Q, P) distances in input pixels between the cell centres of a query grid and a key grid that both cover
+        height x width pixels, computed once per pair of grids and device."""
+        key = (queries, keys, height, width, str(device))
         if key not in self._distance_cache:
-            self._distance_cache[key] = grid_distances(rows, columns, cell, device=device)
+            self._distance_cache[key] = grid_distances(queries, keys, (height, width), device=device)
         return self._distance_cache[key]
 
     def _add_stats(self, key: str, entropy: torch.Tensor, distance: torch.Tensor) -> None:
@@ -383,13 +506,14 @@ class Attention(Analysis):
         """(B, gh, gw) rollout map: the class token's row over the patches, or, without a class token, the mean
         row (what mean-pooled outputs draw from each patch). None when no self-attention chain fits a grid."""
         chain = [(k, w) for k, w in captures.attention.items() if k.split("#")[0] in self.rollout_mha
-                 and w.dim() == 4 and w.shape[0] == size and w.shape[-1] == w.shape[-2]]
+                 and w.dim() == 4 and w.shape[0] == size and w.shape[-1] == w.shape[-2]
+                 and not self._channel_attention(k.split("#")[0], w)]
         if not chain:
             return None
         tokens = chain[0][1].shape[-1]
         left_out = [k for k, w in chain if w.shape[-1] != tokens]
         chain = [(k, w) for k, w in chain if w.shape[-1] == tokens]
-        layout = self._layout(tokens, height, width)
+        layout = self._layout(chain[0][0].split("#")[0], tokens, height, width)
         if layout is None:
             if first_batch:
                 self.notes.append(f"rollout: {tokens} tokens do not form a patch grid of the input; not computed")
@@ -446,6 +570,7 @@ class Attention(Analysis):
     def state_dict(self) -> Dict[str, Any]:
         self._flush()
         return {"layers": self.layers, "stats": self.stats, "rollout_info": self.rollout_info, "notes": self.notes,
+                "unsupported": self.unsupported,
                 "images": self.images, "first": self.first, "matrix": self.matrix,
                 "store": self.store.ref() if self.store is not None else None}
 
@@ -460,6 +585,11 @@ class Attention(Analysis):
                 mine[name] = mine[name] + theirs[name]
         self.rollout_info = self.rollout_info or state["rollout_info"]
         self.notes.extend(n for n in state["notes"] if n not in self.notes)
+        for type_name, entry in state["unsupported"].items():
+            for name in entry["modules"]:
+                self.unsupported.setdefault(type_name, {"reason": entry["reason"], "modules": []})
+                if name not in self.unsupported[type_name]["modules"]:
+                    self.unsupported[type_name]["modules"].append(name)
         self.images += state["images"]
         self.first.merge(state["first"])
         self.matrix.merge(state["matrix"])
@@ -492,21 +622,20 @@ class Attention(Analysis):
             self.store = None
         elif keys:  # statistics only (no layer formed a patch grid)
             np.savez_compressed(self.ctx.results_dir / "attention.npz", **summary)
-        if not self.applicable:
-            unread = sorted({type(m).__name__ for m in self.modules.values() if "Attention" in type(m).__name__})
-            if unread:  # attention the engine cannot read is "not supported", never "no attention layers"
-                section.summary = "not supported: attention of an unknown kind"
-                section.elements.append(Text(
-                    f"Not supported: {type(self.ctx.model).__name__} has attention modules ({', '.join(unread)}) "
-                    f"whose weights this analysis cannot read: it captures nn.MultiheadAttention, timm attention "
-                    f"with a fused_attn switch and an attn_drop after its softmax, transformers attention that "
-                    f"returns its weights (eager), and torchvision Swin's window attention."))
+        unsupported = self._unsupported_lines()
+        if not keys and not self.rollout_info:
+            if unsupported:  # attention the engine cannot read is "not supported", never "no attention layers"
+                section.summary = "not supported: " + ", ".join(self.unsupported)
+                section.elements.extend(Text(line) for line in unsupported)
                 return section
-            section.summary = "not applicable: no attention layers"
-            section.elements.append(Text(f"Not applicable: no attention layers ({type(self.ctx.model).__name__} has "
-                                         f"no nn.MultiheadAttention, timm or transformers attention module, or "
-                                         f"Swin window attention)."))
-            return section
+            if not self.applicable:
+                section.summary = "not applicable: no attention layers"
+                section.elements.append(Text(
+                    f"Not applicable: no attention layers ({type(self.ctx.model).__name__}'s forward calls no "
+                    f"softmax over a token axis and no scaled_dot_product_attention on the probe image, and it has "
+                    f"no nn.MultiheadAttention, timm or transformers attention module or Swin window attention)."))
+                return section
+        section.elements.extend(Text(line) for line in unsupported)
         if not self.images:
             section.elements.append(Text("No image was processed, so there are no attention maps."))
             return section
@@ -524,6 +653,16 @@ class Attention(Analysis):
         section.elements.extend(self._head_figures(examples, swin))  # then the detail
         return section
 
+    def _unsupported_lines(self) -> List[str]:
+        """One "Not supported" line per module type whose attention is not shown, with the reason and its modules."""
+        lines = []
+        for type_name, entry in self.unsupported.items():
+            names = entry["modules"]
+            listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            lines.append(f"Not supported: {type_name} ({entry['reason']}); {len(names)} module"
+                         f"{'s' if len(names) > 1 else ''} not shown: {listed}.")
+        return lines
+
     def _summary(self, keys: List[str], swin: bool) -> str:
         heads = sorted({self.layers[k].heads for k in keys})
         text = (f"{len(keys)} attention layers ({'/'.join(map(str, heads))} heads) over {self.images} images"
@@ -532,6 +671,8 @@ class Attention(Analysis):
             text += f"; rollout over {len(self.rollout_info['layers'])} layers"
         elif swin:
             text += "; Swin windowed attention (no class token, no rollout)"
+        if self.unsupported:
+            text += "; not supported: " + ", ".join(self.unsupported)
         return text
 
     def _facts(self, keys: List[str], swin: bool) -> List[Tuple[str, Any]]:

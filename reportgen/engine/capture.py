@@ -19,6 +19,14 @@ Attention weights, per kind of attention module (`attention_kind`), for the requ
 - `hf`, transformers attention modules (ViTAttention, SwinAttention, ...) return (output, weights); the weights
   exist only with the eager implementation, which the module's config is switched to for the pass (a copy of the
   config, so nothing else sees the change). The forward hook stores them.
+- `softmax` and `sdpa`, any other module whose own forward computes attention (found by behaviour on a one-image
+  probe, `find_attention`, and remembered per module): while such a module runs (and only then; its forward pre-hook
+  enters a `TorchFunctionMode` that its forward hook, called on every path, leaves), `softmax` stores the output of
+  the softmax over the last axis of its (B, heads, N, M) scores, and `sdpa` computes the weights exactly from the
+  query, key, mask, causality, scale and grouping each `scaled_dot_product_attention` call receives
+  (`sdpa_weights`), while the fused call itself still computes the output. A call is credited to the innermost
+  running intercepted module, so an attention module inside another keeps its own weights. `dropped`: weights
+  combined from several softmaxes (ConViT's gated GPSA) are the input of the module's `attn_drop`, stored as `timm`.
 Every switch (`fused_attn`, the config) is put back on exit, on every path.
 
 Streamed layers: a layer's consumers (`streamed`) are called inside its forward hook, as each call returns, with
@@ -38,10 +46,13 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from weakref import WeakKeyDictionary
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from reportgen.errors import ConfigError
 
@@ -173,6 +184,7 @@ class CaptureEngine(_ModelHooks):
         self.consumed = False  # whether a consumer has seen part of the current batch (a retry would count it twice)
         self._calls: Dict[str, int] = defaultdict(int)
         self._grad_from_leaf = False  # inside forward_mode with leaves: a leaf's hook turns grad mode on
+        self._interceptor = _AttentionInterceptor(self._store_attention)  # `softmax` / `sdpa` modules only
 
     @property
     def needs_grad(self) -> bool:
@@ -227,6 +239,10 @@ class CaptureEngine(_ModelHooks):
                 self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
             elif kind == "timm":
                 self._switch(module, "fused_attn", False)  # the non-fused path, which materialises the softmax
+                self._handles.append(module.attn_drop.register_forward_hook(self._make_softmax_hook(name)))
+            elif kind in ("softmax", "sdpa"):
+                self._intercept(name, module, kind)
+            elif kind == "dropped":  # the weights, as the module applies them, are its attn_drop's input
                 self._handles.append(module.attn_drop.register_forward_hook(self._make_softmax_hook(name)))
             else:
                 if getattr(module.config, "_attn_implementation", None) != "eager":
@@ -311,6 +327,20 @@ class CaptureEngine(_ModelHooks):
 
         return hook
 
+    def _intercept(self, name: str, module: nn.Module, kind: str) -> None:
+        """`softmax` / `sdpa` capture: the interceptor is active only while `module` (or another intercepted module)
+        runs; the forward hook is called on every path, so an exception leaves no mode behind."""
+        interceptor = self._interceptor
+
+        def enter(mod: nn.Module, args: Any) -> None:
+            interceptor.push(name, kind)
+
+        def leave(mod: nn.Module, args: Any, output: Any) -> None:
+            interceptor.pop()
+
+        self._handles.append(module.register_forward_pre_hook(enter))
+        self._handles.append(module.register_forward_hook(leave, always_call=True))
+
     def _make_returned_weights_hook(self, name: str):
         """transformers: the module returns (output, weights (B, heads, N, N)) under eager attention."""
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -327,20 +357,214 @@ class CaptureEngine(_ModelHooks):
 def attention_kind(module: nn.Module) -> Optional[str]:
     """How the engine captures a module's attention weights: `mha` (nn.MultiheadAttention), `timm` (a timm attention
     module with a `fused_attn` switch and an `attn_drop` applied to its softmax), `hf` (a transformers attention
-    module: class name ending in Attention, a config with an attention implementation, no such module inside), or
-    None for anything else."""
+    module: class name ending in Attention, a config with an attention implementation, no such module inside),
+    `softmax` / `sdpa` / `dropped` (found by `find_attention` to compute its weights with one softmax over
+    (B, heads, N, M), with scaled_dot_product_attention on (B, heads, N, d) queries, or from several softmaxes into
+    its `attn_drop`), or None for anything else."""
     if isinstance(module, nn.MultiheadAttention):
         return "mha"
     if hasattr(module, "fused_attn") and isinstance(getattr(module, "attn_drop", None), nn.Module):
         return "timm"
     if _is_hf_attention(module) and not any(_is_hf_attention(m) for m in module.modules() if m is not module):
         return "hf"
-    return None
+    return _PROBED_KINDS.get(module)
 
 
 def _is_hf_attention(module: nn.Module) -> bool:
     return (type(module).__module__.startswith("transformers.") and type(module).__name__.endswith("Attention")
             and hasattr(getattr(module, "config", None), "_attn_implementation"))
+
+
+# `softmax` / `sdpa` kinds found by `find_attention` (weak keys: a module's entry goes with the module)
+_PROBED_KINDS: "WeakKeyDictionary[nn.Module, str]" = WeakKeyDictionary()
+
+
+def sdpa_weights(query: torch.Tensor, key: torch.Tensor, value: Any = None, attn_mask: Optional[torch.Tensor] = None,
+                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                 enable_gqa: bool = False) -> torch.Tensor:
+    """The (..., N, M) weights F.scaled_dot_product_attention applies for these arguments (no dropout: eval mode):
+    softmax(q k^T * scale + mask), in float32; a boolean mask keeps where True, a causal mask the lower triangle."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if enable_gqa and key.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    logits = (query.float() @ key.float().transpose(-2, -1)) * scale  # (..., N, M)
+    if is_causal:
+        keep = torch.ones(logits.shape[-2:], dtype=torch.bool, device=logits.device).tril()
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        logits = (logits.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool
+                  else logits + attn_mask.float())
+    return logits.softmax(dim=-1)
+
+
+def _softmax_axis(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[Tuple[torch.Tensor, int]]:
+    """(input, non-negative axis) of a softmax call over >= 4 entries of a tensor of >= 3 dims (attention rows, not
+    the 2-way softmax of SK / ResNeSt branches nor a classifier's (B, K)), else None."""
+    if getattr(func, "__name__", "") not in ("softmax", "_softmax") or not args \
+            or not isinstance(args[0], torch.Tensor):
+        return None
+    tensor, dim = args[0], kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if not isinstance(dim, int) or tensor.dim() < 3 or tensor.shape[dim] < 4:
+        return None
+    return tensor, dim % tensor.dim()
+
+
+def _sdpa_query(func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Optional[torch.Tensor]:
+    """The query of a scaled_dot_product_attention call (by position or keyword), None for any other call."""
+    if func is not F.scaled_dot_product_attention:
+        return None
+    return args[0] if args else kwargs.get("query")
+
+
+class _AttentionInterceptor(TorchFunctionMode):
+    """Active while an intercepted module runs (`push` / `pop` keep the running ones, innermost last): a `softmax`
+    module's softmax over the last axis of a 4-D tensor, and an `sdpa` module's 4-D scaled_dot_product_attention
+    weights, go to `store(name, weights)`; every call itself runs unchanged."""
+
+    def __init__(self, store: Callable[[str, torch.Tensor], None]):
+        super().__init__()
+        self.store = store
+        self.running: List[Tuple[str, str]] = []  # (module name, kind)
+
+    def push(self, name: str, kind: str) -> None:
+        if not self.running:
+            self.__enter__()
+        self.running.append((name, kind))
+
+    def pop(self) -> None:
+        self.running.pop()
+        if not self.running:
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name, kind = self.running[-1] if self.running else ("", "")
+        query = _sdpa_query(func, args, kwargs) if kind == "sdpa" else None
+        if query is not None and query.dim() == 4:
+            self.store(name, sdpa_weights(*args, **kwargs))
+        out = func(*args, **kwargs)
+        if kind == "softmax":
+            found = _softmax_axis(func, args, kwargs)
+            if found is not None and found[0].dim() == 4 and found[1] == 3:
+                self.store(name, out)
+        return out
+
+
+@dataclass
+class ProbedAttention:
+    """What one module's own forward did on the attention probe (its first call), for `find_attention`."""
+
+    type_name: str
+    softmax: List[Tuple[Tuple[int, ...], int]] = field(default_factory=list)  # (input shape, axis) per call
+    sdpa: List[Tuple[int, ...]] = field(default_factory=list)  # query shape per call
+    input_shape: Tuple[int, ...] = ()  # of the first tensor among its arguments
+    sizes: List[Tuple[int, int]] = field(default_factory=list)  # (h, w) int pairs among its arguments (a grid)
+    calls: int = 0  # how often it ran
+    dropped: List[bool] = field(default_factory=list)  # per call of its `attn_drop`: the input is 4-D and its
+    # rows sum to 1 (attention weights combined from several softmaxes, as ConViT's gated GPSA makes them)
+
+    @property
+    def kind(self) -> Optional[str]:
+        """`sdpa` for 4-D queries, `softmax` for one softmax over the last axis of a 4-D tensor per call, `dropped`
+        for weights combined from several softmaxes that go through an `attn_drop` once per call, None when the
+        engine cannot capture it (3-D or 5-D scores, softmax over another axis, several softmaxes)."""
+        if self.sdpa:
+            return "sdpa" if all(len(q) == 4 for q in self.sdpa) and not self.softmax else None
+        rows = [s for s, axis in self.softmax if len(s) == 4 and axis == 3]
+        if len(rows) == len(self.softmax) == self.calls:
+            return "softmax"
+        return "dropped" if len(self.dropped) == self.calls and all(self.dropped) else None
+
+
+class _OpsRecorder(TorchFunctionMode):
+    """Hands every torch function call to `record(func, args, kwargs)`, then runs it unchanged."""
+
+    def __init__(self, record: Callable[[Any, Sequence[Any], Mapping[str, Any]], None]):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.record(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class _AttentionOpsProbe(_ModelHooks):
+    """Hooks every submodule to keep the stack of running modules; `record` (under an `_OpsRecorder`) credits each
+    softmax over a token axis and each scaled_dot_product_attention call to the innermost running module (an
+    nn.Softmax is its caller's)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.stack: List[str] = []
+        self.found: Dict[str, ProbedAttention] = {}
+        self.inputs: Dict[str, tuple] = {}  # module name -> (args, kwargs) of its first call
+
+    def _setup(self) -> None:
+        for name, module in self.model.named_modules():
+            if name and not isinstance(module, (nn.Softmax, nn.Softmax2d)):
+                self._handles.append(module.register_forward_pre_hook(self._start(name), with_kwargs=True))
+                self._handles.append(module.register_forward_hook(self._end, always_call=True))
+
+    def _start(self, name: str):
+        def start(module: nn.Module, args: Any, kwargs: Dict[str, Any]) -> None:
+            parent, _, attribute = name.rpartition(".")
+            if attribute == "attn_drop" and parent in self.found and args and isinstance(args[0], torch.Tensor):
+                rows = args[0].sum(dim=-1)
+                self.found[parent].dropped.append(args[0].dim() == 4 and torch.allclose(rows, torch.ones_like(rows),
+                                                                                        atol=1e-4))
+            self.stack.append(name)
+            self.inputs.setdefault(name, (args, kwargs))
+            self.found.setdefault(name, ProbedAttention(type(module).__name__)).calls += 1
+
+        return start
+
+    def _end(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.stack.pop()
+
+    def record(self, func: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+        if not self.stack:
+            return
+        found = self.found[self.stack[-1]]
+        softmax, query = _softmax_axis(func, args, kwargs), _sdpa_query(func, args, kwargs)
+        if softmax is not None:
+            found.softmax.append((tuple(softmax[0].shape), softmax[1]))
+        elif query is not None:
+            found.sdpa.append(tuple(query.shape))
+
+    def attention(self) -> Dict[str, ProbedAttention]:
+        """The modules that called softmax over a token axis or scaled_dot_product_attention, with their inputs."""
+        found = {}
+        for name, record in self.found.items():
+            if record.softmax or record.sdpa:
+                args, kwargs = self.inputs[name]
+                record.input_shape = tuple(getattr(primary_tensor(args), "shape", ()))
+                record.sizes = _int_pairs(list(args) + list(kwargs.values()))
+                found[name] = record
+        return found
+
+
+def _int_pairs(values: Sequence[Any]) -> List[Tuple[int, int]]:
+    """(h, w) candidates among a call's arguments: tuples of two ints, and consecutive int arguments."""
+    pairs = [(int(v[0]), int(v[1])) for v in values if isinstance(v, (tuple, list)) and len(v) == 2
+             and all(isinstance(i, int) and not isinstance(i, bool) for i in v)]
+    ints = [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    return pairs + list(zip(ints, ints[1:]))
+
+
+def find_attention(model: nn.Module, example: torch.Tensor) -> Dict[str, ProbedAttention]:
+    """Attention by behaviour, on a one-image probe forward without gradients: every module whose own forward (not
+    a child's) calls softmax over an axis of >= 4 entries of a >= 3-D tensor, or scaled_dot_product_attention,
+    with what it did. Modules the engine can capture that way get the `softmax` / `sdpa` kind (`attention_kind`)."""
+    probe = _AttentionOpsProbe(model)
+    with probe, torch.no_grad(), _OpsRecorder(probe.record):
+        model(example)
+    found = probe.attention()
+    modules = dict(model.named_modules())
+    for name, record in found.items():
+        if record.kind is not None:
+            _PROBED_KINDS[modules[name]] = record.kind
+    return found
 
 
 # nn.MultiheadAttention.forward's parameters after (query, key, value), in order
