@@ -65,8 +65,7 @@ def main() -> None:
         labels_lookup = torch.tensor(job.scan.labels + [-1], dtype=torch.int64)
         order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # as the pass orders them
         release_free_memory()
-        with capture_engine_for(job.model, order) as engine:
-            stepper = one_pass._Stepper(job, engine, order)
+        with one_pass._Stepper(job, order) as stepper:
             for number, raw in enumerate(raws):
                 for side in (("plain", "ours") if number % 2 == 0 else ("ours", "plain")):
                     started = time.perf_counter()

@@ -294,6 +294,8 @@ def shrink_crop(region: np.ndarray, centre: Optional[Tuple[float, float]]
 @register("activations")
 class Activations(Analysis):
     Config = ActivationsConfig
+    title = "Activations"
+    layer_option = "analysis.activations.layers"
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

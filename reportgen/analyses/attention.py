@@ -175,6 +175,8 @@ def tile_columns(layers: int, heads: int, rollout: bool) -> int:
 @register("attention")
 class Attention(Analysis):
     Config = AttentionConfig
+    title = "Attention"
+    layer_option = "analysis.attention.layers"
 
     def __init__(self, cfg: Any, ctx: RunContext):
         super().__init__(cfg, ctx)

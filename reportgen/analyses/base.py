@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, FrozenSet, List
 
 import torch
 
-from reportgen.engine.capture import CaptureEngine
+from reportgen.engine.capture import CaptureEngine, Consumer
 from reportgen.errors import ConfigError
 from reportgen.inputs.tasks import TASKS
 
@@ -108,6 +108,8 @@ class Analysis:
     #   finalized first when they run; see `finalize_order`)
     oom_safe: ClassVar[bool] = False  # True when `update` does all its device work before changing any state, so
     #   an out-of-memory error inside it leaves the state as it was and the pass may retry with half the batch
+    layer_option: ClassVar[Optional[str]] = None  # the option choosing its layer (`analysis.gradcam.layer`), named
+    #   when it fails on a model and is switched off (another layer may work)
 
     def __init__(self, cfg: Any, ctx: RunContext):
         self.cfg = cfg
@@ -145,7 +147,6 @@ class Analysis:
         return None
 
 
-
 class NotApplicable(Analysis):
     """Stands in for an analysis asked for on a model task it does not apply to: its section is one line saying
     why, never numbers. Keeps no state, so runs, shards and merges treat it like any other analysis."""
@@ -155,6 +156,47 @@ class NotApplicable(Analysis):
         self.name = analysis.name  # type: ignore[misc]
         self.line = f"not applicable to {task} models because {analysis.why_not}"
         self.section_title = analysis.title or analysis.name
+
+
+SWITCHED_OFF = "switched_off"  # the key of a switched-off analysis's saved state: its line
+
+
+class SwitchedOff(Analysis):
+    """Stands in, for the rest of a run, for an analysis that failed on this model (its `begin`, `consume`, `update`
+    or `finalize` raised): its section is one line saying why. Its state is that line alone, so a resumed run and
+    a merge of shards keep it switched off (see `one_pass.restore_analyses`) and never mix partial states."""
+
+    def __init__(self, name: str, title: str, line: str):
+        super().__init__(None, None)  # type: ignore[arg-type]
+        self.name = name  # type: ignore[misc]
+        self.section_title = title
+        self.line = line
+
+    @classmethod
+    def after(cls, analysis: Analysis, exc: BaseException, where: Optional[str] = None) -> "SwitchedOff":
+        """The stand-in for `analysis` after `exc` (raised in module or layer `where`, when known); the line names
+        the analysis's layer option, when it has one."""
+        title = analysis.title or analysis.name
+        message = " ".join(str(exc).split())  # one line, whatever the exception's text holds
+        line = f"{title}: failed on this model, so it was switched off: {type(exc).__name__}: {message}"
+        line += f" (in {where})." if where else "."
+        if analysis.layer_option:
+            line += f" Another layer may work: {analysis.layer_option}=<name>."
+        return cls(analysis.name, title, line)
+
+    @classmethod
+    def from_state(cls, name: str, state: Dict[str, Any]) -> Optional["SwitchedOff"]:
+        """The stand-in a saved state records (None: the state is a working analysis's)."""
+        return cls(name, state["title"], state[SWITCHED_OFF]) if SWITCHED_OFF in state else None
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {SWITCHED_OFF: self.line, "title": self.section_title}
+
+    def finalize(self) -> "Section":
+        from reportgen.report.elements import Alert, Section
+
+        return Section(id=self.name, title=self.section_title, summary="switched off: it failed on this model",
+                       elements=[Alert("warning", self.line)])
 
 
 def not_applicable_section(stand_ins: Sequence[NotApplicable]) -> List["Section"]:
@@ -195,15 +237,16 @@ def build_analysis(name: str, cfg: Any, ctx: RunContext) -> Analysis:
     return cls(cfg, ctx) if task in cls.tasks else NotApplicable(cls, task)
 
 
-def capture_engine_for(model: torch.nn.Module, analyses: Sequence[Analysis]) -> CaptureEngine:
+def capture_engine_for(model: torch.nn.Module, analyses: Sequence[Analysis],
+                       consumer: Optional[Callable[[Analysis], Consumer]] = None) -> CaptureEngine:
     """The pass's capture engine for these analyses (after `begin`): the union of the layers they capture, the
     gradient leaves and attention modules they ask for, and their streamed layers, each handed to the `consume`
-    of every analysis that streams it."""
+    of every analysis that streams it (or to `consumer(analysis)`: the pass's guarded `consume`)."""
     requirements = [a.requires() for a in analyses]
-    consumers: Dict[str, List[Callable[[Batch, str, torch.Tensor], None]]] = {}
+    consumers: Dict[str, List[Consumer]] = {}
     for analysis, needs in zip(analyses, requirements):
         for name in needs.streamed:
-            consumers.setdefault(name, []).append(analysis.consume)
+            consumers.setdefault(name, []).append(consumer(analysis) if consumer else analysis.consume)
     return CaptureEngine(model, [n for r in requirements for n in r.activations],
                          [n for r in requirements for n in r.gradients],
                          [n for r in requirements for n in r.attention], consumers)

@@ -67,6 +67,7 @@ class DetectionConfig:
 class Detection(Analysis):
     Config = DetectionConfig
     title = "Detection"
+    layer_option = "analysis.detection.cam_layer"
     tasks = frozenset({"detection"})
     why_not = "it scores boxes, and they output none"
 

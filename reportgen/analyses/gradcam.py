@@ -105,6 +105,7 @@ def _grid_layers(model: nn.Module, example: torch.Tensor) -> list:
 class GradCAM(Analysis):
     Config = GradCAMConfig
     title = "Grad-CAM"
+    layer_option = "analysis.gradcam.layer"
     tasks = frozenset({"classification"})
     why_not = ("Grad-CAM explains one class score per image, and they output none (a segmentation model's class "
                "explanations are in its Segmentation section)")

@@ -51,6 +51,7 @@ class GraphConfig:
 @register("graph")
 class GraphAnalysis(Analysis):
     Config = GraphConfig
+    title = "Model graphs"
 
     def __init__(self, cfg: Any, ctx: RunContext):
         super().__init__(cfg, ctx)

@@ -62,6 +62,7 @@ class SegmentationConfig:
 class Segmentation(Analysis):
     Config = SegmentationConfig
     title = "Segmentation"
+    layer_option = "analysis.segmentation.cam_layer"
     tasks = frozenset({"segmentation"})
     why_not = "it scores per-pixel class predictions, and they output none"
 

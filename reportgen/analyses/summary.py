@@ -85,6 +85,7 @@ def profile_modules(model: nn.Module, example: torch.Tensor) -> tuple[List[Dict[
 @register("summary")
 class Summary(Analysis):
     Config = SummaryConfig
+    title = "Architecture summary"
 
     def __init__(self, cfg: Any, ctx: RunContext):
         super().__init__(cfg, ctx)

@@ -248,6 +248,8 @@ def resolve_layers(model: nn.Module, patterns: List[str], key: str = "analysis.w
 @register("weights")
 class Weights(Analysis):
     Config = WeightsConfig
+    title = "Weights"
+    layer_option = "analysis.weights.layers"
 
     def __init__(self, cfg: Any, ctx: RunContext):
         super().__init__(cfg, ctx)

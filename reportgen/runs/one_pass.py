@@ -8,27 +8,33 @@ state each `runtime.checkpoint_every` batches, so a killed run resumes where its
 the report, when it came from the forward before any streamed layer was consumed, or from an analysis whose update
 changes nothing before its device work is done (`oom_safe`, run first: Grad-CAM's gradients, predictions); after
 that, a retry could count images twice, so the run stops instead.
+
+Nothing one analysis does stops the others: one whose `begin`, `consume` or `update` raises on this model is
+switched off (`switch_off`: its section becomes one line saying why), and so is one whose hooks make the forward
+raise where the model's plain forward runs (`_Stepper._blame`). Errors that are the user's or the machine's
+(`stops_the_run`) and a model whose plain forward fails still stop the run, as they always did.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import time
-from typing import Dict, List, Optional
+import traceback
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from tqdm import tqdm
 
-from reportgen.analyses.base import Analysis, Batch, capture_engine_for
+from reportgen.analyses.base import Analysis, Batch, Requirements, SwitchedOff, capture_engine_for
 from reportgen.config.schema import Precision
-from reportgen.engine.capture import CaptureEngine
-from reportgen.errors import ConfigError, RunError
+from reportgen.engine.capture import CaptureEngine, Captures, Consumer
+from reportgen.errors import ConfigError, ReportgenError, RunError
 from reportgen.inputs.data import ImageFolderDataset, RawBatch, ScanResult, example_batch, make_loader
-from reportgen.inputs.tasks import adapt_outputs
+from reportgen.inputs.tasks import ModelOutputs, adapt_outputs
 from reportgen.runs.heap import release_free_memory
 from reportgen.runs.job import Job
 from reportgen.runs.signals import at_batch_boundaries, ignore_stop_signals, interruption, on_stop, stop_requested
-from reportgen.state.files import full_disk_named
+from reportgen.state.files import full_disk_named, is_disk_full
 from reportgen.state.run_state import STATE_FILE, RunState, save_state
 
 log = logging.getLogger("reportgen")
@@ -72,9 +78,8 @@ def run_pass(job: Job, state: RunState) -> float:
         order = sorted(job.analyses, key=lambda a: not a.oom_safe)  # retryable updates first (out of memory)
         # after begin: what the analyses require may depend on their probes. A stop signal kills the workers at
         # once (a fetch it interrupts ends with no batch: the batches before it are all processed)
-        with at_batch_boundaries(), on_stop(loader.stop), capture_engine_for(job.model, order) as engine:
+        with at_batch_boundaries(), on_stop(loader.stop), _Stepper(job, order) as stepper:
             raw = _next_good_batch(batches, scan, state, progress, strict)
-            stepper = _Stepper(job, engine, order)
             batches_done = 0
             while raw is not None:  # a fetched batch counts as done: stop only between processing and the next fetch
                 images = 0
@@ -127,23 +132,82 @@ def folder_example(job: Job) -> Optional[Batch]:
 
 
 def begin_analyses(analyses: List[Analysis], example: Batch) -> None:
-    """Every analysis's one-time setup on an example batch; a model error names the files."""
-    for analysis in analyses:
+    """Every analysis's one-time setup on an example batch. One that raises is switched off for the run, unless
+    the error is the user's (ConfigError, RunError: raised as they are) or stops any run (`stops_the_run`), or the
+    model's plain forward fails on the example too: then the run stops with the files named."""
+    for analysis in list(analyses):
         try:
             analysis.begin(example)
         except (ConfigError, RunError):
             raise
         except Exception as exc:  # probes run the model: its errors must name the files, as in the pass
-            raise RunError(f"analysis '{analysis.name}' failed while probing the model with the first batch "
-                           f"(files {example.paths}): {type(exc).__name__}: {exc}") from exc
+            model = analysis.ctx.model
+            if stops_the_run(exc) or _plain_forward_raises(model, example):
+                raise RunError(f"analysis '{analysis.name}' failed while probing the model with the first batch "
+                               f"(files {example.paths}): {type(exc).__name__}: {exc}") from exc
+            switch_off(analyses, analysis, exc, raising_module(exc, model))
 
 
 def restore_analyses(analyses: List[Analysis], states: Dict[str, dict]) -> None:
-    """Fold saved states into freshly begun analyses (a resume, or each shard in turn for a merge)."""
-    for analysis in analyses:
+    """Fold saved states into freshly begun analyses (a resume, or each shard in turn for a merge). An analysis
+    that a state records as switched off is switched off here too, whatever the other states hold, so partial
+    states are never mixed."""
+    for position, analysis in enumerate(analyses):
         if analysis.name not in states:
             raise RunError(f"the saved state has no '{analysis.name}' analysis (it has {sorted(states)})")
-        analysis.merge(states[analysis.name])
+        stand_in = SwitchedOff.from_state(analysis.name, states[analysis.name])
+        if stand_in is not None and not isinstance(analysis, SwitchedOff):
+            analyses[position] = stand_in
+        else:
+            analysis.merge(states[analysis.name])
+
+
+def stops_the_run(exc: BaseException) -> bool:
+    """Errors no analysis is switched off for: the project's own (a bad option, a full disk, a missing package),
+    out of memory (the pass halves its batch or stops) and a full disk not named yet. Ctrl-C, stop signals and
+    time limits are BaseExceptions, never caught at all."""
+    return isinstance(exc, (ReportgenError, *OUT_OF_MEMORY)) or is_disk_full(exc)
+
+
+def switch_off(analyses: List[Analysis], analysis: Analysis, exc: Exception,
+               where: Optional[str] = None) -> SwitchedOff:
+    """Replace `analysis` in `analyses` by its one-line stand-in for the rest of the run, with a warning."""
+    stand_in = SwitchedOff.after(analysis, exc, where)
+    analyses[analyses.index(analysis)] = stand_in
+    log.warning("%s", stand_in.line)
+    return stand_in
+
+
+def raising_module(exc: BaseException, model: torch.nn.Module) -> Optional[str]:
+    """The qualified name of the innermost module of `model` whose code was running when `exc` was raised (read
+    from the traceback's frames), or None."""
+    names = {id(module): name for name, module in model.named_modules() if name}
+    found = None
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        found = names.get(id(frame.f_locals.get("self")), found)
+    return found
+
+
+def forward_raises(model: torch.nn.Module, batch: Batch, engine: CaptureEngine, dtype: torch.dtype) -> bool:
+    """Whether `model`'s forward raises on `batch` inside the entered `engine` (its hooks, its autograd mode) under
+    autocast to `dtype`. An error that stops any run (out of memory) is raised, not answered: it says nothing
+    about whose fault an error is."""
+    engine.start_batch(batch)
+    with engine.forward_mode(), torch.autocast(batch.inputs.device.type, dtype=dtype,
+                                               enabled=dtype is not torch.float32):
+        try:
+            model(batch.inputs)
+        except Exception as exc:
+            if stops_the_run(exc):
+                raise
+            return True
+    return False
+
+
+def _plain_forward_raises(model: torch.nn.Module, batch: Batch) -> bool:
+    """Whether the model's forward with no hooks raises on `batch` (in fp32, as the probes run it)."""
+    with CaptureEngine(model) as bare:
+        return forward_raises(model, batch, bare, torch.float32)
 
 
 def save_checkpoint(job: Job, state: RunState) -> None:
@@ -190,14 +254,29 @@ def _next_good_batch(batches, scan: ScanResult, state: RunState, progress, stric
 
 
 class _Stepper:
-    """Forward one batch and feed every analysis; on out-of-memory, halve and retry (and keep the smaller size)."""
+    """Forward one batch and feed every analysis still on; on out-of-memory, halve and retry (and keep the smaller
+    size). An analysis that fails on the model is switched off and the others go on (`_forward_and_update`).
+    A context manager owning the capture engine, rebuilt for the analyses still on after one is switched off."""
 
-    def __init__(self, job: Job, engine: CaptureEngine, analyses: List[Analysis]):
-        self.job, self.engine, self.analyses = job, engine, analyses
+    def __init__(self, job: Job, analyses: List[Analysis]):
+        self.job, self.analyses = job, list(analyses)  # the analyses still on, in update order
         self.precision = Precision(getattr(job.cfg.runtime.precision, "name", str(job.cfg.runtime.precision)))
         self.limit: Optional[int] = None  # images per forward after an out-of-memory error
         self.warnings: List[str] = []
         self.updated = False  # whether an analysis consumed the current attempt (then a retry would count twice)
+        self.engine = self._engine_for(self.analyses)
+        self.stale = False  # an analysis was switched off: the engine is rebuilt before the next forward
+        self.feeding = True  # whether streamed layers reach their analyses (not in `_blame`'s trial forwards)
+        self.fed: Set[Tuple[str, str]] = set()  # (analysis, call key) consumed for the current batch: a forward
+        #   done again after a hook's fault skips them, so each call is counted once
+        self.failures: Dict[str, Tuple[Exception, str]] = {}  # analysis -> (error, call key) of a consume that raised
+
+    def __enter__(self) -> "_Stepper":
+        self.engine.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.engine.__exit__(*exc_info)
 
     def step(self, batch: Batch) -> Dict[str, str]:
         notes: Dict[str, str] = {}
@@ -211,7 +290,7 @@ class _Stepper:
         try:
             return self._forward_and_update(batch)
         except OUT_OF_MEMORY as exc:
-            if self.updated or self.engine.consumed or len(batch.paths) == 1:
+            if self.updated or self.engine.consumed or self.fed or len(batch.paths) == 1:
                 where = "with a batch of one image" if len(batch.paths) == 1 else "after some analyses had updated"
                 raise RunError(f"out of memory {where} (files {batch.paths}); lower runtime.batch_size or choose "
                                f"fewer layers: {exc}") from exc
@@ -230,27 +309,131 @@ class _Stepper:
         return notes
 
     def _forward_and_update(self, batch: Batch) -> Dict[str, str]:
-        captures = self.engine.start_batch(batch)
-        device_type = self.job.device.type
-        with self.engine.forward_mode():
+        """Forward `batch` with the hooks of every analysis still on, then update each; one whose `consume` or
+        `update` raises is switched off and the others count the batch once. A forward that raises is the model's
+        fault (RunError) or one analysis's hooks' (`_blame`): that one is switched off and the batch done again."""
+        self.fed = set()
+        while True:
+            if self.stale:
+                self._rebuild()
+            captures = self.engine.start_batch(batch)
+            with self.engine.forward_mode():
+                try:
+                    with torch.autocast(self.job.device.type, dtype=DTYPES[self.precision],
+                                        enabled=self.precision is not Precision.fp32):
+                        raw = self.job.model(batch.inputs)
+                except Exception as exc:
+                    if stops_the_run(exc):  # out of memory (see _step_or_halve), a consumer's full disk
+                        raise
+                    failure = exc  # whose fault it is needs the hooks off: after forward_mode
+                else:
+                    outputs = adapt_outputs(self.job.loaded.task or "classification", raw, len(batch.paths))
+                    raw = None  # only the typed outputs live on (a detector's or segmenter's extras go now)
+                    self._update_all(batch, outputs, captures)
+                    return captures.notes
+            self._blame(batch, failure)
+
+    def _update_all(self, batch: Batch, outputs: ModelOutputs, captures: Captures) -> None:
+        """Every analysis still on folds the batch in; one whose `consume` raised in the forward, or whose `update`
+        raises now, is switched off instead (its partial state goes with it)."""
+        self._switch_off_failed_consumers()
+        for analysis in list(self.analyses):
+            if not analysis.oom_safe:
+                self.updated = True  # an out-of-memory error inside may leave part of this batch counted
             try:
-                with torch.autocast(device_type, dtype=DTYPES[self.precision],
-                                    enabled=self.precision is not Precision.fp32):
-                    raw = self.job.model(batch.inputs)
-            except OUT_OF_MEMORY:
-                raise
-            except Exception as exc:
-                raise RunError(f"the model's forward raised on the batch of files {batch.paths}: "
-                               f"{type(exc).__name__}: {exc}") from exc
-            outputs = adapt_outputs(self.job.loaded.task or "classification", raw, len(batch.paths))
-            raw = None  # only the typed outputs live on (a detector's or segmenter's extras go now)
-            for analysis in self.analyses:
-                if not analysis.oom_safe:
-                    self.updated = True  # an out-of-memory error inside may leave part of this batch counted
                 with full_disk_named(f"the per-image results of analysis '{analysis.name}'", self.job.results_dir):
                     analysis.update(batch, outputs, captures)
+            except Exception as exc:
+                if stops_the_run(exc):
+                    raise
+                self._switch_off(analysis, exc, raising_module(exc, self.job.model))
+            else:
                 self.updated = True
-        return captures.notes
+
+    def _blame(self, batch: Batch, exc: Exception) -> None:
+        """The hooked forward raised `exc`. If it raises with no analysis's hooks too, the model is at fault: the
+        RunError naming the files, as always. Otherwise the analyses with hooks are taken out one at a time
+        (gradient leaves first, then attention, then stored and streamed layers) until the forward runs; the last
+        one taken out is switched off, naming its layers, and the caller does the batch again with the others."""
+        self._switch_off_failed_consumers()
+        suspicion = {a.name: _suspicion(a.requires()) for a in self.analyses}
+        suspects = sorted((a for a in self.analyses if suspicion[a.name][1]), key=lambda a: suspicion[a.name][0])
+        if not suspects:  # the hooked forward was the plain one
+            raise _forward_error(batch, exc) from exc
+        self.engine.__exit__(None, None, None)  # exiting it again (`_rebuild`, `__exit__`) changes nothing
+        self.stale = True
+        self.feeding = False  # trial forwards: no analysis counts them
+        try:
+            if not self._runs(batch, []):
+                raise _forward_error(batch, exc) from exc
+            culprit = next((suspect for taken, suspect in enumerate(suspects[:-1], start=1)
+                            if self._runs(batch, [a for a in self.analyses if a not in suspects[:taken]])),
+                           suspects[-1])  # without every suspect it is the plain forward, which runs
+        finally:
+            self.feeding = True
+        self._switch_off(culprit, exc, _names(suspicion[culprit.name][1]))
+
+    def _runs(self, batch: Batch, analyses: List[Analysis]) -> bool:
+        """Whether the forward of `batch` runs with only these analyses' hooks on (a trial: nothing is fed)."""
+        with self._engine_for(analyses) as engine:
+            return not forward_raises(self.job.model, batch, engine, DTYPES[self.precision])
+
+    def _engine_for(self, analyses: List[Analysis]) -> CaptureEngine:
+        return capture_engine_for(self.job.model, analyses, consumer=self._guarded)
+
+    def _rebuild(self) -> None:
+        """A new engine for the analyses still on: the switched-off ones' hooks go."""
+        self.engine.__exit__(None, None, None)
+        self.engine = self._engine_for(self.analyses).__enter__()
+        self.stale = False
+
+    def _guarded(self, analysis: Analysis) -> Consumer:
+        """`analysis.consume` as a streamed layer calls it: an error that does not stop the run is kept for
+        `_switch_off_failed_consumers` (the forward goes on for the others), and a call already counted for this
+        batch, or made in a trial forward, is skipped."""
+        def consume(batch: Batch, key: str, output: torch.Tensor) -> None:
+            if not self.feeding or analysis.name in self.failures or (analysis.name, key) in self.fed:
+                return
+            try:
+                analysis.consume(batch, key, output)
+            except Exception as exc:
+                if stops_the_run(exc):
+                    raise
+                self.failures[analysis.name] = (exc, key)
+                return
+            self.fed.add((analysis.name, key))
+
+        return consume
+
+    def _switch_off_failed_consumers(self) -> None:
+        """Switch off the analyses whose `consume` raised in the last forward (naming the layer call)."""
+        for analysis in [a for a in self.analyses if a.name in self.failures]:
+            exc, key = self.failures.pop(analysis.name)
+            self._switch_off(analysis, exc, key)
+
+    def _switch_off(self, analysis: Analysis, exc: Exception, where: Optional[str]) -> None:
+        self.analyses.remove(analysis)
+        switch_off(self.job.analyses, analysis, exc, where)
+        self.stale = True
+
+
+def _forward_error(batch: Batch, exc: Exception) -> RunError:
+    return RunError(f"the model's forward raised on the batch of files {batch.paths}: {type(exc).__name__}: {exc}")
+
+
+def _suspicion(needs: Requirements) -> Tuple[int, List[str]]:
+    """How likely an analysis's hooks are to break a forward, most likely first: (rank, its layers of that kind);
+    (3, []) when it has none. A gradient leaf turns autograd on for the rest of the forward, forced attention
+    weights change a module's path, stored and streamed layers are only read."""
+    for rank, layers in enumerate((needs.gradients, needs.attention, needs.activations + needs.streamed)):
+        if layers:
+            return rank, sorted(set(layers))
+    return 3, []
+
+
+def _names(layers: List[str], shown: int = 3) -> str:
+    more = f" and {len(layers) - shown} more" if len(layers) > shown else ""
+    return ", ".join(layers[:shown]) + more
 
 
 def _slice(batch: Batch, start: int, end: int) -> Batch:

@@ -21,7 +21,8 @@ import torch
 from omegaconf import DictConfig
 
 from reportgen.analyses import Analysis, RunContext
-from reportgen.analyses.base import NotApplicable, build_analysis, finalize_order, not_applicable_section
+from reportgen.analyses.base import (NotApplicable, SwitchedOff, build_analysis, finalize_order,
+                                     not_applicable_section)
 from reportgen.config.schema import to_container
 from reportgen.config.validate import resolve_dataset_root, select_device, validate
 from reportgen.errors import RunError
@@ -34,7 +35,7 @@ from reportgen.report.page import PassOutcome, build_page, enum_name
 from reportgen.report.render import render_report
 from reportgen.runs.folder_lock import folder_lock
 from reportgen.runs.job import Job
-from reportgen.runs.one_pass import run_pass, save_checkpoint
+from reportgen.runs.one_pass import raising_module, run_pass, save_checkpoint, stops_the_run, switch_off
 from reportgen.state.files import DiskFullError, full_disk_named, write_failed
 from reportgen.state.run_state import STATE_FILE, RunState, config_differences, load_state
 from reportgen.state.streams import remove_stream_folders
@@ -114,7 +115,8 @@ def prepare(cfg: DictConfig, analysis_cfgs: Dict[str, Any], out_dir: Path, timin
 
 
 def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], started: float) -> Path:
-    """Finalize the analyses (already holding every state), render the report, write the manifest."""
+    """Finalize the analyses (already holding every state), render the report, write the manifest. An analysis
+    whose finalize raises gets the section of a switched-off one; the report is made all the same."""
     cfg, results_dir = job.cfg, job.results_dir
     processed = sum(s.processed for s in states)
     failed = [f for s in states for f in s.failed]
@@ -127,9 +129,10 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
     throughput = processed / max(pass_seconds, 1e-9)
     with _timed(timings, "finalize"):
         applicable = [a for a in job.analyses if not isinstance(a, NotApplicable)]
-        finalized = {a.name: _finalize(a, results_dir) for a in finalize_order(applicable)}  # readers last
+        finalized = {a.name: _finalize(job, a) for a in finalize_order(applicable)}  # readers last
         sections = [finalized[a.name] for a in applicable if finalized[a.name] is not None]  # config order
         sections += not_applicable_section([a for a in job.analyses if isinstance(a, NotApplicable)])
+    warnings.extend(a.line for a in job.analyses if isinstance(a, SwitchedOff) and a.line not in warnings)
     write_failed(results_dir / "failed.csv", failed)
     outcome = PassOutcome(processed=processed, failed=failed, timings=timings, throughput=throughput,
                           capture_notes=notes, warnings=warnings, shards=len(states))
@@ -151,10 +154,16 @@ def finish(job: Job, states: Sequence[RunState], timings: Dict[str, float], star
     return index
 
 
-def _finalize(analysis: Analysis, results_dir: Path):
-    """One analysis's results files and report section (its files named if the disk fills up meanwhile)."""
-    with full_disk_named(f"the results of analysis '{analysis.name}'", results_dir):
-        return analysis.finalize()
+def _finalize(job: Job, analysis: Analysis):
+    """One analysis's results files and report section (its files named if the disk fills up meanwhile); when it
+    raises, it is switched off and its section says why."""
+    with full_disk_named(f"the results of analysis '{analysis.name}'", job.results_dir):
+        try:
+            return analysis.finalize()
+        except Exception as exc:
+            if stops_the_run(exc):
+                raise
+            return switch_off(job.analyses, analysis, exc, raising_module(exc, job.model)).finalize()
 
 
 def _resume_or_start(job: Job) -> RunState:
