@@ -40,7 +40,6 @@ def main() -> None:
     if args.images < 2 * args.batch_size:
         parser.error(f"--images must hold at least two batches ({2 * args.batch_size}): the first is a warm-up")
 
-    from reportgen.analyses.base import capture_engine_for
     from reportgen.config.validate import validate
     from reportgen.inputs.data import ImageFolderDataset, make_loader
     from reportgen.runs import one_pass
