@@ -21,7 +21,7 @@ from torch import nn
 
 from reportgen.analyses.gradcam import cam_from
 from reportgen.engine.capture import ModuleProbe
-from reportgen.engine.tensors import channels_last_output
+from reportgen.engine.grids import spatial_layout
 from reportgen.inputs.tasks import adapt_outputs
 
 PROBE_SIDE = 128  # the probe's longest side: the layer choice does not depend on the resolution
@@ -34,8 +34,8 @@ def default_cam_layer(model: nn.Module, example: torch.Tensor, num_classes: int)
 
     def keep(key: str, name: str, module: nn.Module, args, output) -> None:
         if (isinstance(output, torch.Tensor) and output.dim() == 4 and output.grad_fn is not None
-                and not channels_last_output(module) and output.shape[1] != num_classes
-                and min(output.shape[2:]) > 1 and name not in outputs):
+                and spatial_layout(tuple(output.shape), module, *source.shape[-2:]) == "nchw"
+                and output.shape[1] != num_classes and min(output.shape[2:]) > 1 and name not in outputs):
             outputs[name] = output
 
     with ModuleProbe(model, on_end=keep, freeze=True), torch.enable_grad():

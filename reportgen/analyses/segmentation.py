@@ -29,8 +29,8 @@ from reportgen.analyses._segmentation_cam import class_cams, default_cam_layer, 
 from reportgen.analyses._segmentation_math import confusion, image_scores, metrics, predicted_shares, upsample_argmax
 from reportgen.analyses.base import Analysis, Batch, Requirements, RunContext, register
 from reportgen.analyses.gradcam import METHODS
-from reportgen.engine.layers import select_layers
-from reportgen.engine.tensors import channels_last_output
+from reportgen.engine.grids import spatial_layout
+from reportgen.engine.layers import probe_output_shapes, select_layers
 from reportgen.errors import ConfigError
 from reportgen.inputs.masks import MaskFolder
 from reportgen.inputs.tasks import adapt_outputs
@@ -128,8 +128,11 @@ class Segmentation(Analysis):
                 self.layer_note = (f"No Grad-CAM: no layer of {type(model).__name__} outputs a feature map (B, C, h, "
                                    f"w) that the class scores depend on; choose one with "
                                    f"analysis.segmentation.cam_layer=<module name>.")
-        if self.layer is not None:
-            self.channels_last = channels_last_output(dict(model.named_modules())[self.layer])
+        if self.layer is not None:  # channels first or last as the image says (reportgen.engine.grids)
+            probe = example.inputs[:1]
+            shapes = [shape for name, shape in probe_output_shapes(model, probe) if name == self.layer]
+            self.channels_last = bool(shapes) and spatial_layout(
+                shapes[0], dict(model.named_modules())[self.layer], *probe.shape[-2:]) == "nhwc"
 
     def _init_state(self) -> None:
         k = self.num_classes
