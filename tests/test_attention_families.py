@@ -203,3 +203,40 @@ def test_each_unsupported_module_type_gets_one_line_with_its_reason(tmp_path):
     assert sorted(analysis.layers) == ["cls_attn_blocks.0.attn", "cls_attn_blocks.1.attn"]  # class attention shown
     assert all(info.class_token and info.grid == (4, 4) for info in analysis.layers.values())
     assert "rollout" not in section.summary  # channel weights are never chained as tokens
+
+
+class FoldedHeadsAttention(nn.Module):
+    """Self-attention with its heads folded into the batch axis ((B * heads, N, N) scores): it mixes tokens, and the
+    report cannot draw it."""
+
+    def forward(self, x):  # (B, N, C)
+        batch, tokens, channels = x.shape
+        q = x.reshape(batch, tokens, 2, channels // 2).transpose(1, 2).reshape(batch * 2, tokens, channels // 2)
+        mixed = (q @ q.transpose(-2, -1)).softmax(dim=-1) @ q  # (B * 2, N, C / 2)
+        return x + mixed.reshape(batch, 2, tokens, channels // 2).transpose(1, 2).reshape(batch, tokens, channels)
+
+
+class MixedNet(nn.Module):
+    """A patch embedding, one global self-attention the engine captures, one token-mixing attention it cannot."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mix = FoldedHeadsAttention()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, 8)
+        tokens = tokens + self.attn(tokens, tokens, tokens)[0]
+        return self.head(self.mix(tokens).mean(dim=1))
+
+
+def test_no_rollout_when_some_attention_layers_are_not_captured(tmp_path):
+    torch.manual_seed(0)
+    model = MixedNet().eval()
+    analysis, section = drive(Attention, AttentionConfig, model, torch.randn(2, 3, 16, 16), tmp_path, n_images=1,
+                              heads=[0], matrix=False)
+    text = section_text(section) + " ".join(analysis.notes)
+    assert "Not supported: FoldedHeadsAttention" in text
+    assert analysis.rollout_info is None and "rollout: not computed: 1 of the 2 attention modules" in text

@@ -243,9 +243,13 @@ class Attention(Analysis):
         for name in shown:
             if name not in captured and name not in self.shown_swin:
                 self._unsupported(name, unsupported_reason(self.probed[name]))
-        self.rollout_mha = ([n for n in attention if attention_kind(modules[n]) is not None
-                             and not is_windowed(n, modules) and n not in self.shown_swin]
-                            if self.cfg.rollout else [])
+        whole = [n for n in attention if attention_kind(modules[n]) is not None and not is_windowed(n, modules)
+                 and n not in self.shown_swin]  # global attention the engine captures
+        if self.cfg.rollout and whole and len(whole) < len(attention):  # a rollout multiplies every layer
+            self.notes.append(f"rollout: not computed: {len(attention) - len(whole)} of the {len(attention)} "
+                              f"attention modules are windowed or not supported, and a rollout over the others "
+                              f"would not be the model's")
+        self.rollout_mha = whole if self.cfg.rollout and len(whole) == len(attention) else []
 
     def _unsupported(self, name: str, reason: str) -> None:
         """Name a module whose attention is not shown, under its type's first reason (one report line per type)."""
