@@ -91,11 +91,14 @@ def _probe(model: nn.Module, image: torch.Tensor) -> List[GridCall]:
     running: List[Tuple[str, nn.Module]] = []  # calls that have started and not returned
     enclosing: Dict[str, Tuple[str, ...]] = {}  # call key -> keys of the calls it ran inside
     in_attention: Dict[str, bool] = {}
+    versions: Dict[str, Optional[int]] = {}  # call key -> its input's version counter when the call started
     outputs: Dict[str, torch.Tensor] = {}  # every call's tensor output, kept alive so that ids stay unique
     found: List[Tuple[str, str, GridLayout, bool]] = []  # (key, name, layout, ends_forward) of the grid calls
     seen: List[Tuple[int, int]] = []  # 4-D grids made so far, latest first
 
     def start(key: str, name: str, module: nn.Module, args: Any) -> None:
+        first = primary_tensor(args)
+        versions[key] = None if first is None else first._version  # an in-place op bumps it
         enclosing[key] = tuple(k for k, _ in running)
         in_attention[key] = any(is_attention_module(m) for _, m in running)
         running.append((key, module))
@@ -107,7 +110,8 @@ def _probe(model: nn.Module, image: torch.Tensor) -> List[GridCall]:
         first = primary_tensor(args)
         input_is_a_layer_output = first is not None and any(first is earlier for earlier in outputs.values())
         outputs[key] = output
-        if output.grad_fn is None or in_attention[key]:
+        unchanged = first is output and first._version == versions[key]  # Identity, Dropout in eval: a repeat
+        if output.grad_fn is None or in_attention[key] or unchanged:
             return
         layout = output_grid(tuple(output.shape), module, model, 1, height, width, seen)
         if layout is None:
@@ -132,8 +136,8 @@ def _probe(model: nn.Module, image: torch.Tensor) -> List[GridCall]:
 
 
 class _ResidualAdds(TorchFunctionMode):
-    """Remembers the tensors added to another tensor of their shape (`x + branch(x)`, `out += identity`), by id:
-    the probe keeps every candidate output alive, so their ids stay theirs."""
+    """Remembers the tensors added to another tensor of their shape (`x + branch(x)`, `out += identity`), by id;
+    it holds each operand until the probe ends, so no later tensor can take a recorded id."""
 
     _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
              torch.Tensor.__iadd__}
@@ -142,12 +146,15 @@ class _ResidualAdds(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.operands: Set[int] = set()
+        self._held: List[torch.Tensor] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in self._ADDS and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2]) \
                 and args[0].shape == args[1].shape:
             # an in-place add's first operand becomes the sum: only the second one was added to it
-            self.operands.update(id(a) for a in (args[1:2] if func in self._IN_PLACE else args[:2]))
+            added = args[1:2] if func in self._IN_PLACE else args[:2]
+            self._held.extend(added)
+            self.operands.update(id(a) for a in added)
         return func(*args, **(kwargs or {}))
 
 

@@ -166,6 +166,11 @@ def fit_tile(thumb: np.ndarray, columns: int, largest: int, width: int = 1000) -
     return resized[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()  # (h, w, 3)
 
 
+def chain_tokens(keys: List[str], captures: Any) -> str:
+    """The distinct key counts of these captured attention calls, e.g. "49/16"."""
+    return "/".join(str(n) for n in sorted({int(captures.attention[k].shape[-1]) for k in keys}, reverse=True))
+
+
 def tile_columns(layers: int, heads: int, rollout: bool) -> int:
     """Columns of the widest overlay figure (by layer: input, layers, rollout; per head: mean, heads), so every
     figure uses one tile size."""
@@ -518,16 +523,18 @@ class Attention(Analysis):
             return None
         tokens = chain[0][1].shape[-1]
         left_out = [k for k, w in chain if w.shape[-1] != tokens]
-        chain = [(k, w) for k, w in chain if w.shape[-1] == tokens]
         layout = self._layout(chain[0][0].split("#")[0], tokens, height, width)
         if layout is None:
             if first_batch:
                 self.notes.append(f"rollout: {tokens} tokens do not form a patch grid of the input; not computed")
             return None
+        if left_out:  # patch merging or pooling between stages: no single token flow to multiply
+            if first_batch:
+                self.notes.append(f"rollout: not computed: the token count changes between attention layers "
+                                  f"({tokens} in {chain[0][0]}, {chain_tokens(left_out, captures)} in "
+                                  f"{', '.join(left_out[:3])}), so there is no one token flow to multiply")
+            return None
         if first_batch:
-            if left_out:
-                self.notes.append(f"rollout: {len(left_out)} attention calls with a different token count left "
-                                  f"out ({', '.join(left_out[:4])})")
             self.rollout_info = {"layers": [k for k, _ in chain], "tokens": tokens, "grid": layout.grid,
                                  "class_token": layout.class_token, "prefix": layout.prefix}
         layers = [averaged.get(k, w) for k, w in chain]  # head averages already taken for shown layers

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Sequence, Tuple
 from torch import nn
 
 from reportgen.engine.capture import attention_kind
-from reportgen.engine.tensors import TokenLayout, channels_last_output, token_layout_of
+from reportgen.engine.tensors import TokenLayout, channels_last_output, class_tokens, token_layout_of
 
 # class names of attention modules that are not one of the engine's captured kinds (CaiT's talking heads, ConViT's
 # gated positional attention, LeViT's and EfficientViT's, lambda and halo layers, outlook attention ...)
@@ -67,16 +67,18 @@ def spatial_layout(shape: Sequence[int], module: nn.Module, height: int, width: 
 def token_grid(model: nn.Module, tokens: int, height: int, width: int,
                seen: Iterable[Tuple[int, int]] = ()) -> Optional[TokenLayout]:
     """The layout of a (B, tokens, C) output: the model's own (`token_layout_of`), else a grid of this forward
-    (`seen`, latest first) or one made from it by patch merging (sides halved, rounding up), without prefix tokens;
-    None when the tokens fit neither."""
+    (`seen`, latest first) or one made from it by patch merging (sides halved, rounding up), after the class tokens
+    the model declares, if any; None when the tokens fit neither."""
     layout = token_layout_of(model, tokens, height, width)
     if layout is not None:
         return layout
+    prefixes = sorted({0, class_tokens(model)})  # CvT's last stage adds its declared class token
     for rows, columns in seen:
         for merges in range(6):
             grid = (-(-rows // 2 ** merges), -(-columns // 2 ** merges))
-            if grid[0] * grid[1] == tokens and plausible_grid(*grid, height, width):
-                return TokenLayout(0, grid, False)
+            for prefix in prefixes:
+                if grid[0] * grid[1] == tokens - prefix and plausible_grid(*grid, height, width):
+                    return TokenLayout(prefix, grid, prefix > 0)
     return None
 
 
