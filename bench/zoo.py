@@ -297,10 +297,10 @@ def run_child(spec: Dict[str, Any]) -> None:
         finalize_s: Dict[str, float] = {}
         finalize = pipeline._finalize
 
-        def timed_finalize(analysis, results_dir):  # which analysis the finalize time goes to
+        def timed_finalize(job, analysis):  # which analysis the finalize time goes to
             started = time.perf_counter()
             try:
-                return finalize(analysis, results_dir)
+                return finalize(job, analysis)
             finally:
                 finalize_s[analysis.name] = time.perf_counter() - started
 
