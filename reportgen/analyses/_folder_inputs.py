@@ -24,15 +24,16 @@ import numpy as np
 from reportgen.errors import ConfigError
 from reportgen.state.streams import COPY_ROWS, RowFile
 
-FOLDER_EXTRA = "pip install 'reportgen[folder]'"  # the extra with cleanlab and scikit-learn
 
 
-def require(package: str, analysis: str, purpose: str) -> ModuleType:
-    """Import an optional library of the `folder` extra, or a ConfigError (raised before the pass) naming it."""
+def require(package: str, analysis: str, purpose: str, extra: str = "folder") -> ModuleType:
+    """Import an optional library of an extra (`folder` by default), or a ConfigError (raised before the pass)
+    naming the extra that installs it."""
     try:
         return importlib.import_module(package)
     except ImportError as exc:
-        raise ConfigError("analysis", analysis, f"'{package}' installed for {purpose} ({FOLDER_EXTRA})") from exc
+        raise ConfigError("analysis", analysis,
+                          f"'{package}' installed for {purpose} (pip install 'reportgen[{extra}]')") from exc
 
 
 @dataclass
