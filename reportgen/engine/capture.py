@@ -647,3 +647,28 @@ def probe_forward(model: nn.Module, example: torch.Tensor, on_start: Optional[St
     with ModuleProbe(model, on_start, on_end, modules), torch.no_grad():
         return model(example)
 
+
+
+@contextmanager
+def replace_output(model: nn.Module, layer: str, fn: Callable[[Any], Any]) -> Iterator[None]:
+    """Inside the block, every forward of `model` uses `fn(output)` instead of the output of `layer`, a call key
+    (`layer4`, or `shared#2` for the second call of a reused module within one forward; Ablation-CAM's zeroed
+    channels). On exit, on every path, the hooks are removed."""
+    name, _, call = layer.partition("#")
+    wanted = int(call) if call else 1
+    module = dict(model.named_modules())[resolve_layer_names(model, [name])[0]]
+    calls = [0]  # calls of the module in the current forward
+
+    def reset(mod: nn.Module, args: Any) -> None:
+        calls[0] = 0
+
+    def hook(mod: nn.Module, args: Any, output: Any) -> Any:
+        calls[0] += 1
+        return fn(output) if calls[0] == wanted else None
+
+    handles = [model.register_forward_pre_hook(reset), module.register_forward_hook(hook)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
