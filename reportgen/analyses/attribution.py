@@ -19,7 +19,7 @@ the settings need:
 
 Files: `results/attributions.npz` (`paths`, `targets`, one (N, H, W) float16 array per method and control),
 `results/faithfulness.json` (settings; per method and control: `deletion_auc`, `insertion_auc`, `road_morf`,
-`road_lerf`, `road`, per-image AUCs and curves, `randomization` with per-step Spearman and SSIM, `cost`, `verdict`).
+`road_lerf`, `road`, the mean curves, per-image AUCs and curves (rows in the order of `attributions.npz`), `randomization` with per-step Spearman and SSIM, `cost`, `verdict`).
 """
 from __future__ import annotations
 
@@ -409,7 +409,9 @@ class _Work:
                 "deletion_auc_per_image": auc(curves["deletion"]).tolist(),
                 "insertion_auc_per_image": auc(curves["insertion"]).tolist(),
                 "deletion_curve": curves["deletion"].mean(axis=0).tolist(),
-                "insertion_curve": curves["insertion"].mean(axis=0).tolist()}
+                "insertion_curve": curves["insertion"].mean(axis=0).tolist(),
+                "deletion_curves_per_image": np.round(curves["deletion"], 6).tolist(),
+                "insertion_curves_per_image": np.round(curves["insertion"], 6).tolist()}
             if "morf" in curves:
                 morf, lerf = curves["morf"].mean(axis=0), curves["lerf"].mean(axis=0)
                 entry.update(road_morf=morf.tolist(), road_lerf=lerf.tolist(),
