@@ -44,8 +44,9 @@ def main(overrides: list[str]) -> None:
     report = json.loads((out / "results" / "faithfulness.json").read_text())
     settings = report["settings"]
     print(f"default report {default_s:7.1f} s; with attribution {with_s:7.1f} s; ratio {with_s / default_s:.2f} "
-          f"({settings['images']} images scored, step {settings['step']}, ROAD {settings['road']}, randomisation "
-          f"{settings['sanity_orders']} on {settings['sanity_images']} images, {len(settings['blocks'])} blocks)")
+          f"({settings['images']} images scored, step {settings['step']}, ROAD on {settings['road_images']} "
+          f"images, randomisation {settings['sanity_orders']} on {settings['sanity_images']} images, "
+          f"{len(settings['blocks'])} blocks)")
     print(f"{'method':24s} {'F/img':>6s} {'B/img':>6s} {'maps s':>8s} {'deletion':>9s} {'insertion':>9s} "
           f"{'ROAD':>7s} {'rand. rho':>9s}")
     for name, entry in {**report["methods"], **report["controls"]}.items():

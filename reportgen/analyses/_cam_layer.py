@@ -1,25 +1,25 @@
-"""Which layer a classifier's Grad-CAM reads: the last layer whose output is a grid of the image that the class
-score depends on, found on one probe of one image, forward and backward.
+"""Which layer a classifier's Grad-CAM reads: the last layer whose output is a grid of the image that the class score
+depends on, found on one probe of one image, forward and backward.
 
 A module call is a candidate when
-- its output is a plain tensor on a grid of the image (`reportgen.engine.grids.output_grid`: channels first or
-  last decided by the image, tokens only on the model's own grid, the images on the first axis);
+- its output is a plain tensor on a grid of the image (`reportgen.engine.grids.output_grid`: channels first or last
+  decided by the image, tokens only on the model's own grid, the images on the first axis);
 - it does not run inside an attention module (CaiT's talking-heads weights, ConViT's positional scores, CoaT's
   relative-position term are tensors of token pairs or heads, not of the image);
 - it is not one of the calls that end the forward without adding to the grid: an identity, a re-layout (a
-  parameter-free permute), a LayerNorm of another
-  layer's output (timm Swin's final `norm` after `layers`), a pooling or upsampling module that does not shrink the grid (VGG's
-  and AlexNet's adaptive average pool, which upsamples 5 x 5 to 7 x 7 at 160 px).
+  parameter-free permute), a LayerNorm of another layer's output (timm Swin's final `norm` after `layers`), a pooling or
+  upsampling module that does not shrink the grid (VGG's and AlexNet's adaptive average pool, which upsamples 5 x 5
+  to 7 x 7 at 160 px).
 
 The default is the last candidate on which the predicted class's score has a nonzero gradient (on the patch tokens
 for a token grid) and that is not a residual branch (an output added to a tensor of its shape: an MLP's or an
-attention's output before the sum, which holds only part of the features; the sum itself is no module's output,
-so the norm that reads the stream next is the grid). That one rule gives a CNN's last stage, a ViT's last block's first norm (its block outputs reach
-a class-token head only through the class token: zero on the patches), a Mixer's or LeViT's last stage of tokens
-rather than the stem, MobileViT's last convolution rather than its patch-folded transformer, a Hiera's last block
-(past every unroll). When no candidate has a gradient (a zero-initialised head with random weights), the same rule
-without it: a transformer's last block's first norm, else the last candidate (the maps are then all zero, and the
-section says why).
+attention's output before the sum, which holds only part of the features; the sum itself is no module's output, so
+the norm that reads the stream next is the grid). That one rule gives a CNN's last stage, a ViT's last block's first
+norm (its block outputs reach a class-token head only through the class token: zero on the patches), a Mixer's or
+LeViT's last stage of tokens rather than the stem, MobileViT's last convolution rather than its patch-folded
+transformer, a Hiera's last block (past every unroll). When no candidate has a gradient (a zero-initialised head
+with random weights), the same rule without it: a transformer's last block's first norm, else the last candidate
+(the maps are then all zero, and the section says why).
 """
 from __future__ import annotations
 

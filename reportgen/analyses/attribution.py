@@ -19,7 +19,8 @@ the settings need:
 
 Files: `results/attributions.npz` (`paths`, `targets`, one (N, H, W) float16 array per method and control),
 `results/faithfulness.json` (settings; per method and control: `deletion_auc`, `insertion_auc`, `road_morf`,
-`road_lerf`, `road`, the mean curves, per-image AUCs and curves (rows in the order of `attributions.npz`), `randomization` with per-step Spearman and SSIM, `cost`, `verdict`).
+`road_lerf`, `road`, the mean curves, per-image AUCs and curves (rows in the order of `attributions.npz`),
+`randomization` with per-step Spearman and SSIM, `cost`, `verdict`).
 """
 from __future__ import annotations
 
@@ -303,7 +304,8 @@ class _Work:
         sanity_b = steps * self.sanity_count * sum(planned[m][1] for m in self.methods)
         return (f"Extra work for {count} images, {len(self.methods)} methods and 3 controls: about {forwards:,} "
                 f"forwards and {backwards:,} backwards (maps, deletion, insertion"
-                + (f", ROAD on {self.road_count}" if self.road_count else "") + f"), and {sanity_f:,} forwards and {sanity_b:,} backwards "
+                + (f", ROAD on {self.road_count}" if self.road_count else "")
+                + f"), and {sanity_f:,} forwards and {sanity_b:,} backwards "
                 f"for {steps} randomisation steps on {self.sanity_count} images (layer-dependent methods such as "
                 f"Score-CAM: one forward per channel, counted as measured).")
 
