@@ -10,22 +10,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from reportgen.errors import ConfigError
 from reportgen.runs.pipeline import run
 from tests.helpers import compose_config
-from tests.test_strategies import ShortcutNet
+from tests.test_strategies import train_shortcut_net
 
 SIDE, SQUARE, PER_CLASS = 24, 8, 16
 CLASSES = ["plain", "square"]
-
-
-def region_net(path: str) -> nn.Module:
-    """The `_target_` factory: the trained net from its state dict."""
-    model = ShortcutNet(CLASSES)
-    model.load_state_dict(torch.load(path, weights_only=True))
-    return model.eval()
 
 
 def make_folder(root: Path, seed: int = 0):
@@ -48,26 +40,15 @@ def make_folder(root: Path, seed: int = 0):
 def region(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("region")
     images, labels = make_folder(tmp / "data")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = ShortcutNet(CLASSES)
-        optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
-        for _ in range(60):
-            optimiser.zero_grad()
-            nn.functional.cross_entropy(model(images), labels).backward()
-            optimiser.step()
-    finally:
-        torch.set_num_threads(threads)
-    torch.save(model.state_dict(), tmp / "net.pt")
+    model = train_shortcut_net(images, labels, tmp / "net.pt", CLASSES, steps=60)
     return {"root": tmp / "data", "weights": tmp / "net.pt", "model": model.eval(), "images": images,
             "labels": labels}
 
 
 def overrides(region, *extra):
-    return ["model=target", "model.target._target_=tests.test_attribution.region_net",
-            f"+model.target.path={region['weights']}", "model.preprocess.resize=24", "model.preprocess.crop=24",
+    return ["model=target", "model.target._target_=tests.test_strategies.shortcut_net",
+            f"+model.target.path={region['weights']}", f"+model.target.class_names=[{','.join(CLASSES)}]",
+            "model.preprocess.resize=24", "model.preprocess.crop=24",
             "model.preprocess.mean=[0,0,0]", "model.preprocess.std=[1,1,1]", f"dataset.root={region['root']}",
             "analysis=[predictions,gradcam,attribution]", "analysis.gradcam.layer=features",
             "analysis.attribution.layer=features", "analysis.attribution.images=null",

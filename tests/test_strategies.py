@@ -203,9 +203,9 @@ class ShortcutNet(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def shortcut_net(path: str) -> nn.Module:
+def shortcut_net(path: str, class_names=tuple(COLOURS)) -> nn.Module:
     """The `_target_` factory: the trained net from its state dict."""
-    model = ShortcutNet()
+    model = ShortcutNet(class_names)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
 
@@ -236,15 +236,16 @@ def make_shortcut_folder(root: Path, seed: int = 0):
     return root, planted, as_tensor(images), torch.tensor(labels), as_tensor(bare)
 
 
-def train_shortcut_net(images, labels, path: Path) -> ShortcutNet:
-    """80 full-batch Adam steps (about 2 s on one thread; two threads shared with other work are slower)."""
+def train_shortcut_net(images, labels, path: Path, class_names=tuple(COLOURS), steps: int = 80) -> ShortcutNet:
+    """`steps` full-batch Adam steps (80: about 2 s on one thread; two threads shared with other work are slower),
+    the state dict saved to `path`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = ShortcutNet()
+        model = ShortcutNet(class_names)
         optimiser = torch.optim.Adam(model.parameters(), lr=0.03)
-        for _ in range(80):
+        for _ in range(steps):
             optimiser.zero_grad()
             nn.functional.cross_entropy(model(images), labels).backward()
             optimiser.step()

@@ -4,8 +4,9 @@ depends on, found on one probe of one image, forward and backward.
 A module call is a candidate when
 - its output is a plain tensor on a grid of the image (`reportgen.engine.grids.output_grid`: channels first or last
   decided by the image, tokens only on the model's own grid, the images on the first axis);
-- it does not run inside an attention module (CaiT's talking-heads weights, ConViT's positional scores, CoaT's
-  relative-position term are tensors of token pairs or heads, not of the image);
+- it does not run inside an attention module, as `find_attention` finds them by what they compute (CaiT's
+  talking-heads weights, ConViT's positional scores, CoaT's relative-position term are tensors of token pairs or
+  heads, not of the image);
 - it is not one of the calls that end the forward without adding to the grid: an identity, a re-layout (a
   parameter-free permute), a LayerNorm of another layer's output (timm Swin's final `norm` after `layers`), a pooling or
   upsampling module that does not shrink the grid (VGG's and AlexNet's adaptive average pool, which upsamples 5 x 5
@@ -31,8 +32,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from reportgen.engine.capture import ModuleProbe, primary_tensor
-from reportgen.engine.grids import GridLayout, is_attention_module, output_grid
+from reportgen.engine.capture import ModuleProbe, attention_kind, find_attention, primary_tensor
+from reportgen.engine.grids import GridLayout, output_grid
 from reportgen.engine.layers import named_modules, transformer_blocks
 from reportgen.inputs.tasks import adapt_outputs
 
@@ -88,6 +89,7 @@ def default_cam_layer(model: nn.Module, example: torch.Tensor) -> Optional[str]:
 
 def _probe(model: nn.Module, image: torch.Tensor) -> List[GridCall]:
     height, width = image.shape[-2:]
+    attention = set(find_attention(model, image))  # modules computing attention, found by what they compute
     running: List[Tuple[str, nn.Module]] = []  # calls that have started and not returned
     enclosing: Dict[str, Tuple[str, ...]] = {}  # call key -> keys of the calls it ran inside
     in_attention: Dict[str, bool] = {}
@@ -100,7 +102,7 @@ def _probe(model: nn.Module, image: torch.Tensor) -> List[GridCall]:
         first = primary_tensor(args)
         versions[key] = None if first is None else first._version  # an in-place op bumps it
         enclosing[key] = tuple(k for k, _ in running)
-        in_attention[key] = any(is_attention_module(m) for _, m in running)
+        in_attention[key] = any(k.split("#")[0] in attention or attention_kind(m) is not None for k, m in running)
         running.append((key, module))
 
     def end(key: str, name: str, module: nn.Module, args: Any, output: Any) -> None:

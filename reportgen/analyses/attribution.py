@@ -43,7 +43,7 @@ from reportgen.inputs.labels import display_names
 from reportgen.inputs.tasks import adapt_outputs
 from reportgen.report import plots
 from reportgen.report.elements import Alert, GalleryItem, ImageStrip, KeyValues, Section, Table, Text
-from reportgen.report.overlays import overlay
+from reportgen.report.overlays import overlay, resize_maps
 from reportgen.report.thumbnails import thumbnail
 from reportgen.state.files import write_json
 from reportgen.state.reducers import BoundedTop
@@ -243,10 +243,8 @@ class Attribution(Analysis):
             thumb = thumbnail(item["image"], size)
             panels = [GalleryItem(thumb, "image", [])]
             for name in names:
-                heat = display_maps(work.maps[name][index][None])[0]
-                heat = np.asarray(torch.nn.functional.interpolate(
-                    torch.from_numpy(heat)[None, None].float(), size=thumb.shape[:2], mode="bilinear",
-                    align_corners=False)[0, 0])
+                heat = torch.from_numpy(display_maps(work.maps[name][index][None]))  # (1, H, W) in [0, 1]
+                heat = resize_maps(heat, *thumb.shape[:2])[0].numpy()
                 panels.append(GalleryItem(overlay(thumb, heat), name, []))
             section.elements.append(ImageStrip(item["path"], [f"explained: {names_of[item['target']]}",
                                                               f"mean agreement {agreement[index]:.2f}"], panels))
@@ -315,7 +313,7 @@ class _Work:
         units = 2 * (len(self.methods) + len(CONTROLS)) + len(self.blocks) * len(self.cfg.sanity)
         with tqdm(total=units, desc="attribution", unit="step", disable=None, leave=False) as bar:
             for method in self.methods:
-                costs[method] = self._explain(method)
+                self.maps[method], costs[method] = self._attribute(method, self.model, len(self.images01))
                 bar.update()
             for kind in CONTROLS:
                 self.maps[kind] = _as_saved(control_maps(kind, self.images01, int(self.cfg.seed)))
@@ -326,31 +324,25 @@ class _Work:
             self._sanity(bar)
         return self._results(costs)
 
-    def _explain(self, method: str, model: Optional[nn.Module] = None, count: Optional[int] = None) -> dict:
-        """Maps of `method` for the sample (or its first `count` images, with another model); their cost."""
+    def _attribute(self, method: str, model: nn.Module, count: int) -> tuple:
+        """(maps, cost) of `method` with `model` for the first `count` images of the sample."""
         from reportgen.analyses._attribution_methods import attribute
-        model = model or self.model
-        total = len(self.images01) if count is None else count
         chunks, forwards, backwards, deltas = [], 0, 0, []
         started = time.perf_counter()
-        for start in range(0, total, int(self.cfg.batch_size)):
-            rows = slice(start, min(start + int(self.cfg.batch_size), total))
+        for start in range(0, count, int(self.cfg.batch_size)):
+            rows = slice(start, min(start + int(self.cfg.batch_size), count))
             result = attribute(model, method, self.inputs(rows), self.targets[rows].to(self.device), self.options,
                                self.layer, self.analysis.layout)
             chunks.append(np.asarray(result.maps, dtype=np.float32))
             forwards, backwards = result.forwards, result.backwards
             if result.delta is not None:
                 deltas.append(np.asarray(result.delta))
-        maps = _as_saved(np.concatenate(chunks))
-        if count is not None:
-            return {"maps": maps}
-        self.maps[method] = maps
         cost = {"forwards": int(forwards), "backwards": int(backwards),
                 "seconds": round(time.perf_counter() - started, 3)}
         if deltas:
             delta = np.abs(np.concatenate(deltas))
             cost["ig_delta_mean_abs"], cost["ig_delta_max_abs"] = float(delta.mean()), float(delta.max())
-        return cost
+        return _as_saved(np.concatenate(chunks)), cost
 
     def _faithfulness(self, name: str) -> Dict[str, np.ndarray]:
         from reportgen.analyses._faithfulness import deletion_insertion, road
@@ -383,7 +375,7 @@ class _Work:
                 copy = _Logits(randomized_copy(self.analysis.ctx.model, step.modules, int(self.cfg.seed))).eval()
                 for name in self.maps:
                     if name in self.methods:
-                        maps = self._explain(name, copy, count)["maps"]
+                        maps = self._attribute(name, copy, count)[0]
                     else:  # a control does not depend on the model: its maps are the same at every step
                         maps = self.maps[name][:count]
                     rows[name].append({"step": step.label, **compare_to_original(self.maps[name][:count], maps)})

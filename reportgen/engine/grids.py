@@ -15,20 +15,12 @@ axis ((4B, 16, C), (196B, 16, C)), which is no grid of any image.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
 from torch import nn
 
-from reportgen.engine.capture import attention_kind
 from reportgen.engine.tensors import TokenLayout, channels_last_output, class_tokens, token_layout_of
-
-# class names of attention modules that are not one of the engine's captured kinds (CaiT's talking heads, ConViT's
-# gated positional attention, LeViT's and EfficientViT's, lambda and halo layers, outlook attention ...)
-# ... but not a block or stage named after its attention (CaiT's `LayerScaleBlockClassAttn`)
-_ATTENTION_NAME = re.compile(r"^(?!.*(Block|Stage)).*(Attention|Attn|MHSA|GPSA|SHSA|MHA$|Lambda|Halo|Outlook)")
-
 
 @dataclass(frozen=True)
 class GridLayout:
@@ -99,9 +91,3 @@ def output_grid(shape: Sequence[int], module: nn.Module, model: nn.Module, batch
             return None
         return GridLayout("tokens", layout.grid, layout)
     return None
-
-
-def is_attention_module(module: nn.Module) -> bool:
-    """An attention module: one the engine captures, or one named as attention by its class (tensors computed
-    inside it, such as CaiT's (B, N, N, heads) mixing weights or a relative-position term, are no image grid)."""
-    return attention_kind(module) is not None or bool(_ATTENTION_NAME.search(type(module).__name__))
